@@ -1,0 +1,137 @@
+"""Hugging Face GPT-2 format in and out: OpenAI's released weights, or a model to hand to `transformers`.
+
+HF's GPT-2 stores its Linear layers as `Conv1D` modules whose weight is (in, out), the transpose of
+`nn.Linear`'s (out, in); that, the vocabulary padding and the tied LM head are all that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .files import atomic_write, atomic_write_json, offline
+from .model import GPT, ConfigError, GPTConfig
+
+# Parameters stored transposed by HF's Conv1D.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class HFFormatError(ValueError):
+    """A directory or hub name that is not a loadable HF GPT-2 checkpoint."""
+
+
+def _resolve(path_or_name: str | os.PathLike) -> Path:
+    path = Path(path_or_name)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_name).startswith((".", "/")):
+        raise HFFormatError(f"{path_or_name} is not a directory with config.json and model weights")
+    if offline():
+        raise HFFormatError(f"{path_or_name!r} is not a local directory and NBGPT_OFFLINE/HF_HUB_OFFLINE is set; "
+                            f"download it on a connected machine (huggingface-cli download {path_or_name}) "
+                            f"and pass the directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_name), allow_patterns=["config.json", "*.safetensors"]))
+    except Exception as exc:
+        raise HFFormatError(f"could not fetch {path_or_name!r} from the Hugging Face hub ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); pass a local directory with config.json and "
+                            f"model.safetensors instead") from exc
+
+
+def _config_from_hf(hf: dict, vocab_multiple: int) -> GPTConfig:
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise HFFormatError(f"model_type {hf.get('model_type')!r} is not gpt2")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise HFFormatError(f"activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise HFFormatError(f"layer_norm_epsilon={hf['layer_norm_epsilon']} differs from GPT-2's 1e-5")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_multiple=vocab_multiple)
+
+
+def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+    safetensors_file = directory / "model.safetensors"
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    bin_file = directory / "pytorch_model.bin"
+    if bin_file.is_file():
+        try:
+            # weights_only: a .bin is a pickle, and a pickle from a stranger can run code when loaded.
+            return torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise HFFormatError(f"{bin_file} holds something other than plain tensors and was refused "
+                                f"(it may contain code to execute): {str(exc)[:300]}") from exc
+    raise HFFormatError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+
+
+def load_hf(path_or_name: str | os.PathLike, vocab_multiple: int = 1) -> GPT:
+    """Build an nbgpt GPT from an HF-format GPT-2 directory (or hub name such as 'gpt2' when online)."""
+    directory = _resolve(path_or_name)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise HFFormatError(f"{directory} has no config.json")
+    config = _config_from_hf(json.loads(config_file.read_text()), vocab_multiple)
+    state = {k.removeprefix("transformer."): v for k, v in _read_state(directory).items()}
+    model = GPT(config)
+    ours = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers of old checkpoints; the tied head is wte itself
+        if name not in ours:
+            raise HFFormatError(f"unexpected tensor {name!r} in {directory}")
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if name == "wte.weight" and tensor.shape[0] < ours[name].shape[0]:
+            tensor = torch.cat([tensor, ours[name][tensor.shape[0]:]])  # keep the random padding rows
+        if tensor.shape != ours[name].shape:
+            raise HFFormatError(f"{name}: shape {tuple(tensor.shape)} in the checkpoint, {tuple(ours[name].shape)} "
+                                f"expected from its config.json")
+        loaded[name] = tensor
+    missing = sorted(set(ours) - set(loaded) - {"lm_head.weight"})
+    if missing:
+        raise HFFormatError(f"{directory} lacks tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            ours[name].copy_(tensor)
+    return model
+
+
+def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
+    """Write `model` as an HF GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads."""
+    config = model.config
+    if config.position != "absolute":
+        raise ConfigError("only absolute-position models map onto HF's GPT-2; this one uses rotary embeddings")
+    if not config.bias:
+        raise ConfigError("HF's GPT-2 has biases everywhere; export a model built with bias=True")
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        tensor = tensor.detach().to("cpu", torch.float32)
+        if name == "wte.weight":
+            tensor = tensor[: config.vocab_size]
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        state["transformer." + name] = tensor.contiguous()
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+        "n_positions": config.block_size, "n_ctx": config.block_size, "vocab_size": config.vocab_size,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd, "n_inner": None,
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": config.vocab_size - 1,
+        "eos_token_id": config.vocab_size - 1, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "pt"})))
+    atomic_write_json(out / "config.json", hf_config)
+    return out

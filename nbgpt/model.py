@@ -1,0 +1,376 @@
+"""GPT-2 as a PyTorch module, plus the bigram baseline the notebooks start from.
+
+Shapes in comments use B = batch, T = time (tokens), C = n_embd, H = n_head, D = C // H, V = vocab.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    """A model or training configuration that cannot work."""
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length: the most tokens the model attends over
+    vocab_size: int = 50257  # real tokens; ids >= vocab_size never appear in data
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm layers
+    position: str = "absolute"  # "absolute" (learned, GPT-2) or "rope" (rotary)
+    rope_base: float = 10000.0
+    # Round the embedding/LM-head rows up to a multiple of this: 50257 -> 50304 with 64 makes matmuls use
+    # friendlier shapes. The extra rows are sliced off the logits, so outputs over real tokens are unchanged.
+    vocab_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                              f"each head gets n_embd/n_head channels, so pick n_head dividing {self.n_embd}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.position not in ("absolute", "rope"):
+            raise ConfigError(f"GPTConfig.position must be 'absolute' or 'rope', got {self.position!r}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"rotary embeddings need an even head size, got n_embd/n_head="
+                              f"{self.n_embd // self.n_head}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return cls.from_dict({**MODEL_PRESETS[name], **overrides})
+
+
+MODEL_PRESETS: dict[str, dict] = {
+    # OpenAI's four GPT-2 sizes (124M, 350M, 774M, 1558M parameters).
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257),
+    # Small models that train in minutes on a laptop CPU (vocab_size is set from the tokenizer).
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "small-char": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, position="rope"),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding, shared by all layers.
+
+    Prompts of different lengths are left-padded to a common length: row b's first `pad[b]` slots hold
+    padding that no query may attend to, and its positions start at 0 on its first real token.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype, pad: torch.Tensor | None = None):
+        if max_len > config.block_size:
+            raise ConfigError(f"a KV cache of {max_len} slots exceeds block_size={config.block_size}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, max_len, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far, same for every row
+        self.pad = pad.to(device) if pad is not None and bool(pad.any()) else None  # (B,) left padding
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Positions of the next T tokens, (B, T) when rows are padded else (T,)."""
+        device = self.k.device
+        pos = torch.arange(self.length, self.length + T, device=device)
+        if self.pad is None:
+            return pos
+        return (pos[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, D) for `layer` and return all keys/values so far plus the attention mask."""
+        T = k.size(2)
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ConfigError(f"KV cache overflow: {end} tokens in a cache of {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if self.pad is None and (T == 1 or start == 0):
+            return keys, values, None  # plain causal (or a single query that may see everything)
+        # Query i (slot start+i) sees key slot s iff s <= start+i and s is not left padding of its row.
+        slots = torch.arange(end, device=k.device)
+        mask = slots[None, :] <= (start + torch.arange(T, device=k.device))[:, None]  # (T, end)
+        if self.pad is not None:
+            mask = mask[None, None] & (slots[None, :] >= self.pad[:, None])[:, None, None, :]  # (B,1,T,end)
+        return keys, values, mask
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+def rotary_tables(config: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (block_size, D/2): channel pair i rotates by angle pos * base^(-2i/D)."""
+    half = config.head_size // 2
+    inv_freq = config.rope_base ** (-torch.arange(0, half, device=device, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(config.block_size, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by position: the two halves of the head are the (real, imaginary) parts."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention in which token t only attends to tokens <= t."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale = True  # its init shrinks with depth, see GPT._init_weights
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B,H,T,D)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            k, v, mask = cache.update(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, tanh-approximated GELU (as GPT-2 used), project back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    Normalising before each sub-layer keeps the residual stream an untouched sum, which is what lets deep
+    stacks train without careful warmup of every layer.
+    """
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, cache):
+        x = x + self.dropout(self.attn(self.ln_1(x), rope, cache))
+        return x + self.dropout(self.mlp(self.ln_2(x)))
+
+
+# ---------------------------------------------------------------------------------------------- GPT
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embeddings (V', C)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "absolute" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying: the matrix that maps token -> vector also scores vector -> token. Tokens that are
+        # used alike get similar rows in both roles, and it saves V*C parameters (38.6M at GPT-2 size).
+        self.lm_head.weight = self.wte.weight
+        if config.position == "rope":
+            cos, sin = rotary_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_scale", False):
+                # Each block adds two outputs to the residual stream; scaling their init by 1/sqrt(2 L)
+                # keeps the stream's variance from growing with depth (GPT-2 paper, section 2.3).
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting the tied embedding once; `non_embedding` leaves out wte and wpe."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return total
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, V) and, when targets (B, T) are given, the mean loss.
+
+        With a `cache`, idx holds only the new tokens; their keys/values are appended and attention covers
+        everything cached so far. Targets equal to -1 are ignored by the loss.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ConfigError(f"sequence of {start + T} tokens is longer than the model's context "
+                              f"block_size={self.config.block_size}; crop the input to its last "
+                              f"{self.config.block_size} tokens")
+        pos = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)  # (T,) or (B,T)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D/2) or (B, T, D/2)
+            if pos.dim() == 2:
+                rope = (rope[0][:, None], rope[1][:, None])  # broadcast over heads: (B, 1, T, D/2)
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V')
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # padding rows are not tokens
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                            device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
+        return build_adamw(self, weight_decay, learning_rate, betas, device_type, fused)
+
+
+# ---------------------------------------------------------------------------------------------- bigram
+
+
+class BigramLM(nn.Module):
+    """The simplest language model: each token's next-token logits are one row of a V x V table.
+
+    It sees one token of context, so whatever GPT does better than this is what attention over the past
+    buys. Same forward signature as GPT so the trainer and the generator accept it unchanged.
+    """
+
+    def __init__(self, vocab_size: int, block_size: int = 1024):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=1)
+        self.table = nn.Embedding(vocab_size, vocab_size)
+        nn.init.zeros_(self.table.weight)  # start at the uniform distribution: loss = ln V
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        return 0 if non_embedding else self.table.weight.numel()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+        if cache is not None:
+            raise ConfigError("the bigram model has no KV cache; generate with use_cache=False")
+        logits = self.table(idx)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                            device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
+        return build_adamw(self, weight_decay, learning_rate, betas, device_type, fused)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def build_adamw(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW that decays only matrices (>= 2-D: weights, embeddings), never biases or LayerNorm gains.
+
+    Decay pulls weights toward zero; for gains and biases that only shifts or rescales features, which
+    hurts rather than regularises. `fused` (one kernel for all parameters) is used where the device has it.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if fused is None:
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=1e-8,
+                             fused=fused)
+
+
+def flops_per_token(config: GPTConfig, seq_len: int | None = None, non_embedding_params: int | None = None) -> float:
+    """Training FLOPs per token: 6N for the matmuls (2 forward + 4 backward per weight) plus attention.
+
+    Attention scores and the weighted sum cost 2 * 2 * T * C per token per layer forward, times 3 with the
+    backward pass: 12 * L * C * T (PaLM, appendix B). N counts non-embedding parameters plus the LM head.
+    """
+    T = seq_len or config.block_size
+    if non_embedding_params is None:
+        C, L = config.n_embd, config.n_layer
+        # per block: qkv 3C^2, attention out C^2, MLP 8C^2; biases 9C and two LayerNorms 4C (2C bias-free)
+        per_layer = 12 * C * C + (13 * C if config.bias else 2 * C)
+        non_embedding_params = L * per_layer + (2 * C if config.bias else C)  # + final LayerNorm
+    lm_head = config.padded_vocab_size * config.n_embd
+    return 6 * (non_embedding_params + lm_head) + 12 * config.n_layer * config.n_embd * T
+
+
+def mfu(tokens_per_second: float, config: GPTConfig, peak_flops: float, seq_len: int | None = None) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the hardware's peak."""
+    return tokens_per_second * flops_per_token(config, seq_len) / peak_flops

@@ -1,0 +1,162 @@
+import math
+
+import pytest
+import torch
+
+from nbgpt.model import GPT, MODEL_PRESETS, BigramLM, ConfigError, GPTConfig, KVCache, build_adamw, flops_per_token
+
+
+def tiny(**overrides) -> GPTConfig:
+    return GPTConfig.from_preset("tiny", **{"vocab_size": 97, **overrides})
+
+
+def test_gpt2_parameter_count_exact():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.num_params() == 124_439_808
+
+
+def test_presets_build():
+    for name in MODEL_PRESETS:
+        config = GPTConfig.from_preset(name, vocab_size=50257)
+        assert config.n_embd % config.n_head == 0
+
+
+@pytest.mark.parametrize("position", ["absolute", "rope"])
+def test_forward_shapes_and_initial_loss(position):
+    torch.manual_seed(0)
+    model = GPT(tiny(position=position))
+    idx, targets = torch.randint(0, 97, (2, 3, 20))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 20, 97)
+    # A freshly initialised model predicts nearly uniformly: loss ~ ln(V).
+    assert abs(loss.item() - math.log(97)) < 0.3
+    assert model(idx)[1] is None
+
+
+def test_causality():
+    """Changing a future token never changes the logits of earlier positions."""
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 97, (1, 16))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 97
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_vocab_padding_keeps_outputs():
+    torch.manual_seed(0)
+    plain = GPT(tiny())
+    padded = GPT(tiny(vocab_multiple=64))
+    assert padded.wte.weight.shape[0] == 128
+    with torch.no_grad():
+        state = plain.state_dict()
+        for name, tensor in padded.state_dict().items():
+            if name in ("wte.weight", "lm_head.weight"):
+                tensor[:97] = state[name]
+                tensor[97:] = 5.0  # padding rows: whatever they hold must not leak into outputs
+            else:
+                tensor.copy_(state[name])
+    idx = torch.randint(0, 97, (2, 12))
+    (la, lossa), (lb, lossb) = plain(idx, idx), padded(idx, idx)
+    assert lb.shape[-1] == 97
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(lossa, lossb)
+
+
+def test_init_std_and_weight_tying():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=1000, n_layer=8, n_head=4, n_embd=256, block_size=32)
+    model = GPT(config)
+    assert model.lm_head.weight is model.wte.weight
+    assert abs(model.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+    assert abs(model.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.0005
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(n_embd=100, n_head=3), "n_embd=100 is not divisible by n_head=3"),
+    (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(block_size=-4), "block_size must be a positive integer"),
+    (dict(position="alibi"), "position must be 'absolute' or 'rope'"),
+    (dict(dropout=1.5), "dropout"),
+])
+def test_bad_config(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        tiny(**overrides)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt5'"):
+        GPTConfig.from_preset("gpt5")
+    with pytest.raises(ConfigError, match="unknown GPTConfig field"):
+        GPTConfig.from_dict({"n_layers": 3})
+
+
+def test_input_longer_than_context():
+    model = GPT(tiny())
+    with pytest.raises(ConfigError, match="longer than the model's context block_size=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("position", ["absolute", "rope"])
+def test_kv_cache_matches_full_forward(position):
+    torch.manual_seed(0)
+    model = GPT(tiny(position=position)).eval()
+    idx = torch.randint(0, 97, (2, 30))
+    full = model(idx)[0]
+    cache = KVCache(model.config, 2, 30, "cpu", torch.float32)
+    with torch.no_grad():
+        parts = [model(idx[:, :12], cache=cache)[0]]
+        parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+        parts += [model(idx[:, 20:], cache=cache)[0]]  # multi-token step after a prefix
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("position", ["absolute", "rope"])
+def test_left_padded_rows_match_unpadded(position):
+    torch.manual_seed(0)
+    model = GPT(tiny(position=position)).eval()
+    short = torch.randint(0, 97, (1, 5))
+    long = torch.randint(0, 97, (1, 9))
+    batch = torch.cat([torch.cat([torch.full((1, 4), 96), short], 1), long])
+    cache = KVCache(model.config, 2, 12, "cpu", torch.float32, pad=torch.tensor([4, 0]))
+    with torch.no_grad():
+        logits = model(batch, cache=cache)[0]
+        alone = model(short)[0]
+    torch.testing.assert_close(logits[0, 4:], alone[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[1], model(long)[0][0], atol=1e-4, rtol=0)
+
+
+def test_bigram_baseline_learns():
+    torch.manual_seed(0)
+    model = BigramLM(5)
+    data = torch.tensor([[0, 1, 2, 3, 4] * 6])
+    assert abs(model(data[:, :-1], data[:, 1:])[1].item() - math.log(5)) < 1e-6
+    opt = build_adamw(model, 0.0, 0.3, (0.9, 0.95), "cpu")
+    for _ in range(100):
+        loss = model(data[:, :-1], data[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05  # the sequence is fully determined by the previous token
+
+
+def test_optimizer_groups_decay_only_matrices():
+    model = GPT(tiny())
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+
+
+def test_flops_per_token_gpt2():
+    config = GPTConfig.from_preset("gpt2")
+    with torch.device("meta"):
+        model = GPT(config)
+    non_embedding = model.num_params(non_embedding=True)
+    expected = 6 * (non_embedding + 50257 * 768) + 12 * 12 * 768 * 1024
+    assert flops_per_token(config) == expected
+    assert flops_per_token(config, non_embedding_params=non_embedding) == expected
