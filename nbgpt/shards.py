@@ -1,0 +1,333 @@
+"""Documents -> uint16 token shards + a JSON manifest: the on-disk dataset every later step reads.
+
+Layout of a dataset folder:
+    manifest.json          what was built, from what, shard sizes and hashes, the train/val split
+    shard_000000.bin ...   raw little-endian uint16 token ids, each document preceded by end-of-text
+    vocab.json             the char vocabulary, for char-level datasets
+    progress.json          only while building: where to resume after an interruption
+
+The manifest is written last, so its presence is what marks a dataset complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .files import atomic_write, atomic_write_json, read_json, sha256_file
+from .sources import Source, SourceError, get_source
+from .tokenizer import CharTokenizer, Tokenizer, get_tokenizer
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+VOCAB = "vocab.json"
+FORMAT_VERSION = 1
+UINT16_LIMIT = 1 << 16
+
+
+class DataError(ValueError):
+    """A dataset that cannot be built or read."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:06d}.bin"
+
+
+# ------------------------------------------------------------------------------------- tokenizing workers
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(kind: str, vocab_path: str | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = get_tokenizer(kind, vocab_path)
+
+
+def _encode_documents(documents: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, list[int]]:
+    """Encode a batch of documents into one uint16 array, each document prefixed by end-of-text."""
+    tokenizer = tokenizer or _worker_tokenizer
+    assert tokenizer is not None
+    if hasattr(tokenizer, "encode_batch"):
+        encoded = tokenizer.encode_batch(documents)
+    else:
+        encoded = [tokenizer.encode(doc) for doc in documents]
+    lengths = [len(ids) + 1 for ids in encoded]
+    out = np.empty(sum(lengths), dtype=np.uint16)
+    position = 0
+    for ids, length in zip(encoded, lengths):
+        out[position] = tokenizer.eot
+        out[position + 1: position + length] = ids
+        position += length
+    return out, lengths
+
+
+def _batched(documents: Iterable[str], batch_chars: int, skip: int) -> Iterator[list[str]]:
+    """Group documents into batches of about `batch_chars` characters, after skipping `skip` of them."""
+    batch: list[str] = []
+    size = 0
+    for number, doc in enumerate(documents):
+        if number < skip:
+            continue
+        if not isinstance(doc, str):
+            raise SourceError(f"document {number} is {type(doc).__name__}, not text")
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenized(source: Source, tokenizer: Tokenizer, vocab_path: Path | None, workers: int, skip: int,
+               batch_chars: int) -> Iterator[tuple[np.ndarray, list[int]]]:
+    batches = _batched(source, batch_chars, skip)
+    if workers <= 1:
+        for batch in batches:
+            yield _encode_documents(batch, tokenizer)
+        return
+    # spawn, not fork: the parent may be a notebook kernel with torch's thread pools already running.
+    context = mp.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker,
+                      initargs=(tokenizer.name, str(vocab_path) if vocab_path else None)) as pool:
+        yield from pool.imap(_encode_documents, batches, chunksize=1)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    manifest: dict
+    built: bool  # False when a finished dataset was found and reused
+
+
+def _content_hash(shards: list[dict]) -> str:
+    return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+
+
+def _splits(total: int, val_fraction: float | None, val_tokens: int | None) -> dict[str, list[int]]:
+    """Token ranges of the splits over the concatenated shards.
+
+    `val_tokens` takes the first N tokens for validation (build-nanogpt: the first FineWeb shard);
+    `val_fraction` takes the last fraction (nanoGPT's 90/10 split of a small corpus).
+    """
+    if val_tokens is not None:
+        boundary = min(val_tokens, total)
+        return {"val": [0, boundary], "train": [boundary, total]}
+    boundary = total - int(round(total * (val_fraction or 0.0)))
+    return {"train": [0, boundary], "val": [boundary, total]}
+
+
+def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.PathLike, *,
+            shard_tokens: int = 100_000_000, workers: int = 1, val_fraction: float | None = 0.1,
+            val_tokens: int | None = None, min_window: int = 2, text_column: str = "text",
+            errors: str = "strict", source_path: str | None = None, batch_chars: int = 1 << 20,
+            progress: bool = True) -> PrepareResult:
+    """Tokenize `source` into shards under `out_dir` (see the module docstring for the layout).
+
+    A finished dataset with the same settings is detected and reused; an interrupted build resumes from
+    its last complete shard. `min_window` is the smallest number of tokens each split must hold (a model
+    with context T needs T + 1). Output is byte-identical whatever `workers` is.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    if shard_tokens < 2:
+        raise DataError(f"shard_tokens must be at least 2, got {shard_tokens}")
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    src = get_source(source, text_column=text_column, errors=errors, path=source_path)
+    tokenizer_kind = tokenizer if isinstance(tokenizer, str) else tokenizer.name
+    settings = {"source": src.describe(), "tokenizer_kind": tokenizer_kind, "shard_tokens": shard_tokens,
+                "val_fraction": None if val_tokens is not None else val_fraction, "val_tokens": val_tokens}
+
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        if manifest.get("settings") == settings:
+            check_manifest(out, manifest, min_window)
+            return PrepareResult(out, manifest, built=False)
+        old = manifest.get("settings", {})
+        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise DataError(f"{out} already holds a dataset built with other settings (differing: {differ}); "
+                        f"choose another directory or delete {manifest_path} to rebuild")
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_path = None
+    if tokenizer_kind == "char":
+        vocab_path = out / VOCAB
+        if isinstance(tokenizer, CharTokenizer):
+            tok = tokenizer
+        elif vocab_path.is_file():
+            tok = CharTokenizer.load(vocab_path)
+        else:  # the vocabulary is every character of the corpus: one pass to collect it
+            chars: set[str] = set()
+            for doc in src:
+                chars.update(doc)
+            tok = CharTokenizer(sorted(chars)) if chars else None
+            if tok is None:
+                raise DataError(f"source {src.name!r} has no text")
+        tok.save(vocab_path)
+    else:
+        tok = tokenizer if not isinstance(tokenizer, str) else get_tokenizer(tokenizer_kind)
+    if tok.vocab_size > UINT16_LIMIT:
+        raise DataError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens; uint16 shards hold ids below "
+                        f"{UINT16_LIMIT}. Use a tokenizer with at most 65,536 tokens")
+    resume_key = {"settings": settings, "tokenizer": tok.identity()}
+
+    # Resume point from an interrupted build: shards [0, k) are complete and stay; the rest is redone.
+    progress_path = out / PROGRESS
+    state = {"shards": [], "next_doc": 0, "skip_tokens": 0, "documents": 0}
+    if progress_path.is_file():
+        saved = read_json(progress_path)
+        if saved.get("key") == resume_key and all((out / s["file"]).is_file() for s in saved["state"]["shards"]):
+            state = saved["state"]
+    for stale in out.glob("shard_*.bin"):
+        if stale.name not in {s["file"] for s in state["shards"]}:
+            stale.unlink()
+
+    shards: list[dict] = list(state["shards"])
+    buffer = np.empty(shard_tokens, dtype=np.uint16)
+    fill = 0
+    documents = state["documents"]
+    skip_tokens = state["skip_tokens"]
+    written_tokens = sum(s["tokens"] for s in shards)
+    bar = tqdm(desc=f"tokenizing {src.name}", unit=" docs", initial=documents, disable=not progress)
+
+    def flush(next_doc: int, skip: int) -> None:
+        nonlocal fill
+        path = out / shard_name(len(shards))
+        atomic_write(path, lambda f: f.write(buffer[:fill].tobytes()))
+        shards.append({"file": path.name, "tokens": int(fill), "sha256": sha256_file(path)})
+        fill = 0
+        atomic_write_json(progress_path, {"key": resume_key, "state": {
+            "shards": shards, "next_doc": next_doc, "skip_tokens": skip, "documents": next_doc}})
+
+    doc_number = state["next_doc"]
+    for tokens, lengths in _tokenized(src, tok, vocab_path, workers, state["next_doc"], batch_chars):
+        if len(tokens) and int(tokens.max()) >= tok.vocab_size:
+            raise DataError(f"token id {int(tokens.max())} is outside the tokenizer's vocabulary")
+        offset = 0
+        for length in lengths:
+            position = skip_tokens  # tokens of this document that an earlier run already wrote
+            skip_tokens = 0
+            while position < length:
+                take = min(shard_tokens - fill, length - position)
+                buffer[fill: fill + take] = tokens[offset + position: offset + position + take]
+                fill += take
+                position += take
+                if fill == shard_tokens:
+                    done = position == length
+                    flush(doc_number + 1 if done else doc_number, 0 if done else position)
+            offset += length
+            doc_number += 1
+            documents += 1
+        written_tokens = sum(s["tokens"] for s in shards) + fill
+        bar.update(len(lengths))
+        bar.set_postfix(tokens=f"{written_tokens:,}", refresh=False)
+    bar.close()
+    if fill:
+        flush(doc_number, 0)
+    total = sum(s["tokens"] for s in shards)
+    if documents == 0 or total == 0:
+        raise DataError(f"source {src.name!r} produced no documents; check the path or dataset")
+    manifest = {
+        "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(), "documents": documents,
+        "total_tokens": total, "shards": shards, "splits": _splits(total, val_fraction, val_tokens),
+        "content_sha256": _content_hash(shards), "dtype": "uint16",
+    }
+    check_manifest(out, manifest, min_window)
+    atomic_write_json(manifest_path, manifest)
+    progress_path.unlink(missing_ok=True)
+    return PrepareResult(out, manifest, built=True)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def check_manifest(data_dir: Path, manifest: dict, min_window: int = 2, verify_hashes: bool = False) -> None:
+    """Raise DataError if the shards on disk disagree with the manifest or a split is too small."""
+    for shard in manifest["shards"]:
+        path = data_dir / shard["file"]
+        if not path.is_file():
+            raise DataError(f"{path} is listed in {data_dir / MANIFEST} but missing; rebuild the dataset")
+        size = path.stat().st_size
+        if size != 2 * shard["tokens"]:
+            raise DataError(f"{path} holds {size} bytes but the manifest says {shard['tokens']} tokens "
+                            f"({2 * shard['tokens']} bytes): the shard is truncated or replaced; rebuild the "
+                            f"dataset (delete {data_dir / MANIFEST} and prepare again)")
+        if verify_hashes and sha256_file(path) != shard["sha256"]:
+            raise DataError(f"{path} does not match the sha256 in the manifest: the shard is corrupt; rebuild it")
+    if sum(s["tokens"] for s in manifest["shards"]) != manifest["total_tokens"]:
+        raise DataError(f"{data_dir / MANIFEST}: shard token counts do not add up to total_tokens")
+    for split, (start, end) in manifest["splits"].items():
+        if 0 < end - start < min_window or (split == "train" and end - start < min_window):
+            raise DataError(f"the {split} split has {end - start} tokens, fewer than one window of "
+                            f"{min_window} (context + 1): use a longer corpus, a smaller block_size, or a "
+                            f"different val_fraction")
+
+
+class TokenStore:
+    """A dataset's shards as one long read-only token array (memory-mapped, nothing loaded up front)."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir)
+        manifest_path = self.data_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise DataError(f"{self.data_dir} has no {MANIFEST}: it is not a finished nbgpt dataset; run "
+                            f"nbgpt.shards.prepare (or `python -m nbgpt prepare`) first")
+        self.manifest = read_json(manifest_path)
+        check_manifest(self.data_dir, self.manifest)
+        self.maps = [np.memmap(self.data_dir / s["file"], dtype=np.uint16, mode="r")
+                     for s in self.manifest["shards"]]
+        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
+        self.total = int(self.starts[-1])
+
+    def tokenizer(self) -> Tokenizer:
+        identity = self.manifest["tokenizer"]
+        tok = get_tokenizer(identity["kind"], self.data_dir / VOCAB if identity["kind"] == "char" else None)
+        if tok.identity() != identity:
+            raise DataError(f"the tokenizer found for {self.data_dir} ({tok.identity()}) differs from the one the "
+                            f"dataset was built with ({identity}); the vocab.json beside it was changed")
+        return tok
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        if split not in self.manifest["splits"]:
+            raise DataError(f"unknown split {split!r}; this dataset has {sorted(self.manifest['splits'])}")
+        start, end = self.manifest["splits"][split]
+        return int(start), int(end)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) across shard boundaries."""
+        if start < 0 or start + length > self.total:
+            raise IndexError(f"tokens [{start}, {start + length}) outside a dataset of {self.total}")
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        local = start - int(self.starts[shard])
+        first = self.maps[shard][local: local + length]
+        if len(first) == length:
+            return np.asarray(first)
+        parts, remaining = [first], length - len(first)
+        while remaining:
+            shard += 1
+            piece = self.maps[shard][:remaining]
+            parts.append(piece)
+            remaining -= len(piece)
+        return np.concatenate(parts)
+
+    def document_starts(self, start: int, end: int, eot: int) -> np.ndarray:
+        """Global offsets of the end-of-text tokens (document starts) within [start, end)."""
+        found = []
+        for index, tokens in enumerate(self.maps):
+            lo, hi = max(start, int(self.starts[index])), min(end, int(self.starts[index + 1]))
+            if lo < hi:
+                base = int(self.starts[index])
+                found.append(np.flatnonzero(tokens[lo - base: hi - base] == eot) + lo)
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)

