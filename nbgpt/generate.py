@@ -1,0 +1,254 @@
+"""Text generation: prefill the prompt once, then decode one token per step from a KV cache.
+
+Without a cache, producing token t means re-running the model over all t previous tokens: O(t²) work per
+sequence. The cache keeps every layer's keys and values, so each new token costs one position's worth of
+compute. When the context window is full, the window slides: the newest half is re-encoded at positions
+0..n so positions stay correct (never "position 1024 of a 1024-position model").
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .device import DTYPES, autocast, choose_precision, resolve_device
+from .model import KVCache
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # <= 0 means greedy (always the most likely token)
+    top_k: int | None = None  # sample only among the k most likely tokens
+    top_p: float | None = None  # nucleus: the smallest set of tokens whose probability reaches p
+    seed: int | None = None  # a seed reproduces a sample exactly
+    stop: Sequence[str] = field(default_factory=tuple)  # stop (and cut) at the first of these strings
+    stop_at_eot: bool = True
+    num_return_sequences: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 or self.top_k == 1
+
+
+def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from logits (N, V) -> (N,)."""
+    if config.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / config.temperature
+    if config.top_k is not None and config.top_k < logits.size(-1):
+        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p is not None and config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first one always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= config.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind torch.compile and DDP wrappers.
+
+    Decoding changes the sequence length every step; a compiled training graph would recompile for each
+    new shape, so generation runs the eager module, which shares the very same weights.
+    """
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+class Generator:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: torch.device | str | None = None,
+                 precision: str = "fp32", use_cache: bool = True):
+        self.model = unwrap(model)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        self.precision = choose_precision(self.device, precision)
+        self.block_size = self.model.config.block_size
+        self.use_cache = use_cache and hasattr(self.model, "h")
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------------------------------ encoding
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Prompt -> ids; an empty prompt starts from end-of-text, an overlong one keeps its tail."""
+        ids = self.tokenizer.encode(prompt) if prompt else []
+        if not ids:
+            return [self.tokenizer.eot]
+        if len(ids) > self.block_size:
+            warnings.warn(f"prompt of {len(ids)} tokens is longer than the context ({self.block_size}); "
+                          f"keeping its last {self.block_size} tokens", stacklevel=3)
+            ids = ids[-self.block_size:]
+        return ids
+
+    # ------------------------------------------------------------------------------------------- decoding
+
+    def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            logits, _ = self.model(idx, cache=cache) if cache is not None else self.model(idx)
+        return logits[:, -1, :].float()
+
+    def _new_cache(self, batch: int, pad: torch.Tensor) -> KVCache:
+        dtype = DTYPES[self.precision] if self.precision != "fp32" else torch.float32
+        return KVCache(self.model.config, batch, self.block_size, self.device, dtype, pad=pad)
+
+    @torch.no_grad()
+    def token_steps(self, prompts: list[list[int]], config: SamplingConfig,
+                    should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row (N,) per step; rows are the prompts, each repeated
+        num_return_sequences times. The caller decides when a row is done and may stop iterating."""
+        self.model.eval()
+        rows = [p for p in prompts for _ in range(config.num_return_sequences)]
+        lengths = torch.tensor([len(r) for r in rows])
+        width = int(lengths.max())
+        # Left-pad to a common length: the padding is masked out and positions start at each row's first token.
+        tokens = torch.full((len(rows), width), self.tokenizer.eot, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, width - len(row):] = torch.tensor(row)
+        pad = width - lengths
+        if not self.use_cache and bool(pad.any()) and hasattr(self.model, "h"):
+            raise ValueError("use_cache=False needs prompts of equal length (nothing masks the padding); "
+                             "generate them one at a time or use the cache")
+        tokens = tokens.to(self.device)
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        cache = self._new_cache(len(rows), pad) if self.use_cache else None
+        logits = self._forward(tokens, cache)
+        for _ in range(config.max_new_tokens):
+            if should_stop is not None and should_stop():
+                return
+            next_ids = sample_next(logits, config, generator)
+            yield next_ids
+            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+            if cache is None:
+                logits = self._forward(tokens[:, -self.block_size:], None)  # (pad columns are cropped first)
+                continue
+            if cache.length == cache.max_len:
+                # Slide: re-encode the newest half from position 0 (positions must stay < block_size).
+                keep = max(1, self.block_size // 2)
+                dropped = tokens.size(1) - keep
+                tokens = tokens[:, -keep:]
+                pad = (pad - dropped).clamp(min=0)
+                cache = self._new_cache(len(rows), pad)
+                logits = self._forward(tokens, cache)
+            else:
+                logits = self._forward(next_ids[:, None], cache)
+
+    # ---------------------------------------------------------------------------------------------- text
+
+    def generate_ids(self, prompts: list[list[int]], config: SamplingConfig) -> list[list[int]]:
+        """New token ids per row, ending before end-of-text when stop_at_eot (stop strings: see complete)."""
+        outputs: list[list[int]] = [[] for _ in range(len(prompts) * config.num_return_sequences)]
+        done = [False] * len(outputs)
+        start = time.perf_counter()
+        produced = 0
+        for step_ids in self.token_steps(prompts, config):
+            for i, token in enumerate(step_ids.tolist()):
+                if done[i]:
+                    continue
+                if config.stop_at_eot and token == self.tokenizer.eot:
+                    done[i] = True
+                else:
+                    outputs[i].append(token)
+                    produced += 1
+            if all(done):
+                break
+        self._record_stats(produced, time.perf_counter() - start)
+        return outputs
+
+    def complete(self, prompt: str, config: SamplingConfig | None = None) -> str:
+        return self.generate([prompt], config)[0]
+
+    def generate(self, prompts: Sequence[str], config: SamplingConfig | None = None) -> list[str]:
+        """Completions (without the prompts), num_return_sequences per prompt, cut at a stop string."""
+        config = config or SamplingConfig()
+        ids = self.generate_ids([self.encode_prompt(p) for p in prompts], config)
+        texts = [self.tokenizer.decode(row) for row in ids]
+        return [_cut_at_stop(text, config.stop)[0] for text in texts]
+
+    def stream(self, prompt: str, config: SamplingConfig | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece as tokens arrive.
+
+        Bytes go through an incremental UTF-8 decoder, so a character split across two BPE tokens is emitted
+        whole once its last byte arrives, never as a replacement character; text that might be the start of
+        a stop string is held back until it is clearly not one.
+        """
+        config = config or SamplingConfig()
+        if config.num_return_sequences != 1:
+            raise ValueError("stream() produces one sequence; use generate() for num_return_sequences > 1")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        start, produced = time.perf_counter(), 0
+        for step_ids in self.token_steps([self.encode_prompt(prompt)], config, should_stop):
+            token = int(step_ids[0])
+            if config.stop_at_eot and token == self.tokenizer.eot:
+                break
+            produced += 1
+            pending += decoder.decode(self.tokenizer.decode_bytes([token]))
+            pending, stopped = _cut_at_stop(pending, config.stop)
+            ready = len(pending) - _held_back(pending, config.stop)
+            if ready > 0:
+                yield pending[:ready]
+                pending = pending[ready:]
+            if stopped:
+                break
+        else:
+            pending += decoder.decode(b"", final=True)
+        if pending:
+            yield _cut_at_stop(pending, config.stop)[0]
+        self._record_stats(produced, time.perf_counter() - start)
+
+    def _record_stats(self, tokens: int, seconds: float) -> None:
+        self.last_stats = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def load_generator(path: str, device: str = "auto", precision: str = "auto") -> Generator:
+    """A generator for the newest good checkpoint of a run directory (or a checkpoint file)."""
+    from .checkpoint import load_model
+
+    model, tokenizer, _ = load_model(path, device=device)
+    return Generator(model, tokenizer, precision=precision)

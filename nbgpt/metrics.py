@@ -1,0 +1,50 @@
+"""Training logs as JSON Lines: one object per line, written by the trainer, read by plots and notebooks.
+
+Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu), "eval"
+(step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "event" (message).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .files import atomic_write_bytes
+
+
+class MetricsLog:
+    """Append-only JSONL file, flushed per record so a kill loses at most the line being written."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_from(self, step: int) -> None:
+        """Drop records of `step` and later: a run resumed from the checkpoint of `step` redoes them."""
+        if not self.path.is_file():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) < step]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """All records (or those of one kind); a torn last line from a killed writer is ignored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kind is None or record.get("kind") == kind:
+            records.append(record)
+    return records

@@ -1,0 +1,407 @@
+"""The training loop: one code path for a laptop CPU, a 2×T4 Kaggle box and an 8×H100 node.
+
+A step accumulates gradients over `grad_accum_steps` micro-batches of (micro_batch × seq_len) tokens on each of
+`world_size` processes, so that every optimizer step sees `total_batch_tokens` tokens (0.5 M for GPT-2),
+whatever the hardware. The learning rate warms up linearly, then follows a cosine down to 10 % of its peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import CheckpointError, load_latest, save_checkpoint
+from .device import (autocast, choose_precision, configure_backends, peak_flops, resolve_device,
+                     synchronize)
+from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
+from .loader import DataLoader
+from .metrics import MetricsLog
+from .model import GPT, ConfigError, GPTConfig, flops_per_token
+from .shards import DataError, TokenStore
+from .tokenizer import tokenizer_spec
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    # where
+    data_dir: str = ""  # a prepared dataset (manifest.json + shards)
+    out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl and train_config.json go here
+    # model: a preset, optionally reshaped
+    model: str = "tiny"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    position: str | None = None  # "absolute" or "rope"
+    dropout: float = 0.0
+    vocab_multiple: int = 1  # 64 pads GPT-2's 50257 to 50304
+    init_from: str = "scratch"  # or an HF GPT-2 directory / hub name to fine-tune from
+    # batch
+    total_batch_tokens: int = 524_288  # tokens per optimizer step, all ranks and micro-steps together
+    micro_batch: int = 64  # sequences per forward pass per rank
+    seq_len: int | None = None  # defaults to the model's block_size
+    # schedule
+    max_steps: int = 19_073
+    max_seconds: float | None = None  # wall-clock budget: the cosine horizon is fitted to it (see _fit_budget)
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 715
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation, samples, checkpoints
+    eval_interval: int = 250
+    eval_batches: int = 20
+    sample_interval: int = 0
+    sample_prompt: str = ""
+    sample_tokens: int = 64
+    hellaswag_interval: int = 0
+    hellaswag_path: str | None = None
+    hellaswag_limit: int | None = None
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 3
+    resume: bool = True  # continue from the newest good checkpoint in out_dir if there is one
+    # hardware
+    seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
+    # data order
+    shuffle: bool = False
+    align_documents: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}")
+        return cls(**values)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "position")
+                     if getattr(self, k) is not None}
+        return GPTConfig.from_preset(self.model, vocab_size=vocab_size, dropout=self.dropout,
+                                     vocab_multiple=self.vocab_multiple, **overrides)
+
+
+def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float:
+    """Linear warmup to max_lr, then cosine decay to min_lr_ratio * max_lr at max_steps.
+
+    Warmup keeps the first updates small while Adam's second-moment estimates are still noise; the cosine
+    spends most steps at high learning rate and anneals at the end, which is where loss drops fastest.
+    """
+    max_steps = max_steps or config.max_steps
+    min_lr = config.max_lr * config.min_lr_ratio
+    if step < config.warmup_steps:
+        return config.max_lr * (step + 1) / config.warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - min_lr)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "gauss": gauss}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print):
+        self.config = config
+        self.echo = echo
+        self.device = resolve_device(config.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        configure_backends(self.device)
+        self.precision = choose_precision(self.device, config.precision)
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+
+        # data
+        if not config.data_dir:
+            raise ConfigError("TrainConfig.data_dir is empty: point it at a dataset made by prepare()")
+        self.store = TokenStore(config.data_dir)
+        self.tokenizer = self.store.tokenizer()
+        # model
+        if config.init_from == "scratch":
+            torch.manual_seed(config.seed)
+            self.model_config = config.model_config(self.tokenizer.vocab_size)
+            self.model = GPT(self.model_config)
+        else:
+            from .hf import load_hf
+
+            self.model = load_hf(config.init_from, vocab_multiple=config.vocab_multiple)
+            self.model_config = self.model.config
+            if self.model_config.vocab_size != self.tokenizer.vocab_size:
+                raise ConfigError(f"{config.init_from} has vocab_size {self.model_config.vocab_size}, the "
+                                  f"dataset's tokenizer {self.tokenizer.vocab_size}")
+        self.model.to(self.device)
+        self.seq_len = config.seq_len or self.model_config.block_size
+        if self.seq_len > self.model_config.block_size:
+            raise ConfigError(f"seq_len={self.seq_len} exceeds the model's block_size={self.model_config.block_size}")
+        tokens_per_micro_step = config.micro_batch * self.seq_len * self.dist.world_size
+        if config.total_batch_tokens % tokens_per_micro_step:
+            raise ConfigError(
+                f"total_batch_tokens={config.total_batch_tokens} is not a multiple of micro_batch × seq_len × "
+                f"world_size = {config.micro_batch} × {self.seq_len} × {self.dist.world_size} = "
+                f"{tokens_per_micro_step}; change total_batch_tokens or micro_batch")
+        self.grad_accum_steps = config.total_batch_tokens // tokens_per_micro_step
+        loader_args = dict(batch_size=config.micro_batch, seq_len=self.seq_len, rank=self.dist.rank,
+                           world_size=self.dist.world_size)
+        self.train_loader = DataLoader(self.store, "train", shuffle=config.shuffle, seed=config.seed,
+                                       align_documents=config.align_documents, **loader_args)
+        try:
+            self.val_loader = DataLoader(self.store, "val", **loader_args)
+        except DataError:
+            self.val_loader = None  # no (or too little) validation data: evaluation is skipped
+            self.log_event("no validation batches: the val split is empty or smaller than one batch")
+        # optimizer, loss scaling, compilation, DDP
+        self.optimizer = self.model.configure_optimizer(config.weight_decay, config.max_lr,
+                                                        (config.beta1, config.beta2), self.device.type)
+        # fp16 has a narrow exponent range: small gradients underflow to zero unless the loss is scaled up
+        # first. The scaler does that, and skips any step whose gradients overflowed to inf/NaN.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.train_model = (DistributedDataParallel(self.forward_model,
+                                                    device_ids=[self.dist.local_rank] if self.device.type == "cuda"
+                                                    else None)
+                            if self.dist.enabled else self.forward_model)
+        self.flops_per_token = flops_per_token(self.model_config, self.seq_len,
+                                               non_embedding_params=self.model.num_params(non_embedding=True))
+        self.peak = None
+        self.step = 0
+        self.max_steps = config.max_steps
+        self.last_val_loss: float | None = None
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        self._resume()
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def log(self, record: dict) -> None:
+        if self.dist.is_main:
+            self.metrics.write(record)
+
+    def log_event(self, message: str) -> None:
+        if self.dist.is_main:
+            self.echo(message)
+
+    def _resume(self) -> None:
+        if not self.config.resume:
+            return
+        try:
+            payload = load_latest(self.checkpoint_dir, on_skip=self.log_event)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}\nDelete {self.checkpoint_dir} to start over.") from exc
+        if payload is None:
+            return
+        if payload["tokenizer"]["identity"] != self.tokenizer.identity():
+            raise CheckpointError(
+                f"the checkpoint in {self.checkpoint_dir} was trained with tokenizer {payload['tokenizer']['identity']} "
+                f"but the dataset {self.config.data_dir} uses {self.tokenizer.identity()}; resume with the same data")
+        if payload["model_config"] != self.model_config.to_dict():
+            raise CheckpointError(f"the checkpoint in {self.checkpoint_dir} is of a different model "
+                                  f"({payload['model_config']}); use another out_dir or resume=False")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.train_loader.load_state_dict(payload["loader"])
+        _set_rng_state(payload["rng"])
+        self.step = payload["step"]
+        self.last_val_loss = payload.get("val_loss")
+        if self.dist.is_main:
+            self.metrics.truncate_from(self.step)
+        self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})")
+
+    def save(self) -> Path | None:
+        """Checkpoint the current state (rank 0 writes; other ranks wait so nobody runs ahead)."""
+        path = None
+        if self.dist.is_main:
+            payload = {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(), "rng": _rng_state(),
+                "model_config": self.model_config.to_dict(), "train_config": asdict(self.config),
+                "tokenizer": tokenizer_spec(self.tokenizer), "max_steps": self.max_steps,
+                "val_loss": self.last_val_loss, "precision": self.precision,
+            }
+            path = save_checkpoint(self.checkpoint_dir, self.step, payload, keep=self.config.keep_checkpoints)
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        return path
+
+    def _due(self, interval: int, step: int) -> bool:
+        return interval > 0 and step % interval == 0
+
+    # --------------------------------------------------------------------------------------------- steps
+
+    def train_step(self) -> dict:
+        """One optimizer step over total_batch_tokens tokens; returns its metrics record."""
+        config, model = self.config, self.train_model
+        model.train()
+        start = time.perf_counter()
+        lr = lr_at(self.step, config, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(self.grad_accum_steps):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro_step == self.grad_accum_steps - 1
+            # Under DDP, gradients are all-reduced on backward; accumulate locally until the last micro-step.
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
+            with sync:
+                with autocast(self.device, self.precision):
+                    _, loss = model(x, y)
+                loss = loss / self.grad_accum_steps  # the mean over the whole batch, not a sum of means
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
+        all_reduce_mean(loss_sum, self.dist)
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {self.step}; stopped before updating the weights. The last good "
+                f"checkpoint in {self.checkpoint_dir} is kept: lower max_lr, raise warmup_steps, or use "
+                f"precision='fp32'/'bf16', then resume")
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip).item()
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)  # with fp16, skipped when gradients overflowed
+        self.scaler.update()
+        synchronize(self.device)
+        dt = time.perf_counter() - start
+        tokens_per_s = config.total_batch_tokens / dt
+        if self.peak is None:
+            self.peak = peak_flops(self.device, self.precision) * self.dist.world_size
+        record = {"kind": "train", "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "dt": dt, "tokens_per_s": tokens_per_s,
+                  "mfu": tokens_per_s * self.flops_per_token / self.peak}
+        if scale_before is not None:
+            record["grad_scale"] = scale_before
+            record["skipped"] = self.scaler.get_scale() < scale_before
+        self.step += 1
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over the same first `eval_batches` val batches every time."""
+        if self.val_loader is None:
+            return None
+        self.forward_model.eval()
+        self.val_loader.reset()
+        batches = min(self.config.eval_batches, self.val_loader.steps_per_epoch)
+        total = torch.zeros((), device=self.device)
+        for _ in range(batches):
+            x, y = self.val_loader.next_batch()
+            with autocast(self.device, self.precision):
+                _, loss = self.forward_model(x.to(self.device), y.to(self.device))
+            total += loss.float()
+        self.forward_model.train()
+        value = all_reduce_mean(total / batches, self.dist).item()
+        self.last_val_loss = value
+        return value
+
+    def sample(self) -> str:
+        from .generate import Generator, SamplingConfig
+
+        generator = Generator(self.model, self.tokenizer, device=self.device, precision=self.precision)
+        return generator.complete(self.config.sample_prompt,
+                                  SamplingConfig(max_new_tokens=self.config.sample_tokens, top_k=50, seed=self.step))
+
+    def hellaswag(self) -> dict:
+        from .hellaswag import evaluate_hellaswag, load_examples
+
+        examples = load_examples(self.config.hellaswag_path, limit=self.config.hellaswag_limit)
+        return evaluate_hellaswag(self.model, self.tokenizer, examples, device=self.device,
+                                  precision=self.precision, dist_info=self.dist)
+
+    # ----------------------------------------------------------------------------------------------- fit
+
+    def close(self) -> None:
+        """Leave the process group (under torchrun); the trainer cannot train afterwards."""
+        shutdown(self.dist)
+
+    def _periodic(self, emit: Callable[[dict], None], final: bool) -> None:
+        """Evaluations and samples of the current step: on their intervals, and all of them at the end."""
+        config, step = self.config, self.step
+        if (final or self._due(config.eval_interval, step)) and (val := self.evaluate()) is not None:
+            emit({"kind": "eval", "step": step, "val_loss": val})
+        if config.hellaswag_interval > 0 and step > 0 and (final or self._due(config.hellaswag_interval, step)):
+            emit({"kind": "hellaswag", "step": step, **self.hellaswag()})
+        if config.sample_interval > 0 and self.dist.is_main and (final or self._due(config.sample_interval, step)):
+            emit({"kind": "sample", "step": step, "text": self.sample()})
+
+    def fit(self, on_record: Callable[[dict], None] | None = None, until: int | None = None) -> dict:
+        """Train from the current step to max_steps (or stop early at step `until`, with a checkpoint, as if
+        interrupted there); returns the step, the last train record and the last val loss."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        def emit(record: dict) -> None:
+            self.log(record)
+            if on_record is not None and self.dist.is_main:
+                on_record(record)
+
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (config.progress and self.dist.is_main))
+        started, first_step = time.perf_counter(), self.step
+        last_train: dict = {}
+        while self.step < min(self.max_steps, until if until is not None else self.max_steps):
+            self._periodic(emit, final=False)
+            last_train = self.train_step()
+            emit(last_train)
+            if config.max_seconds is not None:
+                self._fit_budget(time.perf_counter() - started, self.step - first_step)
+                bar.total = self.max_steps
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
+            final = self.step >= self.max_steps
+            if final:
+                self._periodic(emit, final=True)
+            if final or self._due(config.checkpoint_interval, self.step) or self.step == until:
+                self.save()
+        bar.close()
+        return {"step": self.step, "train": last_train, "val_loss": self.last_val_loss}
+
+    def _fit_budget(self, elapsed: float, steps_done: int) -> None:
+        """Fit max_steps to the wall-clock budget from the measured time per step, so the cosine schedule
+        ends just as the budget runs out (re-estimated every step; the first steps include compilation)."""
+        per_step = elapsed / max(1, steps_done)
+        remaining = max(0.0, self.config.max_seconds - elapsed)
+        self.max_steps = min(self.config.max_steps, self.step + int(remaining / per_step))

@@ -1,0 +1,203 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from conftest import tiny_train_config
+from nbgpt.checkpoint import CheckpointError, load_latest
+from nbgpt.metrics import read_metrics
+from nbgpt.model import ConfigError
+from nbgpt.train import TrainConfig, Trainer, TrainingDiverged, lr_at
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir, "train")]
+
+
+def test_loss_falls_on_fixed_batch_and_held_out(char_data, tmp_path):
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=60, eval_interval=60))
+    x, y = trainer.train_loader.next_batch()
+    model, opt = trainer.model, trainer.optimizer
+    first = model(x, y)[1].item()
+    for _ in range(80):  # overfit one batch
+        opt.zero_grad()
+        model(x, y)[1].backward()
+        opt.step()
+    assert model(x, y)[1].item() < 0.5 * first
+
+    fresh = Trainer(tiny_train_config(char_data, tmp_path / "run2", max_steps=60, eval_interval=60))
+    before = fresh.evaluate()
+    fresh.fit()
+    evals = read_metrics(tmp_path / "run2", "eval")
+    assert evals[0]["val_loss"] == pytest.approx(before) and evals[-1]["step"] == 60
+    assert evals[-1]["val_loss"] < before - 0.8  # ln(vocab) ~ 4.3 -> well under 3.5 on unseen text
+
+
+def test_lr_schedule():
+    config = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
+    assert lr_at(0, config) == pytest.approx(6e-5)
+    assert lr_at(9, config) == pytest.approx(6e-4)
+    assert lr_at(55, config) == pytest.approx(3.3e-4)  # half way through the cosine
+    assert lr_at(100, config) == pytest.approx(6e-5) == lr_at(500, config)
+
+
+def test_gradient_accumulation_equals_one_big_batch(char_data, tmp_path):
+    grads = []
+    for micro in (8, 2):
+        trainer = Trainer(tiny_train_config(char_data, tmp_path / f"m{micro}", micro_batch=micro))
+        assert trainer.grad_accum_steps == 8 // micro
+        trainer.optimizer.step = lambda: None  # keep the gradients of exactly one step to compare
+        trainer.train_step()
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_batch_not_divisible_is_named(char_data, tmp_path):
+    with pytest.raises(ConfigError, match="total_batch_tokens=1000 is not a multiple of micro_batch × seq_len"):
+        Trainer(tiny_train_config(char_data, tmp_path / "r", total_batch_tokens=1000))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_paths_on_cpu(char_data, tmp_path, precision):
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "r", precision=precision, max_steps=30,
+                                        eval_interval=30))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    trainer.fit()
+    records = read_metrics(tmp_path / "r", "train")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    if precision == "fp16":
+        assert "grad_scale" in records[0]
+
+
+def test_fp16_scaler_skips_injected_inf_gradients(char_data, tmp_path):
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "r", precision="fp16"))
+    trainer.train_step()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    handle = trainer.model.wte.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    record = trainer.train_step()
+    handle.remove()
+    assert record["skipped"] and record["loss"] == record["loss"]  # loss finite, step skipped
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert not trainer.train_step()["skipped"]  # the next step, with a lower scale, goes through
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(char_data, tmp_path):
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "r", max_steps=10))
+    trainer.fit()
+    with torch.no_grad():
+        trainer.model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    trainer.max_steps = 20
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 10.*last good checkpoint"):
+        trainer.fit()
+    assert load_latest(tmp_path / "r" / "checkpoints")["step"] == 10
+
+
+def test_resume_is_bit_exact(char_data, tmp_path):
+    kwargs = dict(max_steps=16, checkpoint_interval=8, eval_interval=4, shuffle=True)
+    Trainer(tiny_train_config(char_data, tmp_path / "straight", **kwargs)).fit()
+    Trainer(tiny_train_config(char_data, tmp_path / "split", **kwargs)).fit(until=8)
+    resumed = Trainer(tiny_train_config(char_data, tmp_path / "split", **kwargs))
+    assert resumed.step == 8
+    resumed.fit()
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    assert len(train_losses(tmp_path / "split")) == 16
+    evals = lambda d: [(r["step"], r["val_loss"]) for r in read_metrics(d, "eval")]
+    assert evals(tmp_path / "split") == evals(tmp_path / "straight")
+
+
+def test_corrupt_checkpoint_falls_back(char_data, tmp_path):
+    run = tmp_path / "r"
+    Trainer(tiny_train_config(char_data, run, max_steps=20, keep_checkpoints=3)).fit()
+    newest = run / "checkpoints" / "ckpt_0000020.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    messages = []
+    trainer = Trainer(tiny_train_config(char_data, run, max_steps=20), echo=messages.append)
+    assert trainer.step == 10
+    assert any("ckpt_0000020.pt does not match its recorded sha256" in m for m in messages)
+    (run / "checkpoints" / "ckpt_0000010.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        Trainer(tiny_train_config(char_data, run, max_steps=20))
+
+
+def test_compiled_training_evaluates_and_samples_without_recompiling(char_data, tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "r", compile=True, max_steps=3,
+                                        eval_interval=0, checkpoint_interval=0))
+    trainer.fit()
+    trainer.evaluate()
+    graphs_after_first_eval = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        trainer.train_step()
+        trainer.evaluate()
+    text = trainer.sample()
+    assert isinstance(text, str) and len(text) > 0
+    # One graph for training and one for no-grad evaluation; more steps, evals and sampling add none.
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_eval <= 2
+
+
+def run_cli_train(config: TrainConfig, *extra, nproc: int = 1, **popen):
+    path = os.path.join(config.out_dir + ".json")
+    with open(path, "w") as f:
+        json.dump(asdict(config), f)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "nbgpt", "train", "--config-json", path, *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "nbgpt", "train", "--config-json", path, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+
+
+def test_ddp_two_gloo_processes_match_one(char_data, tmp_path):
+    """2 ranks × micro_batch 4 == 1 process × micro_batch 8 on the same global batch (torchrun, gloo)."""
+    common = dict(max_steps=2, eval_interval=0, checkpoint_interval=0, total_batch_tokens=8 * 32)
+    single = tiny_train_config(char_data, tmp_path / "one", micro_batch=8, **common)
+    double = tiny_train_config(char_data, tmp_path / "two", micro_batch=4, **common)
+    for config, nproc in ((single, 1), (double, 2)):
+        process = run_cli_train(config, nproc=nproc)
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output
+    one = load_latest(tmp_path / "one" / "checkpoints")
+    two = load_latest(tmp_path / "two" / "checkpoints")
+    assert one["step"] == two["step"] == 2
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(tensor, two["model"][name], atol=2e-6, rtol=1e-5)
+    assert train_losses(tmp_path / "one") == pytest.approx(train_losses(tmp_path / "two"), abs=1e-5)
+
+
+def test_kill9_mid_run_then_resume_matches_uninterrupted(char_data, tmp_path):
+    kwargs = dict(max_steps=40, checkpoint_interval=5, eval_interval=10)
+    reference = run_cli_train(tiny_train_config(char_data, tmp_path / "ref", **kwargs))  # same threads as below
+    assert reference.wait(timeout=300) == 0
+    victim = tiny_train_config(char_data, tmp_path / "victim", **kwargs)
+    process = run_cli_train(victim)
+    index = tmp_path / "victim" / "checkpoints" / "checkpoints.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if index.is_file() and json.loads(index.read_text())["checkpoints"][-1]["step"] >= 15:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(index.read_text())["checkpoints"][-1]["step"]
+    assert 15 <= killed_at < 40, "the run finished before it could be killed"
+    finisher = run_cli_train(victim)
+    output, _ = finisher.communicate(timeout=300)
+    assert finisher.returncode == 0, output
+    assert f"resumed from step {killed_at}" in output
+    assert train_losses(tmp_path / "victim") == train_losses(tmp_path / "ref")
+    final = lambda d: load_latest(d / "checkpoints")["model"]
+    for name, tensor in final(tmp_path / "ref").items():
+        assert torch.equal(tensor, final(tmp_path / "victim")[name]), name
