@@ -78,6 +78,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .device import choose_precision, resolve_device
+    from .distributed import init_distributed, shutdown
+    from .hellaswag import evaluate_hellaswag, load_any_model, load_examples
+
+    device = resolve_device(args.device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch_device("cuda", info.local_rank)
+    try:
+        model, tokenizer = load_any_model(args.checkpoint, device=str(device))
+        examples = load_examples(args.hellaswag_path, limit=args.limit)
+        result = evaluate_hellaswag(model, tokenizer, examples, device=device,
+                                    precision=choose_precision(device, args.precision),
+                                    max_batch_tokens=args.max_batch_tokens, dist_info=info)
+    finally:
+        shutdown(info)
+    if info.is_main:
+        print(json.dumps(result))
+    return 0
+
+
+def torch_device(kind: str, index: int):
+    import torch
+
+    return torch.device(kind, index)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
@@ -87,4 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config-json", help="a JSON file of TrainConfig fields; flags override it")
     add_dataclass_arguments(train, TrainConfig)
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="HellaSwag accuracy of a checkpoint or HF GPT-2 directory "
+                                                "(works under torchrun)")
+    evaluate.add_argument("--checkpoint", required=True, help="run directory, checkpoint file, or HF directory")
+    evaluate.add_argument("--hellaswag-path", default=None, help="hellaswag_val.jsonl (default: cache/download)")
+    evaluate.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--precision", default="auto")
+    evaluate.add_argument("--max-batch-tokens", type=int, default=4096)
+    evaluate.set_defaults(handler=_eval)
     return parser

@@ -1,0 +1,79 @@
+"""Decode speed on a 124M-shape GPT-2 with random weights, batch 1, 128 new tokens, greedy, CPU.
+
+Compares nbgpt with its KV cache, nbgpt recomputing the full context every step, and transformers'
+`generate` with its cache, on identical weights (loaded through nbgpt's HF interop).
+Usage: python bench/generate_speed.py [--new-tokens 128] [--prompt-tokens 32] [--repeats 3]
+"""
+
+import argparse
+import copy
+import tempfile
+
+import torch
+from common import median_time, report
+
+from nbgpt.generate import Generator, SamplingConfig
+from nbgpt.hf import export_hf
+from nbgpt.model import GPT, GPTConfig
+from nbgpt.tokenizer import GPT2Tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 rows")
+    args = parser.parse_args()
+    import transformers
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2")).eval()
+    tokenizer = GPT2Tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        reference = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
+    prompt = torch.randint(0, 50256, (1, args.prompt_tokens))
+    config = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eot=False)
+    outputs = {}
+
+    def nbgpt_run(key: str, use_cache: bool, precision: str):
+        generator = Generator(model, tokenizer, use_cache=use_cache, precision=precision)
+        return lambda: outputs.__setitem__(key, generator.generate_ids([prompt[0].tolist()], config)[0])
+
+    def hf_run(key: str, hf_model):
+        def run():
+            with torch.no_grad():
+                out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                        pad_token_id=50256, use_cache=True)
+            outputs[key] = out[0, args.prompt_tokens:].tolist()
+        return run
+
+    runs = [("nbgpt fp32, KV cache", nbgpt_run("fp32", True, "fp32")),
+            ("nbgpt fp32, no cache (full recompute)", nbgpt_run("fp32-uncached", False, "fp32")),
+            ("transformers fp32 generate, cache", hf_run("hf-fp32", reference))]
+    if args.bf16:
+        runs += [("nbgpt bf16 weights, KV cache (default here)", nbgpt_run("bf16", True, "bf16")),
+                 ("transformers bf16 generate, cache", hf_run("hf-bf16", copy.deepcopy(reference).to(torch.bfloat16)))]
+    rows = []
+    for name, fn in runs:
+        seconds, _ = median_time(fn, args.repeats)
+        rows.append({"method": name, "seconds": seconds, "tokens_per_s": args.new_tokens / seconds})
+    speed = {r["method"].split(",")[0] + ("" if "no cache" not in r["method"] else " uncached"): r["tokens_per_s"]
+             for r in rows}
+    ratios = {"fp32 cached / fp32 uncached": speed["nbgpt fp32"] / speed["nbgpt fp32 uncached"],
+              "fp32 cached / transformers fp32": speed["nbgpt fp32"] / speed["transformers fp32 generate"]}
+    if args.bf16:
+        ratios["bf16 cached / transformers fp32"] = speed["nbgpt bf16 weights"] / speed["transformers fp32 generate"]
+        ratios["bf16 cached / transformers bf16"] = speed["nbgpt bf16 weights"] / speed["transformers bf16 generate"]
+    same = outputs["fp32"] == outputs["fp32-uncached"] == outputs["hf-fp32"]
+    report("generate_speed", rows, {"threads": torch.get_num_threads(), "fp32_outputs_identical": same,
+                                    "ratios": ratios})
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    print(f"greedy tokens identical across the fp32 runs: {same}")
+
+
+if __name__ == "__main__":
+    main()

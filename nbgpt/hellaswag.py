@@ -1,0 +1,238 @@
+"""HellaSwag: pick the most plausible of 4 endings, scored the way the GPT-2 reproduction scores it.
+
+For each ending the model reads context + " " + ending; the ending's tokens are scored by their
+cross-entropy. `acc_norm` picks the ending with the lowest *average* loss per token (longer endings are not
+penalised for having more tokens), `acc` the lowest *summed* loss. GPT-2 124M reaches acc_norm 0.2955 on the
+10,042 validation examples, GPT-3 124M 0.337; random guessing is 0.25.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .device import autocast
+from .distributed import DistInfo, all_reduce_sum
+from .files import atomic_write_bytes, cache_dir, offline
+from .tokenizer import Tokenizer
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_ENV = "NBGPT_HELLASWAG"
+VAL_EXAMPLES = 10_042
+GPT2_124M_ACC_NORM = 0.2955
+GPT3_124M_ACC_NORM = 0.337
+
+
+class HellaSwagError(ValueError):
+    """A malformed HellaSwag file."""
+
+
+class HellaSwagUnavailable(RuntimeError):
+    """No HellaSwag data on this machine and no way to download it."""
+
+
+@dataclass(frozen=True)
+class Example:
+    context: str
+    endings: tuple[str, str, str, str]
+    label: int
+
+
+def parse_line(line: str, where: str) -> Example:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise HellaSwagError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(row, dict):
+        raise HellaSwagError(f"{where}: expected a JSON object")
+    missing = [k for k in ("ctx", "endings", "label") if k not in row]
+    if missing:
+        raise HellaSwagError(f"{where}: missing field(s) {missing}")
+    endings, label = row["endings"], row["label"]
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        raise HellaSwagError(f"{where}: 'endings' must be a list of 4 strings, got "
+                             f"{len(endings) if isinstance(endings, list) else type(endings).__name__}")
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if not isinstance(label, int) or not 0 <= label < 4:
+        raise HellaSwagError(f"{where}: 'label' must be 0..3, got {label!r}")
+    if not isinstance(row["ctx"], str) or not row["ctx"]:
+        raise HellaSwagError(f"{where}: 'ctx' must be a non-empty string")
+    return Example(row["ctx"], tuple(endings), label)
+
+
+def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                examples.append(parse_line(line, f"{path} line {number}"))
+                if limit is not None and len(examples) >= limit:
+                    break
+    if not examples:
+        raise HellaSwagError(f"{path} holds no examples")
+    return examples
+
+
+def hellaswag_path(path: str | os.PathLike | None = None) -> Path:
+    """The validation file: an explicit path, $NBGPT_HELLASWAG, the cache, or a one-time download."""
+    explicit = path or os.environ.get(HELLASWAG_ENV)
+    if explicit:
+        if not Path(explicit).is_file():
+            raise HellaSwagUnavailable(f"HellaSwag file {explicit} does not exist")
+        return Path(explicit)
+    cached = cache_dir() / "hellaswag_val.jsonl"
+    if cached.is_file():
+        return cached
+    how = (f"download {HELLASWAG_URL} on a connected machine and set {HELLASWAG_ENV}=/path/to/hellaswag_val.jsonl "
+           f"(or copy it to {cached})")
+    if offline():
+        raise HellaSwagUnavailable(f"HellaSwag data is not on this machine and NBGPT_OFFLINE is set: {how}")
+    try:
+        data = _download(HELLASWAG_URL)
+    except OSError as exc:
+        raise HellaSwagUnavailable(f"cannot download HellaSwag ({exc}): {how}") from exc
+    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    if len(lines) != VAL_EXAMPLES:
+        raise HellaSwagUnavailable(f"{HELLASWAG_URL} returned {len(lines)} examples, expected {VAL_EXAMPLES}")
+    for number, line in enumerate(lines, 1):
+        parse_line(line, f"{HELLASWAG_URL} line {number}")
+    atomic_write_bytes(cached, data)
+    return cached
+
+
+def _download(url: str) -> bytes:
+    from tqdm.auto import tqdm
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        total = int(response.headers.get("Content-Length") or 0)
+        chunks = []
+        with tqdm(total=total or None, unit="B", unit_scale=True, desc="hellaswag_val.jsonl") as bar:
+            while chunk := response.read(1 << 16):
+                chunks.append(chunk)
+                bar.update(len(chunk))
+    return b"".join(chunks)
+
+
+def load_examples(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Example]:
+    return read_examples(hellaswag_path(path), limit)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Candidate:
+    example: int
+    ending: int
+    tokens: list[int]
+    ending_start: int  # index of the ending's first token in `tokens`
+
+
+def candidates(examples: Sequence[Example], tokenizer: Tokenizer, block_size: int) -> list[Candidate]:
+    """Context + ending token rows, 4 per example; the context is cut from the left to fit the model."""
+    rows = []
+    for i, example in enumerate(examples):
+        context = tokenizer.encode(example.context)
+        for j, ending in enumerate(example.endings):
+            tail = tokenizer.encode(" " + ending)  # the ending continues the sentence after a space
+            keep = max(1, block_size - len(tail))
+            ctx = context[-keep:]
+            tokens = (ctx + tail)[-block_size:]
+            rows.append(Candidate(i, j, tokens, max(1, len(tokens) - len(tail))))
+    return rows
+
+
+@torch.no_grad()
+def score_candidates(model: torch.nn.Module, rows: Sequence[Candidate], device: torch.device | str = "cpu",
+                     precision: str = "fp32", max_batch_tokens: int = 4096, sort: bool = True
+                     ) -> list[tuple[float, int]]:
+    """(summed ending loss, ending token count) per row, many rows per forward pass.
+
+    Rows are right-padded to the longest in their batch; with causal attention, padding after a row's last
+    token cannot change its earlier logits, and the mask keeps it out of the loss. Sorting by length first
+    keeps the padding small.
+    """
+    device = torch.device(device)
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens)) if sort else list(range(len(rows)))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * len(rows[order[end]].tokens) <= max_batch_tokens:
+            end += 1
+        batch = [rows[r] for r in order[start:end]]
+        width = max(len(c.tokens) for c in batch)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width - 1)
+        for b, c in enumerate(batch):
+            tokens[b, : len(c.tokens)] = torch.tensor(c.tokens)
+            mask[b, c.ending_start - 1: len(c.tokens) - 1] = 1  # predictions of the ending's tokens
+        tokens = tokens.to(device)
+        with autocast(device, precision):
+            logits, _ = model(tokens)
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none").cpu()
+        sums = (losses * mask).sum(1)
+        counts = mask.sum(1)
+        for b, r in enumerate(order[start:end]):
+            results[r] = (float(sums[b]), int(counts[b]))
+        start = end
+    return results
+
+
+def evaluate_hellaswag(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence[Example],
+                       device: torch.device | str = "cpu", precision: str = "fp32", max_batch_tokens: int = 4096,
+                       dist_info: DistInfo | None = None, per_example: bool = False) -> dict:
+    """acc_norm, acc and count over `examples`; under DDP each rank scores every world_size-th example and
+    the counts are summed. `per_example` scores one example (4 rows) per forward pass, as the reference does."""
+    dist_info = dist_info or DistInfo()
+    mine = [e for i, e in enumerate(examples) if i % dist_info.world_size == dist_info.rank]
+    rows = candidates(mine, tokenizer, model.config.block_size)
+    if per_example:
+        scores = []
+        for i in range(0, len(rows), 4):
+            scores += score_candidates(model, rows[i:i + 4], device, precision, max_batch_tokens, sort=False)
+    else:
+        scores = score_candidates(model, rows, device, precision, max_batch_tokens)
+    predictions = predict(mine, scores)
+    correct_norm = sum(p["pred_norm"] == e.label for p, e in zip(predictions, mine))
+    correct = sum(p["pred"] == e.label for p, e in zip(predictions, mine))
+    totals = torch.tensor([correct_norm, correct, len(mine)], dtype=torch.float64, device=torch.device(device))
+    if dist_info.enabled and torch.device(device).type == "cpu":
+        totals = totals.float()  # gloo reduces float32
+    totals = all_reduce_sum(totals, dist_info).tolist()
+    count = int(totals[2])
+    return {"acc_norm": totals[0] / count, "acc": totals[1] / count, "count": count,
+            "correct_norm": int(totals[0]), "correct": int(totals[1])}
+
+
+def predict(examples: Sequence[Example], scores: Sequence[tuple[float, int]]) -> list[dict]:
+    """Per example: pred (lowest summed loss), pred_norm (lowest mean loss) and the 4 mean losses."""
+    out = []
+    for i in range(len(examples)):
+        four = scores[4 * i: 4 * i + 4]
+        means = [s / max(n, 1) for s, n in four]
+        sums = [s for s, _ in four]
+        out.append({"pred": min(range(4), key=sums.__getitem__), "pred_norm": min(range(4), key=means.__getitem__),
+                    "mean_losses": means})
+    return out
+
+
+def load_any_model(path: str | os.PathLike, device: str = "cpu"):
+    """(model, tokenizer) from an nbgpt run/checkpoint or an HF-format GPT-2 directory (GPT-2 BPE)."""
+    from .checkpoint import load_model
+    from .hf import load_hf
+    from .tokenizer import GPT2Tokenizer
+
+    if (Path(path) / "config.json").is_file():
+        return load_hf(path).to(device).eval(), GPT2Tokenizer()
+    model, tokenizer, _ = load_model(path, device=device)
+    return model, tokenizer

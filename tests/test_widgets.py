@@ -1,0 +1,74 @@
+"""The prompt panel driven as Python objects: set values, click, read what it shows."""
+
+import time
+
+import pytest
+import torch
+
+from nbgpt.generate import SamplingConfig
+from nbgpt.model import GPT, GPTConfig
+from nbgpt.tokenizer import CharTokenizer
+from nbgpt.widgets import prompt_panel
+
+TEXT = "to be or not to be, that is the question.\n"
+
+
+@pytest.fixture
+def panel():
+    tok = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    return prompt_panel(model, tok, prompt="to be")
+
+
+def test_panel_has_the_controls(panel):
+    kinds = {type(w).__name__ for w in panel.children}
+    assert {"Textarea", "FloatSlider", "IntSlider", "IntText", "HBox", "HTML"} <= kinds
+    assert panel.generate_button.description == "Generate" and panel.stop_button.description == "Stop"
+
+
+def test_generate_streams_text_and_reports_speed(panel):
+    panel.max_tokens.value = 30
+    panel.temperature.value = 0.0
+    panel.generate_button.click()
+    assert panel.wait(30)
+    expected = panel.generator.complete("to be", SamplingConfig(max_new_tokens=30, temperature=0.0, top_k=50))
+    assert panel.text == expected and len(expected) > 0
+    assert "to be" + expected.replace("&", "&amp;").replace("<", "&lt;") in panel.output.value
+    assert "tokens/s" in panel.status.value and panel.status.value.startswith("done")
+    assert not panel.generate_button.disabled and panel.stop_button.disabled
+
+
+def test_sliders_reach_the_generator(panel):
+    panel.temperature.value = 1.35
+    panel.top_k.value = 0
+    panel.top_p.value = 0.9
+    panel.seed.value = 42
+    panel.max_tokens.value = 5
+    panel.generate_button.click()
+    panel.wait(30)
+    config = panel.last_config
+    assert (config.temperature, config.top_k, config.top_p, config.seed, config.max_new_tokens) == (1.35, None, 0.9, 42, 5)
+
+
+class NeverEnds(GPT):
+    """A model that never emits end-of-text, so only Stop (or max tokens) can end its generation."""
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = super().forward(idx, targets, cache)
+        logits[..., -1] = float("-inf")
+        return logits, loss
+
+
+def test_stop_halts_a_long_generation():
+    tok = CharTokenizer.from_text(TEXT)
+    model = NeverEnds(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    panel = prompt_panel(model, tok)
+    panel.max_tokens.value = 2000
+    panel.generate_button.click()
+    time.sleep(0.3)
+    assert panel.running
+    panel.stop_button.click()
+    assert panel.wait(10)
+    assert panel.status.value.startswith("stopped")
+    assert 0 < panel.generator.last_stats["tokens"] < 2000
