@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
 
@@ -51,6 +52,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[st
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=field_parser(hints[f.name]),
                             default=argparse.SUPPRESS, help=f"(default: {default!r})")
+
+
+def add_signature_arguments(parser: argparse.ArgumentParser, function, skip: tuple[str, ...] = ()) -> None:
+    """Flags for a function's keyword parameters, typed from its annotations."""
+    import inspect
+
+    hints = typing.get_type_hints(function)
+    for name, parameter in inspect.signature(function).parameters.items():
+        if name in skip or parameter.default is inspect.Parameter.empty:
+            continue
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=field_parser(hints.get(name, str)),
+                            default=argparse.SUPPRESS, help=f"(default: {parameter.default!r})")
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, base: dict | None = None):
@@ -106,11 +119,77 @@ def torch_device(kind: str, index: int):
     return torch.device(kind, index)
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from .shards import describe_dataset, prepare
+
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "source", "tokenizer", "out_dir")}
+    result = prepare(args.source, args.tokenizer, args.out_dir, **options)
+    print(json.dumps({"built": result.built, **describe_dataset(result.out_dir)}))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .generate import SamplingConfig, load_generator
+
+    generator = load_generator(args.checkpoint, device=args.device, precision=args.precision)
+    config = dataclass_from_args(SamplingConfig, args)
+    if config.num_return_sequences == 1:
+        for piece in generator.stream(args.prompt, config):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        for text in generator.generate([args.prompt], config):
+            print(args.prompt + text + "\n" + "-" * 40)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .run import RunError, parse_value, run_pipeline
+
+    overrides = {key: parse_value(value) for key, value in args.parameters or []}
+    try:
+        result = run_pipeline(args.preset, overrides, name=args.name, runs_dir=args.runs_dir, resume=args.resume,
+                              notebooks=args.notebooks)
+    except RunError as exc:
+        print(f"nbgpt run: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nrun directory:      {result.run_dir}")
+    print("executed notebooks: " + "\n                    ".join(str(p) for p in result.notebooks))
+    print("plots:              " + "\n                    ".join(str(p) for p in result.plots))
+    if result.samples:
+        print(f"samples:            {result.samples}")
+    if result.final_val_loss is not None:
+        print(f"final val loss:     {result.final_val_loss:.4f}")
+    if result.hellaswag:
+        print(f"hellaswag:          {json.dumps(result.hellaswag)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import SamplingConfig
+    from .presets import RUN_PRESETS
+    from .shards import prepare
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
     commands = parser.add_subparsers(title="commands")
+    run = commands.add_parser("run", help="execute the five notebooks with papermill into runs/<name>")
+    run.add_argument("--preset", required=True, choices=sorted(RUN_PRESETS))
+    run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                     help="override a notebook parameter or TrainConfig/GPTConfig field (repeatable)")
+    run.add_argument("--name", help="run directory name (default: the preset's name)")
+    run.add_argument("--runs-dir", default="runs")
+    run.add_argument("--resume", action="store_true", help="continue an existing run directory")
+    run.add_argument("--notebooks", nargs="+", help="run only these notebooks (file names)")
+    run.set_defaults(handler=_run)
+
+    prep = commands.add_parser("prepare", help="tokenize a corpus into shards")
+    prep.add_argument("source", help="shakespeare | tinyshakespeare | fineweb-edu | hf:NAME[:CONFIG] | path/glob")
+    prep.add_argument("out_dir")
+    prep.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"])
+    add_signature_arguments(prep, prepare, skip=("progress",))
+    prep.set_defaults(handler=_prepare)
+
     train = commands.add_parser("train", help="train a model on a prepared dataset (works under torchrun)")
     train.add_argument("--config-json", help="a JSON file of TrainConfig fields; flags override it")
     add_dataclass_arguments(train, TrainConfig)
@@ -125,4 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--precision", default="auto")
     evaluate.add_argument("--max-batch-tokens", type=int, default=4096)
     evaluate.set_defaults(handler=_eval)
+
+    sample = commands.add_parser("sample", help="generate text from a checkpoint (streams to stdout)")
+    sample.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    sample.add_argument("--prompt", default="")
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--precision", default="auto")
+    add_dataclass_arguments(sample, SamplingConfig)
+    sample.set_defaults(handler=_sample)
     return parser

@@ -89,7 +89,10 @@ def launch(config, nproc: int, echo=print, **node) -> int:
         json.dump(asdict(config), f)
         config_file = f.name
     cmd = torchrun_command(nproc, ["train", "--config-json", config_file], **node)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from .files import LOCK_OWNER_ENV
+
+    # The workers may use a run directory this process has locked (a trainer made earlier in the notebook).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", LOCK_OWNER_ENV: str(os.getpid())}
     try:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert process.stdout is not None

@@ -119,3 +119,69 @@ def extract_members(archive: Path, wanted: Callable[[str], bool]) -> dict[str, b
                 assert handle is not None
                 found[member.name] = handle.read()
     return found
+
+
+class RunLockError(RuntimeError):
+    """Another live process is using the run directory."""
+
+
+LOCK_OWNER_ENV = "NBGPT_LOCK_OWNER"
+
+
+class RunLock:
+    """An exclusive claim on a run directory: `<dir>/.lock` holding the owner's pid.
+
+    A second run pointed at the same directory is refused while the owner lives; a lock left by a dead
+    process (a kill -9, a preempted VM) is taken over. Processes started by the owner (notebook kernels,
+    torchrun workers) inherit $NBGPT_LOCK_OWNER and may work inside the directory it holds.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / ".lock"
+        self.held = False
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and str(owner) == os.environ.get(LOCK_OWNER_ENV):
+                    return self  # our parent holds it for us
+                if owner == os.getpid():
+                    return self
+                if owner and self._alive(owner):
+                    raise RunLockError(f"{self.path.parent} is in use by process {owner} (lock file {self.path}); "
+                                       f"wait for it to finish, stop it, or choose another run directory")
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise RunLockError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -84,24 +84,46 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def inference_copy(model: nn.Module, precision: str) -> nn.Module:
-    """A copy whose Linear layers (the LM head included) hold bf16/fp16 weights, cast once.
+class DecodeLinear(nn.Module):
+    """A Linear layer for decoding in fp32: weight stored transposed, (in, out).
 
-    Decoding one token reads every weight once, so its speed is set by memory bandwidth: half-width weights
-    read half the bytes. Under autocast the matmuls would run in that precision anyway, but autocast casts
-    the fp32 weights again on every call, which costs more than it saves. Embeddings, LayerNorms and the
-    residual stream stay fp32, exactly as in autocast training. The copy is a snapshot: make a new
-    Generator after further training.
+    Decoding one token multiplies each weight matrix by a single vector, which is bound by how fast the
+    weights stream from memory. For fp32 on CPUs (MKL) the (in, out) layout streams much faster than
+    nn.Linear's (out, in) — 27 vs 16 GB/s on the machine of bench/RESULTS.md, the layout of Hugging Face's
+    Conv1D — while for bf16 (oneDNN) it is the other way round, so bf16 keeps nn.Linear.
     """
-    if precision == "fp32":
-        return model
-    dtype = DTYPES[precision]
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(linear.bias.detach(), requires_grad=False) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1))  # (B*T, in)
+        out = torch.addmm(self.bias, flat, self.weight_t) if self.bias is not None else flat @ self.weight_t
+        return out.view(*x.shape[:-1], out.size(-1))
+
+
+def inference_copy(model: nn.Module, precision: str) -> nn.Module:
+    """A snapshot of `model` with its Linear layers (the tied LM head too) laid out for fast decoding.
+
+    fp32: each Linear becomes a DecodeLinear (transposed weights). bf16/fp16: the weights are cast once to
+    that precision. Under autocast the matmuls would run in bf16 anyway, but autocast re-casts the fp32
+    weights on every call; casting once halves the bytes each decoded token reads. Embeddings, LayerNorms
+    and the residual stream stay fp32, as in autocast training. Being a snapshot, the copy does not follow
+    further training: make a new Generator for that.
+    """
     clone = copy.deepcopy(model)
-    for module in clone.modules():
-        if isinstance(module, nn.Linear):  # the tied LM head gets its own half-width copy of wte
-            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
-            if module.bias is not None:
-                module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    for parent in list(clone.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if precision == "fp32":
+                setattr(parent, name, DecodeLinear(child))
+            else:  # the tied LM head gets its own half-width copy of wte; wte itself stays fp32
+                child.weight = nn.Parameter(child.weight.detach().to(DTYPES[precision]), requires_grad=False)
+                if child.bias is not None:
+                    child.bias = nn.Parameter(child.bias.detach().to(DTYPES[precision]), requires_grad=False)
     return clone
 
 

@@ -310,22 +310,30 @@ class BigramLM(nn.Module):
     """The simplest language model: each token's next-token logits are one row of a V x V table.
 
     It sees one token of context, so whatever GPT does better than this is what attention over the past
-    buys. Same forward signature as GPT so the trainer and the generator accept it unchanged.
+    buys. Same forward signature as GPT so the trainer and the generator accept it unchanged. For a large
+    vocabulary the table is factorised through `rank` dimensions (GPT-2's full 50257² table would be 2.5 B
+    parameters); it is still a bigram model, only with a table of limited rank.
     """
 
-    def __init__(self, vocab_size: int, block_size: int = 1024):
+    def __init__(self, vocab_size: int, block_size: int = 1024, rank: int | None = None):
         super().__init__()
         self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=1)
-        self.table = nn.Embedding(vocab_size, vocab_size)
+        self.table = nn.Embedding(vocab_size, rank or vocab_size)
+        self.unembed = nn.Linear(rank, vocab_size) if rank else None
         nn.init.zeros_(self.table.weight)  # start at the uniform distribution: loss = ln V
+        if self.unembed is not None:
+            nn.init.normal_(self.unembed.weight, std=0.02)
+            nn.init.zeros_(self.unembed.bias)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        return 0 if non_embedding else self.table.weight.numel()
+        return sum(p.numel() for p in self.parameters()) - (self.table.weight.numel() if non_embedding else 0)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
         if cache is not None:
             raise ConfigError("the bigram model has no KV cache; generate with use_cache=False")
-        logits = self.table(idx)  # (B, T, V)
+        logits = self.table(idx)  # (B, T, V), or (B, T, rank) before the unembedding
+        if self.unembed is not None:
+            logits = self.unembed(logits)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -374,3 +382,22 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, non_embedding
 def mfu(tokens_per_second: float, config: GPTConfig, peak_flops: float, seq_len: int | None = None) -> float:
     """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the hardware's peak."""
     return tokens_per_second * flops_per_token(config, seq_len) / peak_flops
+
+
+def parameter_table(model: nn.Module) -> list[dict]:
+    """Parameters grouped by top-level part (embeddings, each block, final LayerNorm), tied ones once."""
+    seen: set[int] = set()
+    rows: dict[str, dict] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        parts = name.split(".")
+        group = ".".join(parts[:2]) if parts[0] == "h" else parts[0]
+        row = rows.setdefault(group, {"part": group, "tensors": 0, "parameters": 0})
+        row["tensors"] += 1
+        row["parameters"] += p.numel()
+    total = sum(r["parameters"] for r in rows.values())
+    for row in rows.values():
+        row["share"] = f"{100 * row['parameters'] / total:.1f} %"
+    return list(rows.values())

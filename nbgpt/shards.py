@@ -331,3 +331,14 @@ class TokenStore:
                 base = int(self.starts[index])
                 found.append(np.flatnonzero(tokens[lo - base: hi - base] == eot) + lo)
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def describe_dataset(data_dir: str | os.PathLike) -> dict:
+    """A short summary of a prepared dataset for notebooks and logs."""
+    store = TokenStore(data_dir)
+    manifest = store.manifest
+    train, val = store.split_range("train"), store.split_range("val")
+    return {"source": manifest["settings"]["source"]["name"], "tokenizer": manifest["tokenizer"]["kind"],
+            "vocab_size": manifest["tokenizer"]["vocab_size"], "documents": manifest["documents"],
+            "total_tokens": manifest["total_tokens"], "train_tokens": train[1] - train[0],
+            "val_tokens": val[1] - val[0], "shards": len(manifest["shards"])}

@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import CheckpointError, load_latest, save_checkpoint
+from .files import RunLock
 from .device import (autocast, choose_precision, configure_backends, peak_flops, resolve_device,
                      synchronize)
 from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
@@ -151,6 +152,8 @@ class Trainer:
         self.precision = choose_precision(self.device, config.precision)
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        # Two trainers writing one run directory would interleave checkpoints and logs: refuse the second.
+        self.lock = RunLock(self.out_dir).acquire() if self.dist.is_main else None
 
         # data
         if not config.data_dir:
@@ -352,7 +355,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- fit
 
     def close(self) -> None:
-        """Leave the process group (under torchrun); the trainer cannot train afterwards."""
+        """Release the run directory and leave the process group; the trainer cannot train afterwards."""
+        if self.lock is not None:
+            self.lock.release()
         shutdown(self.dist)
 
     def _periodic(self, emit: Callable[[dict], None], final: bool) -> None:
@@ -405,3 +410,39 @@ class Trainer:
         per_step = elapsed / max(1, steps_done)
         remaining = max(0.0, self.config.max_seconds - elapsed)
         self.max_steps = min(self.config.max_steps, self.step + int(remaining / per_step))
+
+
+def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len: int = 64, lr: float = 0.1,
+                 eval_batches: int = 20, seed: int = 1337, device: str = "auto", progress: bool = True,
+                 max_table_vocab: int = 4096, rank: int = 256) -> dict:
+    """Train the bigram baseline briefly; returns the model and its final train and validation losses.
+
+    Vocabularies above `max_table_vocab` (GPT-2's BPE) get a table factorised through `rank` dimensions."""
+    from tqdm.auto import tqdm
+
+    from .model import BigramLM, build_adamw
+
+    torch.manual_seed(seed)
+    target = resolve_device(device)
+    store = TokenStore(data_dir)
+    vocab_size = store.tokenizer().vocab_size
+    model = BigramLM(vocab_size, block_size=seq_len, rank=rank if vocab_size > max_table_vocab else None).to(target)
+    optimizer = build_adamw(model, 0.0, lr if model.unembed is None else lr / 30, (0.9, 0.99), target.type)
+    loader = DataLoader(store, "train", batch_size, seq_len, shuffle=True, seed=seed)
+    losses = []
+    for _ in tqdm(range(steps), desc="bigram", disable=not progress):
+        x, y = loader.next_batch()
+        _, loss = model(x.to(target), y.to(target))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    val_loss = None
+    try:
+        val = DataLoader(store, "val", batch_size, seq_len)
+        with torch.no_grad():
+            batches = min(eval_batches, val.steps_per_epoch)
+            val_loss = sum(model(*(t.to(target) for t in val.next_batch()))[1].item() for _ in range(batches)) / batches
+    except DataError:
+        pass
+    return {"model": model.cpu(), "train_losses": losses, "val_loss": val_loss}

@@ -23,9 +23,9 @@ OUTPUT_STYLE = ("font-family: ui-monospace, Menlo, Consolas, monospace; font-siz
 class PromptPanel(widgets.VBox):
     """Prompt text area, sampling sliders, Generate/Stop, streamed output and tokens/s."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, prompt: str = "", precision: str = "fp32",
-                 max_tokens: int = 200):
-        self.generator = Generator(model, tokenizer, precision=precision)
+    def __init__(self, model: torch.nn.Module | Generator, tokenizer: Tokenizer | None = None, prompt: str = "",
+                 precision: str = "auto", max_tokens: int = 200):
+        self.generator = model if isinstance(model, Generator) else Generator(model, tokenizer, precision=precision)
         label = {"description_width": "150px"}
         wide = widgets.Layout(width="100%")
         self.prompt = widgets.Textarea(value=prompt, placeholder="Type a prompt (empty: start from scratch)",
@@ -104,6 +104,7 @@ class PromptPanel(widgets.VBox):
         return not self.running
 
 
-def prompt_panel(model: torch.nn.Module, tokenizer: Tokenizer, **kwargs) -> PromptPanel:
-    """The interactive sampling panel for `model` (display it as a cell's last expression)."""
+def prompt_panel(model: torch.nn.Module | Generator, tokenizer: Tokenizer | None = None, **kwargs) -> PromptPanel:
+    """The interactive sampling panel for a model (with its tokenizer) or an existing Generator; display it
+    as a cell's last expression."""
     return PromptPanel(model, tokenizer, **kwargs)

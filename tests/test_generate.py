@@ -126,8 +126,8 @@ def test_streaming_never_splits_a_character(gpt2_tokenizer):
             return logits, None
 
     model = Scripted()
+    model.prompt_len = len(gpt2_tokenizer.encode("x"))
     generator = Generator(model, gpt2_tokenizer, use_cache=False)
-    model.prompt_len = len(generator.encode_prompt("x"))
     pieces = list(generator.stream("x", SamplingConfig(max_new_tokens=50, temperature=0.0)))
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)

@@ -160,3 +160,10 @@ def test_flops_per_token_gpt2():
     expected = 6 * (non_embedding + 50257 * 768) + 12 * 12 * 768 * 1024
     assert flops_per_token(config) == expected
     assert flops_per_token(config, non_embedding_params=non_embedding) == expected
+
+
+def test_low_rank_bigram_for_large_vocabularies():
+    model = BigramLM(50257, rank=64)
+    assert model.num_params() == 50257 * 64 + 64 * 50257 + 50257
+    logits, loss = model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
+    assert logits.shape == (1, 3, 50257) and abs(loss.item() - math.log(50257)) < 0.01

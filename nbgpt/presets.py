@@ -1,0 +1,51 @@
+"""Named runs of the five-notebook pipeline: every papermill parameter, by preset.
+
+Keys are notebook parameters (see each notebook's `parameters` cell) or fields of TrainConfig / GPTConfig,
+which `nbgpt.run` routes into the notebooks' `train_overrides` / `model_overrides`.
+"""
+
+from __future__ import annotations
+
+RUN_PRESETS: dict[str, dict] = {
+    # Seconds, not minutes: every notebook end to end on a tiny model (used by the test suite).
+    "tiny": dict(
+        source="shakespeare", tokenizer="char", shard_tokens=2_000_000, val_fraction=0.1,
+        model="tiny", bigram_steps=30, total_batch_tokens=16 * 64, micro_batch=16, max_steps=30, max_lr=3e-3,
+        warmup_steps=5, eval_interval=10, checkpoint_interval=10, eval_batches=4, precision="auto",
+        hellaswag_limit=20, prompt="ROMEO:", max_new_tokens=60, num_samples=2,
+    ),
+    # The laptop demo: Shakespeare's complete works, character level, a small rotary GPT trained against a
+    # wall-clock budget (see bench/RESULTS.md for how the shape and schedule were chosen).
+    "cpu-demo": dict(
+        source="shakespeare", tokenizer="char", shard_tokens=10_000_000, val_fraction=0.1,
+        model="small-char", bigram_steps=200, total_batch_tokens=32 * 128, micro_batch=32, max_steps=100_000,
+        max_seconds=150.0, max_lr=2e-3, warmup_steps=50, eval_interval=250, eval_batches=20,
+        checkpoint_interval=500, weight_decay=0.1, precision="auto", prompt="ROMEO:\n", max_new_tokens=400,
+        num_samples=2, temperature=0.8, top_k=40,
+    ),
+    # build-nanogpt's GPT-2 (124M) recipe on FineWeb-Edu 10B tokens, one 8×A100/H100 node.
+    "gpt2-124m": dict(
+        source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
+        prepare_workers=8, model="gpt2", vocab_multiple=64, bigram_steps=200, total_batch_tokens=524_288,
+        micro_batch=64, max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=20,
+        hellaswag_interval=250, checkpoint_interval=1000, keep_checkpoints=3, precision="auto", compile=True,
+        nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_samples=4, top_k=50,
+    ),
+    # The same recipe on Kaggle's free 2×T4 (16 GB each, no bf16): fp16 + GradScaler, both GPUs through the
+    # launcher, 8 × 1024-token micro-batches with 32 accumulation steps, and a checkpoint every ~30 minutes
+    # so a 12-hour session limit costs little; `nbgpt run --preset gpt2-124m-t4x2 --resume` continues.
+    "gpt2-124m-t4x2": dict(
+        source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
+        prepare_workers=4, model="gpt2", vocab_multiple=64, bigram_steps=200, total_batch_tokens=524_288,
+        micro_batch=8, max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=10,
+        hellaswag_interval=1000, hellaswag_limit=2000, checkpoint_interval=100, keep_checkpoints=2,
+        precision="fp16", compile=False, nproc=2, prompt="Hello, I'm a language model,", max_new_tokens=64,
+        num_samples=4, top_k=50,
+    ),
+}
+
+
+def get_preset(name: str) -> dict:
+    if name not in RUN_PRESETS:
+        raise KeyError(f"unknown run preset {name!r}; choose one of {sorted(RUN_PRESETS)}")
+    return dict(RUN_PRESETS[name])

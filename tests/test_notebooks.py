@@ -1,0 +1,118 @@
+"""The five notebooks as users run them: committed clean, executed by papermill through `nbgpt run`."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nbgpt.checkpoint import resolve_checkpoint
+from nbgpt.metrics import read_metrics
+from nbgpt.run import NOTEBOOKS
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
+
+
+def test_notebooks_committed_clean_with_parameters_cell():
+    for name in NOTEBOOKS:
+        cells = json.loads((ROOT / "notebooks" / name).read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        assert all(not c["outputs"] and c["execution_count"] is None for c in code), name
+        tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1 and tagged[0] is code[0], f"{name}: the first code cell must be the parameters"
+        assert all(len("".join(c["source"]).splitlines()) <= 16 for c in code), name
+
+
+def nbgpt_run(*args, runs_dir):
+    cmd = [sys.executable, "-m", "nbgpt", "run", "--runs-dir", str(runs_dir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    result = nbgpt_run("--preset", "tiny", "-p", "max_steps", "12", "-p", "n_layer", "1", "-p", "prompt", "JULIET:",
+                       "-p", "weight_decay", "0.05", runs_dir=runs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return runs / "tiny", result.stdout
+
+
+def test_pipeline_runs_every_notebook_and_reports(char_run):
+    run_dir, stdout = char_run
+    for name in NOTEBOOKS:
+        executed = json.loads((run_dir / name).read_text())
+        errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, name
+    final = read_metrics(run_dir, "eval")[-1]
+    assert f"final val loss:     {final['val_loss']:.4f}" in stdout
+    assert "samples.txt" in stdout and "loss.png" in stdout
+    assert json.loads((run_dir / "hellaswag.json").read_text())["skipped"].startswith("HellaSwag is English text")
+
+
+def test_parameter_overrides_take_effect(char_run):
+    run_dir, _ = char_run
+    checkpoint = resolve_checkpoint(run_dir)
+    assert checkpoint["step"] == 12 and checkpoint["model_config"]["n_layer"] == 1
+    assert checkpoint["train_config"]["weight_decay"] == 0.05  # routed into train_overrides
+    assert (run_dir / "samples.txt").read_text().count("JULIET:") == 2  # num_samples=2 in the preset
+    assert [r["step"] for r in read_metrics(run_dir, "train")] == list(range(12))
+
+
+def test_plots_are_pngs_of_the_logged_curves(char_run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from nbgpt.plots import evaluation_figure, loss_figure
+
+    run_dir, _ = char_run
+    for name in ("loss.png", "evaluation.png"):
+        width, height = png_size(run_dir / name)
+        assert width > 500 and height > 300
+    figure = loss_figure(run_dir)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    train = read_metrics(run_dir, "train")
+    assert list(lines["train loss (per step)"].get_ydata()) == [r["loss"] for r in train]
+    assert list(lines["validation loss"].get_ydata()) == [r["val_loss"] for r in read_metrics(run_dir, "eval")]
+    bigram = json.loads((run_dir / "bigram.json").read_text())["val_loss"]
+    assert lines["bigram baseline (val)"].get_ydata()[0] == bigram
+    evaluation = evaluation_figure(run_dir, {"acc_norm": 0.3, "count": 20})
+    references = sorted(line.get_ydata()[0] for line in evaluation.axes[1].get_lines()[:3])
+    assert references == [0.25, 0.2955, 0.337]
+
+
+def test_gpt2_tokenizer_run_scores_hellaswag(tmp_path):
+    result = nbgpt_run("--preset", "tiny", "--name", "bpe", "-p", "tokenizer", "gpt2", "-p", "max_steps", "6",
+                       "-p", "hellaswag_path", str(FIXTURE), "-p", "bigram_steps", "5", "-p", "prompt", "Hello, I'm a language model,",
+                       "--notebooks", *NOTEBOOKS[:4], runs_dir=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scored = json.loads((tmp_path / "bpe" / "hellaswag.json").read_text())
+    assert scored["count"] == 20 and 0.0 <= scored["acc_norm"] <= 1.0
+
+
+def test_failing_cell_names_notebook_and_keeps_partial_output(tmp_path):
+    result = nbgpt_run("--preset", "tiny", "-p", "source", str(tmp_path / "no-such-corpus.txt"), runs_dir=tmp_path)
+    assert result.returncode != 0
+    assert "01_tokenize.ipynb failed in cell" in result.stderr and "SourceError" in result.stderr
+    assert "no files found" in result.stderr
+    partial = json.loads((tmp_path / "tiny" / "01_tokenize.ipynb").read_text())
+    assert any(o.get("output_type") == "error" for c in partial["cells"] for o in c.get("outputs", []))
+    assert not (tmp_path / "tiny" / "02_model.ipynb").exists()
+
+
+def test_bad_run_arguments(tmp_path):
+    unknown = nbgpt_run("--preset", "tiny", "-p", "max_stepz", "3", runs_dir=tmp_path)
+    assert unknown.returncode == 1 and "unknown parameter(s) ['max_stepz']" in unknown.stderr
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "metrics.jsonl").write_text("")
+    exists = nbgpt_run("--preset", "tiny", runs_dir=tmp_path)
+    assert exists.returncode == 1 and "pass --resume" in exists.stderr
