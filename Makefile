@@ -9,8 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PRESET ?= cpu-demo
 PYTEST_ARGS ?=
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install test demo bench clean
+.PHONY: install browser test demo bench clean
 
 # The venv sees the base interpreter's site-packages, so a torch that is already installed
 # (a Kaggle/Lambda image, a conda env) is reused instead of downloading another one.
@@ -23,7 +24,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# Debian's Chromium for the JupyterLab browser test (Playwright drives it; it cannot download its own here).
+# Without root or sudo it is skipped, and so is that test, with the reason.
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+		echo "browser: no root or sudo to install chromium; the browser test will be skipped"; exit 0; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null 2>&1; $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
+		echo "browser: could not install chromium; the browser test will be skipped"
+
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

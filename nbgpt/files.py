@@ -56,25 +56,37 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only or missing folder, file size limit)."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Write through a temp file in the same folder, fsync it, then rename over `path`.
 
-    `write` receives a binary file object. On any error the temp file is removed and `path` is untouched.
+    `write` receives a binary file object. On any error the temp file is removed, `path` is untouched, and
+    an OSError becomes a WriteError that says what failed and what to do.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(exc.errno, f"could not write {path}: {exc.strerror or exc}. Free disk space or make "
+                             f"{path.parent} writable (or choose another directory); "
+                             f"{'the previous ' + path.name + ' is intact' if path.exists() else 'nothing was written'}"
+                             ) from exc
         raise
     fsync_dir(path.parent)
     return path

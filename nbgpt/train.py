@@ -67,6 +67,7 @@ class TrainConfig:
     # evaluation, samples, checkpoints
     eval_interval: int = 250
     eval_batches: int = 20
+    final_eval_batches: int | None = None  # batches of the final evaluation (None: eval_batches; 0: whole split)
     sample_interval: int = 0
     sample_prompt: str = ""
     sample_tokens: int = 64
@@ -320,13 +321,14 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean validation loss over the same first `eval_batches` val batches every time."""
+    def evaluate(self, batches: int | None = None) -> float | None:
+        """Mean validation loss over the same first `batches` (default eval_batches; 0: all) val batches."""
         if self.val_loader is None:
             return None
         self.forward_model.eval()
         self.val_loader.reset()
-        batches = min(self.config.eval_batches, self.val_loader.steps_per_epoch)
+        batches = self.config.eval_batches if batches is None else batches
+        batches = min(batches or self.val_loader.steps_per_epoch, self.val_loader.steps_per_epoch)
         total = torch.zeros((), device=self.device)
         for _ in range(batches):
             x, y = self.val_loader.next_batch()
@@ -363,7 +365,8 @@ class Trainer:
     def _periodic(self, emit: Callable[[dict], None], final: bool) -> None:
         """Evaluations and samples of the current step: on their intervals, and all of them at the end."""
         config, step = self.config, self.step
-        if (final or self._due(config.eval_interval, step)) and (val := self.evaluate()) is not None:
+        batches = config.final_eval_batches if final else None
+        if (final or self._due(config.eval_interval, step)) and (val := self.evaluate(batches)) is not None:
             emit({"kind": "eval", "step": step, "val_loss": val})
         if config.hellaswag_interval > 0 and step > 0 and (final or self._due(config.hellaswag_interval, step)):
             emit({"kind": "hellaswag", "step": step, **self.hellaswag()})
@@ -413,7 +416,7 @@ class Trainer:
 
 
 def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len: int = 64, lr: float = 0.1,
-                 eval_batches: int = 20, seed: int = 1337, device: str = "auto", progress: bool = True,
+                 eval_batches: int = 8, seed: int = 1337, device: str = "auto", progress: bool = True,
                  max_table_vocab: int = 4096, rank: int = 256) -> dict:
     """Train the bigram baseline briefly; returns the model and its final train and validation losses.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 
 import ipywidgets as widgets
 import torch
@@ -22,6 +23,8 @@ OUTPUT_STYLE = ("font-family: ui-monospace, Menlo, Consolas, monospace; font-siz
 
 class PromptPanel(widgets.VBox):
     """Prompt text area, sampling sliders, Generate/Stop, streamed output and tokens/s."""
+
+    refresh_seconds = 0.05
 
     def __init__(self, model: torch.nn.Module | Generator, tokenizer: Tokenizer | None = None, prompt: str = "",
                  precision: str = "auto", max_tokens: int = 200):
@@ -42,7 +45,7 @@ class PromptPanel(widgets.VBox):
         self.seed = widgets.IntText(value=0, description="Seed", style=label)
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
-        self.status = widgets.HTML(value="<i>ready</i>")
+        self.status = widgets.HTML(value="<i class='nbgpt-status'>ready</i>")
         self.output = widgets.HTML(value=self._render(""))
         self.generate_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
@@ -72,19 +75,26 @@ class PromptPanel(widgets.VBox):
         self.text = ""
         self.output.value = self._render(self.prompt.value)
         self.generate_button.disabled, self.stop_button.disabled = True, False
-        self.status.value = "<i>generating…</i>"
+        self.status.value = "<i class='nbgpt-status'>generating…</i>"
         self._thread = threading.Thread(target=self._run, args=(self.prompt.value, self.last_config), daemon=True)
         self._thread.start()
 
     def _run(self, prompt: str, config: SamplingConfig) -> None:
+        shown_at = 0.0
         try:
             for piece in self.generator.stream(prompt, config, should_stop=self._stop.is_set):
                 self.text += piece
-                self.output.value = self._render(prompt + self.text)
+                # Each update resends the whole text to the browser: ~20 per second keeps it fluid and in step.
+                if time.monotonic() - shown_at >= self.refresh_seconds:
+                    self.output.value = self._render(prompt + self.text)
+                    shown_at = time.monotonic()
+            self.output.value = self._render(prompt + self.text)
             stats = self.generator.last_stats
             ended = "stopped" if self._stop.is_set() else "done"
-            self.status.value = (f"{ended}: {stats['tokens']} tokens in {stats['seconds']:.2f} s "
-                                 f"(<b>{stats['tokens_per_s']:.1f} tokens/s</b>)")
+            self.status.value = (f"<span class='nbgpt-status'>{ended}: {stats['tokens']} tokens in "
+                                 f"{stats['seconds']:.2f} s (<b>{stats['tokens_per_s']:.1f} tokens/s</b>) · "
+                                 f"temperature {config.temperature:.2f}, top-k {config.top_k or 'off'}, "
+                                 f"top-p {config.top_p:.2f}, seed {config.seed}</span>")
         except Exception as exc:  # show the reason in the panel; the kernel stays usable
             self.status.value = f"<span style='color:#b00'>error: {html.escape(str(exc))}</span>"
         finally:

@@ -35,7 +35,8 @@ def test_generate_streams_text_and_reports_speed(panel):
     expected = panel.generator.complete("to be", SamplingConfig(max_new_tokens=30, temperature=0.0, top_k=50))
     assert panel.text == expected and len(expected) > 0
     assert "to be" + expected.replace("&", "&amp;").replace("<", "&lt;") in panel.output.value
-    assert "tokens/s" in panel.status.value and panel.status.value.startswith("done")
+    assert "tokens/s" in panel.status.value and "done:" in panel.status.value
+    assert "temperature 0.00, top-k 50" in panel.status.value
     assert not panel.generate_button.disabled and panel.stop_button.disabled
 
 
@@ -70,5 +71,5 @@ def test_stop_halts_a_long_generation():
     assert panel.running
     panel.stop_button.click()
     assert panel.wait(10)
-    assert panel.status.value.startswith("stopped")
+    assert "stopped:" in panel.status.value
     assert 0 < panel.generator.last_stats["tokens"] < 2000

@@ -1,0 +1,241 @@
+"""Reliability and security: kills at random points, hostile files, full disks, corrupt inputs, locks."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_train_config
+from nbgpt.checkpoint import CheckpointError, load_file, load_latest, save_checkpoint
+from nbgpt.files import RunLock, RunLockError
+from nbgpt.metrics import read_metrics
+from nbgpt.shards import DataError, TokenStore, prepare
+from nbgpt.train import Trainer
+
+
+def start_training(config, env_extra=None):
+    path = Path(config.out_dir + ".json")
+    path.write_text(json.dumps(asdict(config)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "nbgpt", "train", "--config-json", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def fault_config(char_data, out, **overrides):
+    values = dict(max_steps=24, checkpoint_interval=2, eval_interval=6, eval_batches=40, keep_checkpoints=2,
+                  n_embd=128, n_head=4, shuffle=True)
+    return tiny_train_config(char_data, out, **{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference_run(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    process = start_training(fault_config(char_data, str(out)))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    return out
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def mid_checkpoint_write(run):
+    return any(p.name.endswith(".tmp") for p in (run / "checkpoints").glob(".ckpt_*"))
+
+
+def during_eval(run):
+    """The trainer logged the train record that ends a step divisible by eval_interval: it now evaluates."""
+    records = read_metrics(run, "train")
+    return bool(records) and (records[-1]["step"] + 1) % 6 == 0 and records[-1]["step"] + 1 < 24
+
+
+@pytest.mark.slow
+def test_kill9_at_random_points_then_resume_equals_uninterrupted(char_data, tmp_path, reference_run):
+    """12 seeded trials: random moments, mid-checkpoint-write, and mid-evaluation kills."""
+    rng = random.Random(1234)
+    expected = load_latest(reference_run / "checkpoints")["model"]
+    expected_losses = [r["loss"] for r in read_metrics(reference_run, "train")]
+    outcomes = []
+    for trial in range(12):
+        run = tmp_path / f"trial{trial}"
+        config = fault_config(char_data, str(run))
+        process = start_training(config)
+        mode = ("random", "checkpoint-write", "eval")[trial % 3]
+        if mode == "random":
+            time.sleep(rng.uniform(1.5, 4.0))  # interpreter start-up takes ~1.5 s
+        else:
+            wait_for(lambda: mid_checkpoint_write(run) if mode == "checkpoint-write" else during_eval(run))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        index = run / "checkpoints" / "checkpoints.json"
+        killed_at = json.loads(index.read_text())["checkpoints"][-1]["step"] if index.is_file() else 0
+        resumed = start_training(config)
+        output, _ = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, output
+        final = load_latest(run / "checkpoints")
+        assert final["step"] == 24
+        assert all(torch.equal(final["model"][k], v) for k, v in expected.items()), f"trial {trial} ({mode})"
+        assert [r["loss"] for r in read_metrics(run, "train")] == expected_losses
+        assert not list((run / "checkpoints").glob(".*.tmp"))
+        outcomes.append((trial, mode, killed_at))
+    print("kill trials (trial, mode, resumed from step):", outcomes)
+    assert {mode for _, mode, _ in outcomes} == {"random", "checkpoint-write", "eval"}
+
+
+MARKER = Path("/nonexistent")
+
+
+class Payload:
+    """Unpickling this would create a marker file: proof that code ran."""
+
+    def __reduce__(self):
+        return (Path.touch, (MARKER,))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, char_data):
+    global MARKER
+    MARKER = tmp_path / "payload-ran"
+    run = tmp_path / "run"
+    Trainer(tiny_train_config(char_data, run, max_steps=2, checkpoint_interval=1)).fit()
+    newest = run / "checkpoints" / "ckpt_0000002.pt"
+    torch.save({"format": "nbgpt-checkpoint-1", "model": Payload()}, newest)
+    with pytest.raises(CheckpointError, match="refused without running them"):
+        load_file(newest)
+    index = json.loads((run / "checkpoints" / "checkpoints.json").read_text())
+    index["checkpoints"][-1]["sha256"] = __import__("nbgpt.files", fromlist=["x"]).sha256_file(newest)
+    (run / "checkpoints" / "checkpoints.json").write_text(json.dumps(index))
+    messages = []
+    trainer = Trainer(tiny_train_config(char_data, run, max_steps=2, checkpoint_interval=1), echo=messages.append)
+    assert trainer.step == 1  # fell back to the previous good checkpoint
+    assert any("refused" in m for m in messages)
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    with pytest.raises(CheckpointError):
+        load_file(tmp_path / "plain.pkl")
+    assert not MARKER.exists()
+
+
+LIMITED_WRITER = textwrap.dedent("""
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+    exec(sys.argv[2])
+""")
+
+
+def run_limited(limit_bytes: int, code: str):
+    return subprocess.run([sys.executable, "-c", LIMITED_WRITER, str(limit_bytes), code], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_full_disk_during_checkpoint_keeps_previous(tmp_path):
+    directory = tmp_path / "ckpts"
+    save_checkpoint(directory, 1, {"weights": torch.zeros(10)})
+    before = (directory / "checkpoints.json").read_text()
+    result = run_limited(200_000, textwrap.dedent(f"""
+        import torch
+        from nbgpt.checkpoint import save_checkpoint
+        save_checkpoint({str(directory)!r}, 2, {{"weights": torch.zeros(1_000_000)}})
+    """))
+    assert result.returncode != 0
+    assert "WriteError" in result.stderr and "ckpt_0000002.pt" in result.stderr and "Free disk space" in result.stderr
+    assert (directory / "checkpoints.json").read_text() == before
+    assert load_latest(directory)["step"] == 1
+    assert sorted(p.name for p in directory.iterdir()) == ["checkpoints.json", "ckpt_0000001.pt"]
+
+
+def test_full_disk_during_shard_writing_then_clean_rerun(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("All the world's a stage, and all the men and women merely players. " * 4000)
+    out = tmp_path / "ds"
+    result = run_limited(150_000, f"from nbgpt.shards import prepare; prepare({str(corpus)!r}, 'char', "
+                                  f"{str(out)!r}, shard_tokens=100_000, progress=False)")
+    assert result.returncode != 0 and "WriteError" in result.stderr and "Free disk space" in result.stderr
+    assert not (out / "manifest.json").exists()
+    assert all(p.stat().st_size == 200_000 for p in out.glob("shard_*.bin"))  # only complete shards remain
+    assert not list(out.glob(".*.tmp"))
+    finished = prepare(str(corpus), "char", out, shard_tokens=100_000, progress=False)
+    assert finished.manifest["total_tokens"] == len(corpus.read_text()) + 1
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_read_only_run_directory_is_named(tmp_path):
+    directory = tmp_path / "ro"
+    save_checkpoint(directory / "checkpoints", 1, {"weights": torch.zeros(3)})
+    os.chmod(directory / "checkpoints", 0o555)
+    code = (f"import torch\nfrom nbgpt.checkpoint import save_checkpoint\n"
+            f"save_checkpoint({str(directory / 'checkpoints')!r}, 2, {{'weights': torch.zeros(3)}})")
+    # root ignores permissions, so the writer runs as 'nobody' there (a real read-only directory for it)
+    preexec = (lambda: (os.setgid(65534), os.setuid(65534))) if os.geteuid() == 0 else None
+    if preexec:
+        os.chmod(tmp_path, 0o755)
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=preexec,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    finally:
+        os.chmod(directory / "checkpoints", 0o755)
+    assert result.returncode != 0
+    assert "WriteError" in result.stderr and "make" in result.stderr and "writable" in result.stderr
+    assert load_latest(directory / "checkpoints")["step"] == 1
+
+
+def test_corrupt_and_mismatched_inputs_are_named(tmp_path, char_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][0]["tokens"] += 5
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="shard_000000.bin holds .* bytes but the manifest says"):
+        TokenStore(data)
+    shutil.rmtree(data)
+    shutil.copytree(char_data, data)
+    vocab = json.loads((data / "vocab.json").read_text())
+    vocab["chars"][0], vocab["chars"][1] = vocab["chars"][1], vocab["chars"][0]
+    (data / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(DataError, match="differs from the one the dataset was built with"):
+        TokenStore(data).tokenizer()
+    # a checkpoint trained on char data, resumed against GPT-2 BPE data
+    run = tmp_path / "run"
+    Trainer(tiny_train_config(char_data, run, max_steps=2, checkpoint_interval=1)).fit()
+    (tmp_path / "text.txt").write_text("Now is the winter of our discontent. " * 200)
+    prepare(str(tmp_path / "text.txt"), "gpt2", tmp_path / "bpe", shard_tokens=10_000, progress=False)
+    with pytest.raises(CheckpointError, match="was trained with tokenizer .*char.* but the dataset .* uses"):
+        Trainer(tiny_train_config(tmp_path / "bpe", run, max_steps=4))
+
+
+def test_two_runs_on_one_directory_are_refused(tmp_path, char_data):
+    run = tmp_path / "shared-run"
+    process = start_training(tiny_train_config(char_data, str(run), max_steps=100_000, eval_interval=0,
+                                               checkpoint_interval=0))
+    try:
+        assert wait_for(lambda: (run / ".lock").is_file(), 60)
+        owner = int((run / ".lock").read_text())
+        assert owner == process.pid
+        with pytest.raises(RunLockError, match=f"in use by process {owner}"):
+            Trainer(tiny_train_config(char_data, run, max_steps=2))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # The owner died without cleaning up: its stale lock is taken over.
+    assert (run / ".lock").is_file()
+    with RunLock(run) as lock:
+        assert lock.held and int((run / ".lock").read_text()) == os.getpid()
+    assert not (run / ".lock").exists()
