@@ -8,12 +8,13 @@ rebuilds tensors and plain containers: a file with a pickled payload is refused,
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import torch
 
-from .files import atomic_write, atomic_write_json, read_json, sha256_file
+from .files import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
 
 INDEX = "checkpoints.json"
 
@@ -41,9 +42,14 @@ def save_checkpoint(directory: str | os.PathLike, step: int, payload: dict, keep
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / checkpoint_name(step)
-    atomic_write(path, lambda f: torch.save({**payload, "step": step, "format": "nbgpt-checkpoint-1"}, f))
+    # Serialise in memory first: a full disk then fails as a plain write (a clear WriteError), not inside
+    # torch's zip writer, and the hash comes from the bytes without reading the file back.
+    buffer = io.BytesIO()
+    torch.save({**payload, "step": step, "format": "nbgpt-checkpoint-1"}, buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
     entries = [e for e in _index(directory) if e["step"] != step]
-    entries.append({"step": step, "file": path.name, "sha256": sha256_file(path)})
+    entries.append({"step": step, "file": path.name, "sha256": sha256_bytes(data)})
     entries.sort(key=lambda e: e["step"])
     kept, dropped = entries[-keep:] if keep > 0 else entries, entries[:-keep] if keep > 0 else []
     atomic_write_json(directory / INDEX, {"checkpoints": kept, "latest": kept[-1]["file"]})

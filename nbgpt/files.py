@@ -92,6 +92,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     return path
 
 
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of atomic writes that a killed process left behind in `directory`.
+
+    Call only while owning the directory (the run lock, or a rerun of prepare): a live writer's temp file
+    would be removed too.
+    """
+    removed = []
+    for leftover in Path(directory).glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 

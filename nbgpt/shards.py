@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .files import atomic_write, atomic_write_json, read_json, sha256_file
+from .files import atomic_write, atomic_write_json, read_json, remove_stale_temp_files, sha256_file
 from .sources import Source, SourceError, get_source
 from .tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
@@ -190,6 +190,7 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
         saved = read_json(progress_path)
         if saved.get("key") == resume_key and all((out / s["file"]).is_file() for s in saved["state"]["shards"]):
             state = saved["state"]
+    remove_stale_temp_files(out)  # half-written shards of a killed build
     for stale in out.glob("shard_*.bin"):
         if stale.name not in {s["file"] for s in state["shards"]}:
             stale.unlink()

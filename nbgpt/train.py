@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import CheckpointError, load_latest, save_checkpoint
-from .files import RunLock
+from .files import RunLock, remove_stale_temp_files
 from .device import (autocast, choose_precision, configure_backends, peak_flops, resolve_device,
                      synchronize)
 from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
@@ -225,13 +225,17 @@ class Trainer:
             self.echo(message)
 
     def _resume(self) -> None:
-        if not self.config.resume:
-            return
-        try:
-            payload = load_latest(self.checkpoint_dir, on_skip=self.log_event)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{exc}\nDelete {self.checkpoint_dir} to start over.") from exc
+        if self.dist.is_main:
+            remove_stale_temp_files(self.checkpoint_dir)
+        payload = None
+        if self.config.resume:
+            try:
+                payload = load_latest(self.checkpoint_dir, on_skip=self.log_event)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}\nDelete {self.checkpoint_dir} to start over.") from exc
         if payload is None:
+            if self.dist.is_main:
+                self.metrics.truncate_from(0)  # records of an attempt that never checkpointed are void
             return
         if payload["tokenizer"]["identity"] != self.tokenizer.identity():
             raise CheckpointError(
