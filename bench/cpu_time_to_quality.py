@@ -25,6 +25,7 @@ STARTED = process_start_time()
 
 import argparse  # noqa: E402
 import ast  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -33,9 +34,8 @@ import tempfile  # noqa: E402
 from common import ROOT, report  # noqa: E402
 
 # The winning settings (see bench/RESULTS.md); the cpu-demo preset uses the same model and schedule.
-DEFAULTS = dict(model="small-char", n_layer=4, n_head=4, n_embd=256, block_size=128, micro_batch=32,
-                total_batch_tokens=32 * 128, max_lr=2e-3, warmup_steps=50, weight_decay=0.1, precision="bf16",
-                eval_interval=200, eval_batches=4, final_eval_batches=0)
+DEFAULTS = dict(model="cpu-char", micro_batch=32, total_batch_tokens=32 * 64, max_lr=1e-2, warmup_steps=30,
+                weight_decay=0.1, precision="bf16", eval_interval=200, eval_batches=4, final_eval_batches=0)
 
 
 def one_run(budget: float, settings: dict, data: str, threads: int) -> dict:
@@ -78,8 +78,6 @@ def main() -> None:
         except (ValueError, SyntaxError):
             settings[key] = value
     if args.child:
-        import json
-
         print("RESULT " + json.dumps(one_run(args.budget, settings, args.data, args.threads)))
         return
     rows = []
@@ -87,8 +85,6 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--budget", str(args.budget), "--threads", str(args.threads),
                "--data", args.data, "--set", *args.set]
         output = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        import json
-
         rows.append(json.loads(next(line[7:] for line in output.splitlines() if line.startswith("RESULT "))))
     for row in rows:
         print(f"wall {row['wall_s']:.1f} s · steps {row['steps']} · {row['tokens_per_s']:,.0f} tokens/s · "

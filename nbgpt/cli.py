@@ -67,10 +67,13 @@ def add_signature_arguments(parser: argparse.ArgumentParser, function, skip: tup
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, base: dict | None = None):
+    """`cls` from a base dict (e.g. --config-json) overridden by the parsed flags; unknown keys are named."""
+    from .model import config_from_dict
+
     names = {f.name for f in dataclasses.fields(cls)}
     values = dict(base or {})
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return cls(**values)
+    return config_from_dict(cls, values)
 
 
 def _train(args: argparse.Namespace) -> int:

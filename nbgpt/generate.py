@@ -18,8 +18,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .device import DTYPES, autocast, choose_precision, resolve_device
-from .model import KVCache
+from .device import DTYPES, autocast, choose_precision
+from .model import GPT, KVCache
 from .tokenizer import Tokenizer
 
 
@@ -157,7 +157,10 @@ class Generator:
 
     def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         with autocast(self.device, self.precision):
-            logits, _ = self.model(idx, cache=cache) if cache is not None else self.model(idx)
+            if isinstance(self.model, GPT):
+                logits, _ = self.model(idx, cache=cache, keep_logits=1)
+            else:
+                logits, _ = self.model(idx)
         return logits[:, -1, :].float()
 
     def _new_cache(self, batch: int, pad: torch.Tensor) -> KVCache:

@@ -18,6 +18,15 @@ class ConfigError(ValueError):
     """A model or training configuration that cannot work."""
 
 
+def config_from_dict(cls, values: dict):
+    """Build the dataclass `cls` from `values`, naming any key that is not one of its fields."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**values)
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length: the most tokens the model attends over
@@ -62,11 +71,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -85,6 +90,8 @@ MODEL_PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
     "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "small-char": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, position="rope"),
+    # The fastest to a good char-level loss on a 2-core CPU (bench/cpu_time_to_quality.py).
+    "cpu-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
 }
 
@@ -138,6 +145,14 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.length += T
+
+    def repeat_rows(self, times: int) -> None:
+        """Give every row `times` copies (row b -> rows b*times .. b*times+times-1): one shared prefix,
+        several continuations."""
+        self.k = self.k.repeat_interleave(times, dim=1)
+        self.v = self.v.repeat_interleave(times, dim=1)
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(times)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -262,11 +277,14 @@ class GPT(nn.Module):
             total -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return total
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                keep_logits: int | None = None):
         """idx (B, T) token ids -> logits (B, T, V) and, when targets (B, T) are given, the mean loss.
 
         With a `cache`, idx holds only the new tokens; their keys/values are appended and attention covers
-        everything cached so far. Targets equal to -1 are ignored by the loss.
+        everything cached so far. Targets equal to -1 are ignored by the loss. `keep_logits=n` computes the
+        LM head for the last n positions only (a prefill needs one): at GPT-2 size the head is a third of
+        the compute.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -288,6 +306,8 @@ class GPT(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.advance(T)
+        if keep_logits is not None:
+            x = x[:, -keep_logits:]
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V')
         if self.config.padded_vocab_size != self.config.vocab_size:

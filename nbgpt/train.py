@@ -11,7 +11,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -87,14 +87,6 @@ class TrainConfig:
     shuffle: bool = False
     align_documents: bool = False
     progress: bool = True
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) {unknown}")
-        return cls(**values)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "position")

@@ -7,7 +7,6 @@ bounded in time, and saves a screenshot of the panel under tests/output/.
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_train_config
 from nbgpt.hellaswag import (Example, HellaSwagError, HellaSwagUnavailable, candidates, evaluate_hellaswag,
-                             load_examples, read_examples, score_candidates)
+                             load_examples, read_examples, score_candidates,
+                             score_shared_context)
 from nbgpt.model import GPT, GPTConfig
 
 FIXTURE = Path(__file__).parent / "data" / "hellaswag_fixture.jsonl"
@@ -51,6 +52,9 @@ def test_batched_equals_one_example_at_a_time(model, gpt2_tokenizer):
     batched = score_candidates(model, rows, max_batch_tokens=2048)
     single = [s for i in range(0, len(rows), 4) for s in score_candidates(model, rows[i:i + 4], sort=False)]
     for (a, n), (b, m) in zip(batched, single):
+        assert n == m and a == pytest.approx(b, abs=1e-4)
+    shared = score_shared_context(model, examples, gpt2_tokenizer, max_batch_tokens=1024)
+    for (a, n), (b, m) in zip(shared, single):
         assert n == m and a == pytest.approx(b, abs=1e-4)
     one = evaluate_hellaswag(model, gpt2_tokenizer, examples, per_example=True)
     many = evaluate_hellaswag(model, gpt2_tokenizer, examples)

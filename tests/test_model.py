@@ -167,3 +167,11 @@ def test_low_rank_bigram_for_large_vocabularies():
     assert model.num_params() == 50257 * 64 + 64 * 50257 + 50257
     logits, loss = model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
     assert logits.shape == (1, 3, 50257) and abs(loss.item() - math.log(50257)) < 0.01
+
+
+def test_keep_logits_computes_only_the_last_positions():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    full = model(idx)[0]
+    torch.testing.assert_close(model(idx, keep_logits=3)[0], full[:, -3:])
