@@ -55,19 +55,22 @@ def test_sliders_reach_the_generator(panel):
 class NeverEnds(GPT):
     """A model that never emits end-of-text, so only Stop (or max tokens) can end its generation."""
 
-    def forward(self, idx, targets=None, cache=None):
-        logits, loss = super().forward(idx, targets, cache)
+    def forward(self, idx, targets=None, cache=None, keep_logits=None):
+        logits, loss = super().forward(idx, targets, cache, keep_logits)
         logits[..., -1] = float("-inf")
         return logits, loss
 
 
 def test_stop_halts_a_long_generation():
     tok = CharTokenizer.from_text(TEXT)
-    model = NeverEnds(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    # Large enough that 2000 tokens take over a second on a CPU.
+    model = NeverEnds(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=4, n_head=4, n_embd=128))
     panel = prompt_panel(model, tok)
     panel.max_tokens.value = 2000
     panel.generate_button.click()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while not panel.text and time.monotonic() < deadline:  # streaming has started
+        time.sleep(0.001)
     assert panel.running
     panel.stop_button.click()
     assert panel.wait(10)
