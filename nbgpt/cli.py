@@ -99,10 +99,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .distributed import init_distributed, shutdown
     from .hellaswag import evaluate_hellaswag, load_any_model, load_examples
 
+    import torch
+
     device = resolve_device(args.device)
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
-        device = torch_device("cuda", info.local_rank)
+        device = torch.device("cuda", info.local_rank)
     try:
         model, tokenizer = load_any_model(args.checkpoint, device=str(device))
         examples = load_examples(args.hellaswag_path, limit=args.limit)
@@ -114,12 +116,6 @@ def _eval(args: argparse.Namespace) -> int:
     if info.is_main:
         print(json.dumps(result))
     return 0
-
-
-def torch_device(kind: str, index: int):
-    import torch
-
-    return torch.device(kind, index)
 
 
 def _prepare(args: argparse.Namespace) -> int:

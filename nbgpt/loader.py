@@ -54,10 +54,6 @@ class DataLoader:
         self._order: np.ndarray | None = None
         self._order_epoch = -1
 
-    @property
-    def tokens_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.B * self.world_size * self.T
-
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.state.epoch:
             if self.shuffle:  # a fresh permutation per epoch, the same on every rank (same seed)
@@ -81,10 +77,6 @@ class DataLoader:
         self.state.step += 1
         batch = torch.from_numpy(windows.astype(np.int64))
         return batch[:, :-1], batch[:, 1:]
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
     def reset(self) -> None:
         self.state = LoaderState()

@@ -270,7 +270,8 @@ def check_manifest(data_dir: Path, manifest: dict, min_window: int = 2, verify_h
     if sum(s["tokens"] for s in manifest["shards"]) != manifest["total_tokens"]:
         raise DataError(f"{data_dir / MANIFEST}: shard token counts do not add up to total_tokens")
     for split, (start, end) in manifest["splits"].items():
-        if 0 < end - start < min_window or (split == "train" and end - start < min_window):
+        size = end - start  # an empty val split is allowed (val_fraction=0); a non-empty one must hold a window
+        if size < min_window and (split == "train" or size > 0):
             raise DataError(f"the {split} split has {end - start} tokens, fewer than one window of "
                             f"{min_window} (context + 1): use a longer corpus, a smaller block_size, or a "
                             f"different val_fraction")
