@@ -41,8 +41,10 @@ test: install browser
 demo: install
 	$(PY) -m nbgpt run --preset $(PRESET)
 
+# Every benchmark in turn (about 20 minutes on 2 cores); each prints JSON and a table, see bench/RESULTS.md.
+BENCHES ?= data_throughput generate_speed hellaswag_speed cpu_train_throughput gpt2_throughput cpu_time_to_quality
 bench: install
-	$(PY) bench/run_all.py
+	cd bench && for name in $(BENCHES); do ../$(PY) $$name.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs bench/out
