@@ -220,7 +220,9 @@ def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], to
         while end < len(order):
             context_width = max(len(items[i][0]) for i in order[start:end + 1])
             ending_width = max(len(e) for i in order[start:end + 1] for e in items[i][1])
-            if (end + 1 - start) * (context_width + 4 * ending_width) > max_batch_tokens:
+            # Rows share one cache of context_width + ending_width slots, which must fit the model's context.
+            if (end + 1 - start) * (context_width + 4 * ending_width) > max_batch_tokens or \
+                    context_width + ending_width > block:
                 break
             end += 1
         batch = [items[i] for i in order[start:end]]

@@ -185,7 +185,7 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
 
     # Resume point from an interrupted build: shards [0, k) are complete and stay; the rest is redone.
     progress_path = out / PROGRESS
-    state = {"shards": [], "next_doc": 0, "skip_tokens": 0, "documents": 0}
+    state = {"shards": [], "next_doc": 0, "skip_tokens": 0}
     if progress_path.is_file():
         saved = read_json(progress_path)
         if saved.get("key") == resume_key and all((out / s["file"]).is_file() for s in saved["state"]["shards"]):
@@ -198,21 +198,21 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     shards: list[dict] = list(state["shards"])
     buffer = np.empty(shard_tokens, dtype=np.uint16)
     fill = 0
-    documents = state["documents"]
+    doc_number = state["next_doc"]  # documents consumed so far (all of them, once the loop ends)
     skip_tokens = state["skip_tokens"]
-    written_tokens = sum(s["tokens"] for s in shards)
-    bar = tqdm(desc=f"tokenizing {src.name}", unit=" docs", initial=documents, disable=not progress)
+    flushed_tokens = sum(s["tokens"] for s in shards)
+    bar = tqdm(desc=f"tokenizing {src.name}", unit=" docs", initial=doc_number, disable=not progress)
 
     def flush(next_doc: int, skip: int) -> None:
-        nonlocal fill
+        nonlocal fill, flushed_tokens
         path = out / shard_name(len(shards))
         atomic_write(path, lambda f: f.write(buffer[:fill].tobytes()))
         shards.append({"file": path.name, "tokens": int(fill), "sha256": sha256_file(path)})
+        flushed_tokens += fill
         fill = 0
         atomic_write_json(progress_path, {"key": resume_key, "state": {
-            "shards": shards, "next_doc": next_doc, "skip_tokens": skip, "documents": next_doc}})
+            "shards": shards, "next_doc": next_doc, "skip_tokens": skip}})
 
-    doc_number = state["next_doc"]
     for tokens, lengths in _tokenized(src, tok, vocab_path, workers, state["next_doc"], batch_chars):
         if len(tokens) and int(tokens.max()) >= tok.vocab_size:
             raise DataError(f"token id {int(tokens.max())} is outside the tokenizer's vocabulary")
@@ -230,18 +230,16 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
                     flush(doc_number + 1 if done else doc_number, 0 if done else position)
             offset += length
             doc_number += 1
-            documents += 1
-        written_tokens = sum(s["tokens"] for s in shards) + fill
         bar.update(len(lengths))
-        bar.set_postfix(tokens=f"{written_tokens:,}", refresh=False)
+        bar.set_postfix(tokens=f"{flushed_tokens + fill:,}", refresh=False)
     bar.close()
     if fill:
         flush(doc_number, 0)
     total = sum(s["tokens"] for s in shards)
-    if documents == 0 or total == 0:
+    if doc_number == 0 or total == 0:
         raise DataError(f"source {src.name!r} produced no documents; check the path or dataset")
     manifest = {
-        "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(), "documents": documents,
+        "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(), "documents": doc_number,
         "total_tokens": total, "shards": shards, "splits": _splits(total, val_fraction, val_tokens),
         "content_sha256": _content_hash(shards), "dtype": "uint16",
     }

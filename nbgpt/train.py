@@ -203,6 +203,7 @@ class Trainer:
         self.step = 0
         self.max_steps = config.max_steps
         self.last_val_loss: float | None = None
+        self._hellaswag_examples = None
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self._resume()
 
@@ -346,8 +347,9 @@ class Trainer:
     def hellaswag(self) -> dict:
         from .hellaswag import evaluate_hellaswag, load_examples
 
-        examples = load_examples(self.config.hellaswag_path, limit=self.config.hellaswag_limit)
-        return evaluate_hellaswag(self.model, self.tokenizer, examples, device=self.device,
+        if self._hellaswag_examples is None:  # read and validated once, scored every interval
+            self._hellaswag_examples = load_examples(self.config.hellaswag_path, limit=self.config.hellaswag_limit)
+        return evaluate_hellaswag(self.model, self.tokenizer, self._hellaswag_examples, device=self.device,
                                   precision=self.precision, dist_info=self.dist)
 
     # ----------------------------------------------------------------------------------------------- fit

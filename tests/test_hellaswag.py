@@ -81,8 +81,12 @@ def test_briefly_trained_model_prefers_the_ending_it_has_read(tmp_path, gpt2_tok
             progress=False)
     before = GPT(GPTConfig.from_preset("tiny", vocab_size=50257, block_size=32))
     trainer = Trainer(tiny_train_config(tmp_path / "ds", tmp_path / "run", max_steps=40, eval_interval=0,
-                                        checkpoint_interval=0))
+                                        checkpoint_interval=0, hellaswag_interval=20, hellaswag_path=str(FIXTURE)))
     trainer.fit()
+    from nbgpt.metrics import read_metrics
+
+    periodic = read_metrics(tmp_path / "run", "hellaswag")  # the trainer's own periodic evaluation
+    assert [r["step"] for r in periodic] == [20, 40] and all(r["count"] == 20 for r in periodic)
     result = evaluate_hellaswag(trainer.model, gpt2_tokenizer, [example])
     assert result["acc_norm"] == 1.0 and result["acc"] == 1.0
     assert before is not None
