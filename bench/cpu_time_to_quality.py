@@ -34,8 +34,9 @@ import tempfile  # noqa: E402
 from common import ROOT, report  # noqa: E402
 
 # The winning settings (see bench/RESULTS.md); the cpu-demo preset uses the same model and schedule.
-DEFAULTS = dict(model="cpu-char", micro_batch=32, total_batch_tokens=32 * 64, max_lr=1e-2, warmup_steps=30,
-                weight_decay=0.1, precision="bf16", eval_interval=200, eval_batches=4, final_eval_batches=0)
+DEFAULTS = dict(model="cpu-char", micro_batch=32, total_batch_tokens=32 * 64, optimizer="muon", max_lr=1e-2,
+                min_lr_ratio=0.0, warmup_steps=30, weight_decay=0.1, precision="bf16", eval_interval=200,
+                eval_batches=4, final_eval_batches=0)
 
 
 def one_run(budget: float, settings: dict, data: str, threads: int) -> dict:

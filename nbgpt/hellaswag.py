@@ -230,21 +230,23 @@ def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], to
         ending_width = max(len(e) for _, endings in batch for e in endings)
         contexts = torch.zeros(len(batch), context_width, dtype=torch.long)
         endings = torch.zeros(4 * len(batch), ending_width, dtype=torch.long)
-        mask = torch.zeros(4 * len(batch), ending_width)
+        scored = torch.zeros(4 * len(batch), ending_width, dtype=torch.bool)  # real (unpadded) ending tokens
         for b, (context, four) in enumerate(batch):
             contexts[b, context_width - len(context):] = torch.tensor(context)  # left-padded
             for j, ending in enumerate(four):
                 endings[4 * b + j, : len(ending)] = torch.tensor(ending)  # right-padded
-                mask[4 * b + j, : len(ending)] = 1
+                scored[4 * b + j, : len(ending)] = True
         pad = torch.tensor([context_width - len(c) for c, _ in batch])
         cache = KVCache(model.config, len(batch), context_width + ending_width, device, dtype, pad=pad)
         with autocast(device, precision):
-            first, _ = model(contexts.to(device), cache=cache, keep_logits=1)  # (N, 1, V): predicts ending[0]
+            last = model.hidden_states(contexts.to(device), cache=cache)[:, -1:]  # (N, 1, C): predicts ending[0]
             cache.repeat_rows(4)
-            rest, _ = model(endings.to(device), cache=cache)  # (4N, Le, V): column j predicts ending[j + 1]
-        predictions = torch.cat([first[:, -1:].repeat_interleave(4, dim=0), rest[:, :-1]], dim=1)
-        losses = F.cross_entropy(predictions.float().transpose(1, 2), endings.to(device), reduction="none").cpu()
-        sums, counts = (losses * mask).sum(1), mask.sum(1)
+            rest = model.hidden_states(endings.to(device), cache=cache)  # (4N, Le, C): j predicts ending[j+1]
+            states = torch.cat([last.repeat_interleave(4, dim=0), rest[:, :-1]], dim=1)  # j predicts ending[j]
+            logits = model.head(states[scored.to(device)])  # (M, V): the LM head only where a loss is scored
+        losses = F.cross_entropy(logits.float(), endings[scored].to(device), reduction="none").cpu()  # (M,)
+        counts = scored.sum(1)
+        sums = torch.zeros(4 * len(batch)).index_add_(0, torch.arange(4 * len(batch)).repeat_interleave(counts), losses)
         for b, index in enumerate(order[start:end]):
             for j in range(4):
                 scores[4 * index + j] = (float(sums[4 * b + j]), int(counts[4 * b + j]))

@@ -122,7 +122,7 @@ def lr_figure(config, max_steps: int | None = None):
     ax.plot(list(steps), [lr_at(s, config, max_steps) for s in steps])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
-    ax.set_title("warmup, then cosine decay to 10 %")
+    ax.set_title(f"warmup, then cosine decay to {config.min_lr_ratio:.0%} of the peak")
     ax.grid(alpha=0.3)
     return fig
 

@@ -15,12 +15,12 @@ RUN_PRESETS: dict[str, dict] = {
         hellaswag_limit=20, prompt="ROMEO:", max_new_tokens=60, num_samples=2,
     ),
     # The laptop demo: Shakespeare's complete works, character level, the small GPT and schedule that won the
-    # CPU time-to-quality sweep (bench/RESULTS.md): 4 layers x 128, context 64, batch 32 x 64, peak LR 1e-2,
-    # bf16 where the CPU has it, and a cosine fitted to a 180-second training budget.
+    # CPU time-to-quality sweep (bench/RESULTS.md): 4 layers x 128, context 64, batch 32 x 64, Muon + AdamW at
+    # peak LR 1e-2, bf16 where the CPU has it, and a cosine to zero fitted to a 180-second training budget.
     "cpu-demo": dict(
         source="shakespeare", tokenizer="char", shard_tokens=10_000_000, val_fraction=0.1,
         model="cpu-char", bigram_steps=200, total_batch_tokens=32 * 64, micro_batch=32, max_steps=100_000,
-        max_seconds=180.0, max_lr=1e-2, warmup_steps=30, eval_interval=500, eval_batches=8, final_eval_batches=0,
+        max_seconds=180.0, max_lr=1e-2, min_lr_ratio=0.0, optimizer="muon", warmup_steps=30, eval_interval=500, eval_batches=8, final_eval_batches=0,
         checkpoint_interval=1000, weight_decay=0.1, precision="auto", prompt="ROMEO:\n", max_new_tokens=400,
         num_samples=2, temperature=0.8, top_k=40,
     ),

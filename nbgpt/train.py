@@ -2,7 +2,8 @@
 
 A step accumulates gradients over `grad_accum_steps` micro-batches of (micro_batch × seq_len) tokens on each of
 `world_size` processes, so that every optimizer step sees `total_batch_tokens` tokens (0.5 M for GPT-2),
-whatever the hardware. The learning rate warms up linearly, then follows a cosine down to 10 % of its peak.
+whatever the hardware. The learning rate warms up linearly, then follows a cosine down to `min_lr_ratio` of its
+peak.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .device import (autocast, choose_precision, configure_backends, peak_flops,
 from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
 from .loader import DataLoader
 from .metrics import MetricsLog
-from .model import GPT, ConfigError, GPTConfig, flops_per_token
+from .model import GPT, ConfigError, GPTConfig, build_adamw, build_muon, flops_per_token
 from .shards import DataError, TokenStore
 from .tokenizer import tokenizer_spec
 
@@ -61,6 +62,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 715
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -109,6 +111,16 @@ def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float
         return min_lr
     progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - min_lr)
+
+
+def build_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
+    """The optimizer(s) that `config.optimizer` names; every one of them follows the same LR schedule."""
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "adamw":
+        return [build_adamw(model, config.weight_decay, config.max_lr, betas, device_type)]
+    if config.optimizer == "muon":
+        return build_muon(model, config.weight_decay, config.max_lr, betas, device_type)
+    raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {config.optimizer!r}")
 
 
 def _rng_state() -> dict:
@@ -187,8 +199,7 @@ class Trainer:
             self.val_loader = None  # no (or too little) validation data: evaluation is skipped
             self.log_event("no validation batches: the val split is empty or smaller than one batch")
         # optimizer, loss scaling, compilation, DDP
-        self.optimizer = self.model.configure_optimizer(config.weight_decay, config.max_lr,
-                                                        (config.beta1, config.beta2), self.device.type)
+        self.optimizers = build_optimizers(self.model, config, self.device.type)
         # fp16 has a narrow exponent range: small gradients underflow to zero unless the loss is scaled up
         # first. The scaler does that, and skips any step whose gradients overflowed to inf/NaN.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -238,7 +249,13 @@ class Trainer:
             raise CheckpointError(f"the checkpoint in {self.checkpoint_dir} is of a different model "
                                   f"({payload['model_config']}); use another out_dir or resume=False")
         self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        states = payload["optimizer"]
+        if len(states) != len(self.optimizers):
+            raise CheckpointError(f"the checkpoint in {self.checkpoint_dir} was trained with another optimizer "
+                                  f"({len(states)} state(s), this run has {len(self.optimizers)}); resume with "
+                                  f"the same optimizer setting, or use another out_dir")
+        for optimizer, state in zip(self.optimizers, states):
+            optimizer.load_state_dict(state)
         self.scaler.load_state_dict(payload["scaler"])
         self.train_loader.load_state_dict(payload["loader"])
         _set_rng_state(payload["rng"])
@@ -253,7 +270,7 @@ class Trainer:
         path = None
         if self.dist.is_main:
             payload = {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": self.model.state_dict(), "optimizer": [o.state_dict() for o in self.optimizers],
                 "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(), "rng": _rng_state(),
                 "model_config": self.model_config.to_dict(), "train_config": asdict(self.config),
                 "tokenizer": tokenizer_spec(self.tokenizer), "max_steps": self.max_steps,
@@ -275,9 +292,10 @@ class Trainer:
         model.train()
         start = time.perf_counter()
         lr = lr_at(self.step, config, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.grad_accum_steps):
             x, y = self.train_loader.next_batch()
@@ -298,10 +316,12 @@ class Trainer:
                 f"loss is {loss_value} at step {self.step}; stopped before updating the weights. The last good "
                 f"checkpoint in {self.checkpoint_dir} is kept: lower max_lr, raise warmup_steps, or use "
                 f"precision='fp32'/'bf16', then resume")
-        self.scaler.unscale_(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip).item()
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)  # with fp16, skipped when gradients overflowed
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)  # with fp16, skipped when gradients overflowed
         self.scaler.update()
         synchronize(self.device)
         dt = time.perf_counter() - start

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from nbgpt.model import GPT, MODEL_PRESETS, BigramLM, ConfigError, GPTConfig, KVCache, build_adamw, flops_per_token
+from nbgpt.model import (GPT, MODEL_PRESETS, BigramLM, ConfigError, GPTConfig, KVCache, build_adamw, causal_attention,
+                         flops_per_token)
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -175,3 +176,23 @@ def test_keep_logits_computes_only_the_last_positions():
     idx = torch.randint(0, 97, (2, 12))
     full = model(idx)[0]
     torch.testing.assert_close(model(idx, keep_logits=3)[0], full[:, -3:])
+
+
+@pytest.mark.parametrize("T", [16, 64, 300])  # 300: past the explicit path's limit, the fused kernel runs
+def test_causal_attention_paths_agree(T):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    ours = causal_attention(q, k, v)
+    ours.float().pow(2).sum().backward()
+    ours_grads = [t.grad.float() for t in (q, k, v)]
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = torch.nn.functional.scaled_dot_product_attention(*exact_inputs, is_causal=True)
+    exact.pow(2).sum().backward()
+    torch.testing.assert_close(ours.double(), exact, atol=0.03, rtol=0.03)
+    for got, want in zip(ours_grads, exact_inputs):
+        assert (got.double() - want.grad).norm() < 0.03 * want.grad.norm()
+    with torch.no_grad():  # token t never sees a later token: changing the last position moves only the last row
+        changed = v.detach().clone()
+        changed[:, :, -1] += 1
+        moved = (causal_attention(q, k, changed) != causal_attention(q, k, v)).any(-1)
+    assert moved[..., -1].all() and not moved[..., :-1].any()

@@ -23,7 +23,7 @@ def train_losses(run_dir):
 def test_loss_falls_on_fixed_batch_and_held_out(char_data, tmp_path):
     trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=60, eval_interval=60))
     x, y = trainer.train_loader.next_batch()
-    model, opt = trainer.model, trainer.optimizer
+    model, [opt] = trainer.model, trainer.optimizers
     first = model(x, y)[1].item()
     for _ in range(80):  # overfit one batch
         opt.zero_grad()
@@ -52,7 +52,7 @@ def test_gradient_accumulation_equals_one_big_batch(char_data, tmp_path):
     for micro in (8, 2):
         trainer = Trainer(tiny_train_config(char_data, tmp_path / f"m{micro}", micro_batch=micro))
         assert trainer.grad_accum_steps == 8 // micro
-        trainer.optimizer.step = lambda: None  # keep the gradients of exactly one step to compare
+        trainer.optimizers[0].step = lambda: None  # keep the gradients of exactly one step to compare
         trainer.train_step()
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
     for name in grads[0]:
@@ -101,8 +101,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(char_data, tmp_path):
     assert load_latest(tmp_path / "r" / "checkpoints")["step"] == 10
 
 
-def test_resume_is_bit_exact(char_data, tmp_path):
-    kwargs = dict(max_steps=16, checkpoint_interval=8, eval_interval=4, shuffle=True)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_exact(char_data, tmp_path, optimizer):
+    kwargs = dict(max_steps=16, checkpoint_interval=8, eval_interval=4, shuffle=True, optimizer=optimizer)
     Trainer(tiny_train_config(char_data, tmp_path / "straight", **kwargs)).fit()
     Trainer(tiny_train_config(char_data, tmp_path / "split", **kwargs)).fit(until=8)
     resumed = Trainer(tiny_train_config(char_data, tmp_path / "split", **kwargs))
@@ -112,6 +113,23 @@ def test_resume_is_bit_exact(char_data, tmp_path):
     assert len(train_losses(tmp_path / "split")) == 16
     evals = lambda d: [(r["step"], r["val_loss"]) for r in read_metrics(d, "eval")]
     assert evals(tmp_path / "split") == evals(tmp_path / "straight")
+
+
+def test_muon_owns_block_matrices_and_learns(char_data, tmp_path):
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "r", optimizer="muon", max_steps=30, eval_interval=30))
+    muon, adamw = trainer.optimizers
+    owned = [{id(p) for g in o.param_groups for p in g["params"]} for o in (muon, adamw)]
+    assert not owned[0] & owned[1]
+    assert owned[0] | owned[1] == {id(p) for p in trainer.model.parameters()}
+    for name, p in trainer.model.named_parameters():
+        assert (id(p) in owned[0]) == (name.startswith("h.") and p.dim() == 2), name
+    trainer.fit()
+    losses = train_losses(tmp_path / "r")
+    assert losses[-1] < losses[0] - 0.5
+    with pytest.raises(CheckpointError, match="another optimizer .*resume with the same optimizer"):
+        Trainer(tiny_train_config(char_data, tmp_path / "r", max_steps=40))
+    with pytest.raises(ConfigError, match="optimizer must be 'adamw' or 'muon', got 'sgd'"):
+        Trainer(tiny_train_config(char_data, tmp_path / "other", optimizer="sgd"))
 
 
 def test_corrupt_checkpoint_falls_back(char_data, tmp_path):
