@@ -20,9 +20,9 @@ RUN_PRESETS: dict[str, dict] = {
     "cpu-demo": dict(
         source="shakespeare", tokenizer="char", shard_tokens=10_000_000, val_fraction=0.1,
         model="cpu-char", bigram_steps=200, total_batch_tokens=32 * 64, micro_batch=32, max_steps=100_000,
-        max_seconds=180.0, max_lr=1e-2, min_lr_ratio=0.0, optimizer="muon", warmup_steps=30, eval_interval=500, eval_batches=8, final_eval_batches=0,
-        checkpoint_interval=1000, weight_decay=0.1, precision="auto", prompt="ROMEO:\n", max_new_tokens=400,
-        num_samples=2, temperature=0.8, top_k=40,
+        max_seconds=180.0, optimizer="muon", max_lr=1e-2, min_lr_ratio=0.0, warmup_steps=30, eval_interval=500,
+        eval_batches=8, final_eval_batches=0, checkpoint_interval=1000, weight_decay=0.1, precision="auto",
+        prompt="ROMEO:\n", max_new_tokens=400, num_samples=2, temperature=0.8, top_k=40,
     ),
     # build-nanogpt's GPT-2 (124M) recipe on FineWeb-Edu 10B tokens, one 8×A100/H100 node.
     "gpt2-124m": dict(
