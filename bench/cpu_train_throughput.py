@@ -1,8 +1,8 @@
-"""Training throughput levers on the CPU: precision (fp32/bf16), eager vs torch.compile, model shape.
+"""Training throughput levers on the CPU: precision (fp32/bf16), eager vs torch.compile, model shape, optimizer.
 
-Tokens/s and MFU of full optimizer steps (forward, backward, AdamW) on a char-level tiny-shakespeare dataset;
+Tokens/s and MFU of full optimizer steps (forward, backward, AdamW or Muon) on char-level tiny-shakespeare;
 MFU is against the measured matmul peak of the same precision (bench/RESULTS.md lists both peaks).
-Usage: python bench/cpu_train_throughput.py [--steps 15] [--configs small-char,mini]
+Usage: python bench/cpu_train_throughput.py [--steps 15] [--batch 32] [--data input.txt]
 """
 
 import argparse
@@ -18,6 +18,8 @@ from nbgpt.shards import prepare
 from nbgpt.train import TrainConfig, Trainer
 
 SHAPES = {
+    "cpu-char (4x128, T=64)": dict(model="cpu-char", block_size=64),
+    "cpu-char (4x128, T=64), Muon": dict(model="cpu-char", block_size=64, optimizer="muon"),
     "mini (4x128, T=128)": dict(model="mini"),
     "small-char (4x256, T=128, rope)": dict(model="small-char"),
     "6x384 (T=256, nanoGPT baby GPT)": dict(model="small", n_layer=6, n_embd=384, n_head=6, block_size=256),

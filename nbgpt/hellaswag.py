@@ -188,6 +188,9 @@ def score_candidates(model: torch.nn.Module, rows: Sequence[Candidate], device: 
     return results
 
 
+HEAD_ROWS = 256  # positions per LM-head slice in score_shared_context
+
+
 @torch.no_grad()
 def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], tokenizer: Tokenizer,
                          device: torch.device | str = "cpu", precision: str = "fp32", max_batch_tokens: int = 4096
@@ -214,44 +217,56 @@ def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], to
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), max(map(len, items[i][1]))))
     scores: list[tuple[float, int]] = [(0.0, 0)] * (4 * len(items))
     dtype = DTYPES[precision] if precision != "fp32" else torch.float32
+    # One autocast context for every batch: each weight is cast to the low precision once, not per forward.
+    with autocast(device, precision):
+        for chosen in _shared_context_batches(items, order, max_batch_tokens, block):
+            batch = [items[i] for i in chosen]
+            context_width = max(len(c) for c, _ in batch)
+            ending_width = max(len(e) for _, endings in batch for e in endings)
+            contexts = torch.zeros(len(batch), context_width, dtype=torch.long)
+            endings = torch.zeros(4 * len(batch), ending_width, dtype=torch.long)
+            scored = torch.zeros(4 * len(batch), ending_width, dtype=torch.bool)  # real (unpadded) ending tokens
+            for b, (context, four) in enumerate(batch):
+                contexts[b, context_width - len(context):] = torch.tensor(context)  # left-padded
+                for j, ending in enumerate(four):
+                    endings[4 * b + j, : len(ending)] = torch.tensor(ending)  # right-padded
+                    scored[4 * b + j, : len(ending)] = True
+            pad = torch.tensor([context_width - len(c) for c, _ in batch])
+            cache = KVCache(model.config, len(batch), context_width + ending_width, device, dtype, pad=pad)
+            last = model.hidden_states(contexts.to(device), cache=cache)[:, -1:]  # (N, 1, C): predicts ending[0]
+            cache.repeat_rows(4)
+            rest = model.hidden_states(endings.to(device), cache=cache)  # (4N, Le, C): j predicts ending[j+1]
+            states = torch.cat([last.repeat_interleave(4, dim=0), rest[:, :-1]], dim=1)  # j predicts ending[j]
+            # The LM head only where a loss is scored, (M, C) -> (M, V), in slices so that the fp32 logits stay
+            # small (M × 50257 floats would be hundreds of MB for one batch).
+            targets = endings[scored].to(device)  # (M,)
+            losses = torch.cat([F.cross_entropy(model.head(rows).float(), row_targets, reduction="none")
+                                for rows, row_targets in zip(states[scored.to(device)].split(HEAD_ROWS),
+                                                             targets.split(HEAD_ROWS))]).cpu()  # (M,)
+            counts = scored.sum(1)
+            sums = torch.zeros(4 * len(batch)).index_add_(0, torch.arange(4 * len(batch)).repeat_interleave(counts),
+                                                          losses)
+            for b, index in enumerate(chosen):
+                for j in range(4):
+                    scores[4 * index + j] = (float(sums[4 * b + j]), int(counts[4 * b + j]))
+    return scores
+
+
+def _shared_context_batches(items: list, order: list[int], max_batch_tokens: int, block: int):
+    """Consecutive runs of `order` whose padded contexts + 4 endings fit max_batch_tokens, and whose shared
+    cache (longest context + longest ending slots) fits the model's context."""
     start = 0
     while start < len(order):
         end = start + 1
         while end < len(order):
             context_width = max(len(items[i][0]) for i in order[start:end + 1])
             ending_width = max(len(e) for i in order[start:end + 1] for e in items[i][1])
-            # Rows share one cache of context_width + ending_width slots, which must fit the model's context.
             if (end + 1 - start) * (context_width + 4 * ending_width) > max_batch_tokens or \
                     context_width + ending_width > block:
                 break
             end += 1
-        batch = [items[i] for i in order[start:end]]
-        context_width = max(len(c) for c, _ in batch)
-        ending_width = max(len(e) for _, endings in batch for e in endings)
-        contexts = torch.zeros(len(batch), context_width, dtype=torch.long)
-        endings = torch.zeros(4 * len(batch), ending_width, dtype=torch.long)
-        scored = torch.zeros(4 * len(batch), ending_width, dtype=torch.bool)  # real (unpadded) ending tokens
-        for b, (context, four) in enumerate(batch):
-            contexts[b, context_width - len(context):] = torch.tensor(context)  # left-padded
-            for j, ending in enumerate(four):
-                endings[4 * b + j, : len(ending)] = torch.tensor(ending)  # right-padded
-                scored[4 * b + j, : len(ending)] = True
-        pad = torch.tensor([context_width - len(c) for c, _ in batch])
-        cache = KVCache(model.config, len(batch), context_width + ending_width, device, dtype, pad=pad)
-        with autocast(device, precision):
-            last = model.hidden_states(contexts.to(device), cache=cache)[:, -1:]  # (N, 1, C): predicts ending[0]
-            cache.repeat_rows(4)
-            rest = model.hidden_states(endings.to(device), cache=cache)  # (4N, Le, C): j predicts ending[j+1]
-            states = torch.cat([last.repeat_interleave(4, dim=0), rest[:, :-1]], dim=1)  # j predicts ending[j]
-            logits = model.head(states[scored.to(device)])  # (M, V): the LM head only where a loss is scored
-        losses = F.cross_entropy(logits.float(), endings[scored].to(device), reduction="none").cpu()  # (M,)
-        counts = scored.sum(1)
-        sums = torch.zeros(4 * len(batch)).index_add_(0, torch.arange(4 * len(batch)).repeat_interleave(counts), losses)
-        for b, index in enumerate(order[start:end]):
-            for j in range(4):
-                scores[4 * index + j] = (float(sums[4 * b + j]), int(counts[4 * b + j]))
+        yield order[start:end]
         start = end
-    return scores
 
 
 def evaluate_hellaswag(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence[Example],

@@ -173,24 +173,33 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.type_as(x)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q kᵀ / √D + causal mask) v for (B, H, T, D) inputs.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q kᵀ / √D) v for queries (B, H, T, D) over keys and values (B, H, S, D).
 
-    PyTorch's fused kernel (flash attention) is the right choice on GPUs and for long sequences. On a CPU
-    in bf16/fp16 with short sequences its backward pass is slow (4.4× the explicit version at T=64,
-    bench/RESULTS.md), and the explicit (B, H, T, T) score matrix is small, so there the matmuls are spelled out.
+    Each query sees the keys that `mask` (broadcastable to (B, H, T, S), True = visible) allows; without a
+    mask, the causal prefix up to its own position, where the T queries are the last of the S positions
+    (T == S in training, T == 1 when decoding with a cache).
+
+    PyTorch's fused kernel (flash attention) is the right choice on GPUs, in fp32 and for long sequences. On
+    a CPU in bf16/fp16 with short sequences its backward pass is slow (4.4× the explicit version at T=64,
+    bench/RESULTS.md) and the explicit (B, H, T, S) score matrix is small, so there the matmuls are spelled out.
     """
-    T = q.size(2)
-    if q.device.type != "cpu" or q.dtype == torch.float32 or T > EXPLICIT_ATTENTION_MAX_T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1).to(v.dtype)
+    T, S = q.size(2), k.size(2)
+    if q.device.type != "cpu" or q.dtype == torch.float32 or S > EXPLICIT_ATTENTION_MAX_LEN:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                              dropout_p=dropout)
+    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5  # (B, H, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    # A finite fill rather than -inf: a query that may see nothing (a left-padding slot) then gets harmless
+    # uniform weights instead of NaNs, which would leak into real rows through its cached keys and values.
+    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1).to(v.dtype)
     return F.dropout(weights, dropout) @ v  # (B, H, T, D)
 
 
-# Up to this length the explicit path wins for bf16 training on CPU (measured up to 256; flash wins at 512).
-EXPLICIT_ATTENTION_MAX_T = 256
+# Up to this many keys the explicit path wins for bf16 on a CPU (measured up to 256; the fused kernel wins at 512).
+EXPLICIT_ATTENTION_MAX_LEN = 256
 
 
 class CausalSelfAttention(nn.Module):
@@ -213,11 +222,10 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         dropout = self.dropout if self.training else 0.0
-        if cache is None:
-            y = causal_attention(q, k, v, dropout)
-        else:
-            k, v, mask = cache.update(self.layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(self.layer, k, v)  # everything cached so far, (B, H, S, D)
+        y = attention(q, k, v, mask, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y)
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nbgpt.model import (GPT, MODEL_PRESETS, BigramLM, ConfigError, GPTConfig, KVCache, build_adamw, causal_attention,
+from nbgpt.model import (GPT, MODEL_PRESETS, BigramLM, ConfigError, GPTConfig, KVCache, build_adamw, attention,
                          flops_per_token)
 
 
@@ -179,10 +179,10 @@ def test_keep_logits_computes_only_the_last_positions():
 
 
 @pytest.mark.parametrize("T", [16, 64, 300])  # 300: past the explicit path's limit, the fused kernel runs
-def test_causal_attention_paths_agree(T):
+def test_attention_paths_agree(T):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    ours = causal_attention(q, k, v)
+    ours = attention(q, k, v)
     ours.float().pow(2).sum().backward()
     ours_grads = [t.grad.float() for t in (q, k, v)]
     exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -194,5 +194,22 @@ def test_causal_attention_paths_agree(T):
     with torch.no_grad():  # token t never sees a later token: changing the last position moves only the last row
         changed = v.detach().clone()
         changed[:, :, -1] += 1
-        moved = (causal_attention(q, k, changed) != causal_attention(q, k, v)).any(-1)
+        moved = (attention(q, k, changed) != attention(q, k, v)).any(-1)
     assert moved[..., -1].all() and not moved[..., :-1].any()
+
+
+def test_masked_attention_with_a_query_that_sees_nothing():
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 3, 8, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 5, 8, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 1, 3, 5, dtype=torch.bool).tril(diagonal=2)
+    mask[1, :, 0] = False  # row 1's first query is left padding: no key is visible to it
+    mask[1, :, 1:, 0] = False
+    ours = attention(q, k, v, mask)
+    assert torch.isfinite(ours).all()
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(ours[0].double(), exact[0], atol=0.03, rtol=0.03)
+    torch.testing.assert_close(ours[1, :, 1:].double(), exact[1, :, 1:], atol=0.03, rtol=0.03)
+    decode = attention(q[:, :, -1:], k, v)  # one query with no mask sees every key
+    torch.testing.assert_close(decode.double(), torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, -1:].double(), k.double(), v.double()), atol=0.03, rtol=0.03)
