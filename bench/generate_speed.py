@@ -1,7 +1,8 @@
 """Decode speed on a 124M-shape GPT-2 with random weights, batch 1, 128 new tokens, greedy, CPU.
 
-Compares nbgpt with its KV cache, nbgpt recomputing the full context every step, and transformers'
-`generate` with its cache, on identical weights (loaded through nbgpt's HF interop).
+Compares nbgpt with its KV cache, nbgpt recomputing the full context every step (LM head at the last position
+only), build-nanogpt's loop (full context, logits at every position) and transformers' `generate` with its
+cache, on identical weights (loaded through nbgpt's HF interop).
 Usage: python bench/generate_speed.py [--new-tokens 128] [--prompt-tokens 32] [--repeats 3]
 """
 
@@ -41,6 +42,15 @@ def main() -> None:
         generator = Generator(model, tokenizer, use_cache=use_cache, precision=precision)
         return lambda: outputs.__setitem__(key, generator.generate_ids([prompt[0].tolist()], config)[0])
 
+    def naive_run():
+        """build-nanogpt's sampling loop: the whole sequence through the model, logits at every position."""
+        idx = prompt.clone()
+        with torch.no_grad():
+            for _ in range(args.new_tokens):
+                logits, _ = model(idx)
+                idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        outputs["fp32-naive"] = idx[0, args.prompt_tokens:].tolist()
+
     def hf_run(key: str, hf_model):
         def run():
             with torch.no_grad():
@@ -52,6 +62,7 @@ def main() -> None:
 
     runs = [("nbgpt fp32, KV cache", nbgpt_run("fp32", True, "fp32")),
             ("nbgpt fp32, no cache (full recompute)", nbgpt_run("fp32-uncached", False, "fp32")),
+            ("fp32 loop without cache, logits at every position", naive_run),
             ("transformers fp32 generate, cache", hf_run("hf-fp32", reference))]
     if args.bf16:
         runs += [("nbgpt bf16 weights, KV cache (default here)", nbgpt_run("bf16", True, "bf16")),
@@ -63,11 +74,12 @@ def main() -> None:
     speed = {r["method"].split(",")[0] + ("" if "no cache" not in r["method"] else " uncached"): r["tokens_per_s"]
              for r in rows}
     ratios = {"fp32 cached / fp32 uncached": speed["nbgpt fp32"] / speed["nbgpt fp32 uncached"],
+              "fp32 cached / loop with all logits": speed["nbgpt fp32"] / speed["fp32 loop without cache"],
               "fp32 cached / transformers fp32": speed["nbgpt fp32"] / speed["transformers fp32 generate"]}
     if args.bf16:
         ratios["bf16 cached / transformers fp32"] = speed["nbgpt bf16 weights"] / speed["transformers fp32 generate"]
         ratios["bf16 cached / transformers bf16"] = speed["nbgpt bf16 weights"] / speed["transformers bf16 generate"]
-    same = outputs["fp32"] == outputs["fp32-uncached"] == outputs["hf-fp32"]
+    same = outputs["fp32"] == outputs["fp32-uncached"] == outputs["fp32-naive"] == outputs["hf-fp32"]
     report("generate_speed", rows, {"threads": torch.get_num_threads(), "fp32_outputs_identical": same,
                                     "ratios": ratios})
     for name, value in ratios.items():
