@@ -406,14 +406,15 @@ class BigramLM(nn.Module):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def build_adamw(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW that decays only matrices (>= 2-D: weights, embeddings), never biases or LayerNorm gains.
+def build_adamw(model: nn.Module | list[nn.Parameter], weight_decay: float, learning_rate: float,
+                betas: tuple[float, float], device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over a model's (or a list of) parameters that decays only matrices (>= 2-D: weights,
+    embeddings), never biases or LayerNorm gains.
 
     Decay pulls weights toward zero; for gains and biases that only shifts or rescales features, which
     hurts rather than regularises. `fused` (one kernel for all parameters) is used where the device has it.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if fused is None:
@@ -432,15 +433,11 @@ def build_muon(model: nn.Module, weight_decay: float, learning_rate: float, beta
     embeddings, the tied LM head, biases and LayerNorm gains stay with AdamW. The "match_rms_adamw" scaling
     makes its updates the size AdamW's would be, so both share one learning rate and schedule.
     """
-    blocks = model.get_submodule("h")
-    matrices = [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
+    matrices = [p for p in model.get_submodule("h").parameters() if p.requires_grad and p.dim() == 2]
     chosen = {id(p) for p in matrices}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    rest = [p for p in model.parameters() if id(p) not in chosen]
     muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device_type in ("cuda", "cpu")
-    return [muon, torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=fused)]
+    return [muon, build_adamw(rest, weight_decay, learning_rate, betas, device_type)]
 
 
 def flops_per_token(config: GPTConfig, seq_len: int | None = None, non_embedding_params: int | None = None) -> float:
