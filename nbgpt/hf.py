@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write, atomic_write_json, offline
+from .assets import offline
+from .files import atomic_write, atomic_write_json
 from .model import GPT, ConfigError, GPTConfig
 
 # Parameters stored transposed by HF's Conv1D.

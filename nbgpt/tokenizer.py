@@ -12,14 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
-from .files import (atomic_write_bytes, cache_dir, extract_members, offline, pip_download_sdist,
-                    sha256_bytes)
+from .assets import Asset, Sdist, fetch
+from .files import atomic_write_bytes, sha256_bytes
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 # openai-whisper's sdist ships the very same ranks file (same sha256): a registry-only route to it.
-GPT2_RANKS_SDIST = "openai-whisper==20250625"
-GPT2_RANKS_SDIST_MEMBER = "whisper/assets/gpt2.tiktoken"
+GPT2_RANKS_SDIST = Sdist("openai-whisper==20250625", member="whisper/assets/gpt2.tiktoken")
 GPT2_RANKS_ENV = "NBGPT_GPT2_RANKS"
 # GPT-2's pre-tokenizer: split off contractions, letter runs, digit runs, punctuation runs and whitespace
 # before BPE runs, so merges never cross those boundaries.
@@ -51,76 +50,25 @@ class TokenizerError(ValueError):
 # --------------------------------------------------------------------------------------------- GPT-2 BPE
 
 
-def _verified(data: bytes, origin: str) -> bytes:
-    digest = sha256_bytes(data)
-    if digest != GPT2_RANKS_SHA256:
-        raise TokenizerError(
-            f"GPT-2 BPE ranks from {origin} have sha256 {digest}, expected {GPT2_RANKS_SHA256}. "
-            f"The file is corrupt or is not gpt2.tiktoken/r50k_base.tiktoken: delete it and provide the right one "
-            f"(set {GPT2_RANKS_ENV}=/path/to/gpt2.tiktoken).")
-    return data
-
-
-def _tiktoken_cache_path() -> Path:
+def _tiktoken_cache_copies() -> list[Path]:
     """Where tiktoken itself caches the r50k/gpt2 ranks file (it keys files by the sha1 of the URL)."""
     import hashlib
 
     root = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
         tempfile.gettempdir(), "data-gym-cache")
-    return Path(root) / hashlib.sha1(GPT2_RANKS_URL.encode()).hexdigest()
+    return [Path(root) / hashlib.sha1(GPT2_RANKS_URL.encode()).hexdigest()]
+
+
+# A wrong ranks file would silently change every token id, so even a file the user names is verified.
+GPT2_RANKS = Asset(name="GPT-2's BPE ranks (gpt2.tiktoken)", filename="gpt2.tiktoken", sha256=GPT2_RANKS_SHA256,
+                   url=GPT2_RANKS_URL, env=GPT2_RANKS_ENV, sdist=GPT2_RANKS_SDIST, verify_given=True,
+                   other_copies=_tiktoken_cache_copies, error=TokenizerError)
 
 
 def gpt2_ranks_bytes(path: str | os.PathLike | None = None) -> bytes:
-    """Find GPT-2's BPE ranks, verified by sha256, trying the routes from cheapest to most remote.
-
-    1. an explicit `path`, or the file named by $NBGPT_GPT2_RANKS;
-    2. nbgpt's cache (`~/.cache/nbgpt/gpt2.tiktoken`) or tiktoken's own cache;
-    3. tiktoken's normal download (skipped when NBGPT_OFFLINE=1);
-    4. the openai-whisper sdist from the package registry, which carries the identical file.
-    The first route that yields a verified file is cached in nbgpt's cache for next time.
-    """
-    explicit = path or os.environ.get(GPT2_RANKS_ENV)
-    if explicit:
-        if not Path(explicit).is_file():
-            raise TokenizerError(f"GPT-2 BPE ranks file {explicit} does not exist "
-                                 f"(from {'the path argument' if path else GPT2_RANKS_ENV}).")
-        return _verified(Path(explicit).read_bytes(), str(explicit))
-
-    ours = cache_dir() / "gpt2.tiktoken"
-    for candidate in (ours, _tiktoken_cache_path()):
-        if candidate.is_file():
-            data = candidate.read_bytes()
-            if sha256_bytes(data) == GPT2_RANKS_SHA256:
-                if candidate != ours:
-                    atomic_write_bytes(ours, data)
-                return data
-
-    failures: list[str] = []
-    if not offline():
-        try:
-            from tiktoken.load import read_file_cached
-
-            data = _verified(read_file_cached(GPT2_RANKS_URL, GPT2_RANKS_SHA256), GPT2_RANKS_URL)
-            atomic_write_bytes(ours, data)
-            return data
-        except Exception as exc:  # any network failure: fall through to the registry route
-            failures.append(f"download from {GPT2_RANKS_URL}: {type(exc).__name__}: {str(exc)[:200]}")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = pip_download_sdist(GPT2_RANKS_SDIST, Path(tmp))
-            members = extract_members(archive, lambda name: name.endswith(GPT2_RANKS_SDIST_MEMBER))
-        if not members:
-            raise TokenizerError(f"{archive.name} has no {GPT2_RANKS_SDIST_MEMBER}")
-        data = _verified(next(iter(members.values())), f"the {GPT2_RANKS_SDIST} sdist")
-        atomic_write_bytes(ours, data)
-        return data
-    except Exception as exc:
-        failures.append(f"package registry ({GPT2_RANKS_SDIST}): {str(exc)[:300]}")
-    raise TokenizerError(
-        "Cannot find GPT-2's BPE ranks (gpt2.tiktoken, sha256 " + GPT2_RANKS_SHA256 + ").\nTried:\n  - "
-        + "\n  - ".join(failures)
-        + f"\nFix: download {GPT2_RANKS_URL} on a connected machine and set {GPT2_RANKS_ENV}=/path/to/it, "
-        f"or copy it to {ours}.")
+    """GPT-2's BPE ranks, verified by sha256: from `path`, $NBGPT_GPT2_RANKS, nbgpt's or tiktoken's cache,
+    OpenAI's URL, or the openai-whisper sdist on the package index (see nbgpt.assets)."""
+    return fetch(GPT2_RANKS, path).read_bytes()
 
 
 class GPT2Tokenizer:

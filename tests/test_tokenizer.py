@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from nbgpt.files import cache_dir
+from nbgpt.assets import cache_dir
 from nbgpt.tokenizer import (GPT2_RANKS_SHA256, CharTokenizer, GPT2Tokenizer, Tokenizer, TokenizerError,
                              get_tokenizer, gpt2_ranks_bytes)
 
