@@ -111,15 +111,3 @@ def resolve_checkpoint(path: str | os.PathLike) -> dict:
                 return payload
     raise CheckpointError(f"no nbgpt checkpoint at {path} (looked for {INDEX} in it and in its checkpoints/)")
 
-
-def load_model(path: str | os.PathLike, device: str = "cpu"):
-    """(model, tokenizer, payload) from a run directory or checkpoint file, ready for evaluation."""
-    from .device import resolve_device
-    from .model import GPT, GPTConfig
-    from .tokenizer import tokenizer_from_spec
-
-    payload = resolve_checkpoint(path)
-    model = GPT(GPTConfig.from_dict(payload["model_config"]))
-    model.load_state_dict(payload["model"])
-    model.to(resolve_device(device)).eval()
-    return model, tokenizer_from_spec(payload["tokenizer"]), payload

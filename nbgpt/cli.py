@@ -97,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .device import choose_precision, resolve_device
     from .distributed import init_distributed, shutdown
-    from .hellaswag import evaluate_hellaswag, load_any_model, load_examples
+    from .hellaswag import evaluate_hellaswag, load_examples
+    from .loading import load_model
 
     import torch
 
@@ -106,7 +107,8 @@ def _eval(args: argparse.Namespace) -> int:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     try:
-        model, tokenizer = load_any_model(args.checkpoint, device=str(device))
+        loaded = load_model(args.checkpoint, device=str(device))
+        model, tokenizer = loaded.model, loaded.tokenizer
         examples = load_examples(args.hellaswag_path, limit=args.limit)
         result = evaluate_hellaswag(model, tokenizer, examples, device=device,
                                     precision=choose_precision(device, args.precision),
@@ -164,6 +166,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_SOURCES = "run directory, checkpoint file, HF GPT-2 directory, or hub name such as gpt2 (see nbgpt.loading)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .generate import SamplingConfig
     from .presets import RUN_PRESETS
@@ -194,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(train, TrainConfig)
     train.set_defaults(handler=_train)
 
-    evaluate = commands.add_parser("eval", help="HellaSwag accuracy of a checkpoint or HF GPT-2 directory "
-                                                "(works under torchrun)")
-    evaluate.add_argument("--checkpoint", required=True, help="run directory, checkpoint file, or HF directory")
+    evaluate = commands.add_parser("eval", help="HellaSwag accuracy of a checkpoint, HF GPT-2 directory or hub "
+                                                "model (works under torchrun)")
+    evaluate.add_argument("--checkpoint", required=True, help=MODEL_SOURCES)
     evaluate.add_argument("--hellaswag-path", default=None, help="hellaswag_val.jsonl (default: cache/download)")
     evaluate.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     evaluate.add_argument("--device", default="auto")
@@ -205,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_eval)
 
     sample = commands.add_parser("sample", help="generate text from a checkpoint (streams to stdout)")
-    sample.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    sample.add_argument("--checkpoint", required=True, help=MODEL_SOURCES)
     sample.add_argument("--prompt", default="")
     sample.add_argument("--device", default="auto")
     sample.add_argument("--precision", default="auto")

@@ -295,9 +295,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def load_generator(path: str, device: str = "auto", precision: str = "auto") -> Generator:
-    """A generator for the newest good checkpoint of a run directory (or a checkpoint file)."""
-    from .checkpoint import load_model
+def load_generator(source: str, device: str = "auto", precision: str = "auto") -> Generator:
+    """A generator for a run, checkpoint file, HF folder or hub name (nbgpt.loading.load_model), with the
+    tokenizer it was trained with."""
+    from .loading import load_model
 
-    model, tokenizer, _ = load_model(path, device=device)
-    return Generator(model, tokenizer, precision=precision)
+    loaded = load_model(source, device=device)
+    return Generator(loaded.model, loaded.tokenizer, precision=precision)

@@ -285,14 +285,3 @@ def predict(examples: Sequence[Example], scores: Sequence[tuple[float, int]]) ->
                     "mean_losses": means})
     return out
 
-
-def load_any_model(path: str | os.PathLike, device: str = "cpu"):
-    """(model, tokenizer) from an nbgpt run/checkpoint or an HF-format GPT-2 directory (GPT-2 BPE)."""
-    from .checkpoint import load_model
-    from .hf import load_hf
-    from .tokenizer import GPT2Tokenizer
-
-    if (Path(path) / "config.json").is_file():
-        return load_hf(path).to(device).eval(), GPT2Tokenizer()
-    model, tokenizer, _ = load_model(path, device=device)
-    return model, tokenizer

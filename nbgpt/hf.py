@@ -25,23 +25,24 @@ class HFFormatError(ValueError):
 
 
 def _resolve(path_or_name: str | os.PathLike) -> Path:
+    """A local HF folder as is; anything else that could be a hub name ('gpt2', 'openai-community/gpt2') from
+    the Hugging Face cache or, when online, the hub."""
     path = Path(path_or_name)
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_name).startswith((".", "/")):
+    if path.exists() or str(path_or_name).startswith((".", "/", "~")):
         raise HFFormatError(f"{path_or_name} is not a directory with config.json and model weights")
-    if offline():
-        raise HFFormatError(f"{path_or_name!r} is not a local directory and NBGPT_OFFLINE/HF_HUB_OFFLINE is set; "
-                            f"download it on a connected machine (huggingface-cli download {path_or_name}) "
-                            f"and pass the directory")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path_or_name), allow_patterns=["config.json", "*.safetensors"]))
+    name = str(path_or_name)
+    try:  # offline, only the local cache is consulted; online, the hub (which falls back to the cache)
+        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors"],
+                                      local_files_only=offline()))
     except Exception as exc:
-        raise HFFormatError(f"could not fetch {path_or_name!r} from the Hugging Face hub ({type(exc).__name__}: "
-                            f"{str(exc)[:200]}); pass a local directory with config.json and "
-                            f"model.safetensors instead") from exc
+        reason = ("it is not in the Hugging Face cache and NBGPT_OFFLINE/HF_HUB_OFFLINE is set" if offline() else
+                  f"the Hugging Face hub did not provide it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+        raise HFFormatError(f"{name!r} is no local path, and as a hub model name {reason}; fetch it where the hub is "
+                            f"reachable (`hf download {name}`) or pass a local run, checkpoint or HF folder") from exc
 
 
 def _config_from_hf(hf: dict, vocab_multiple: int) -> GPTConfig:

@@ -7,13 +7,14 @@ sliders) while tokens stream into the output area.
 from __future__ import annotations
 
 import html
+import os
 import threading
 import time
 
 import ipywidgets as widgets
 import torch
 
-from .generate import Generator, SamplingConfig
+from .generate import Generator, SamplingConfig, load_generator
 from .tokenizer import Tokenizer
 
 OUTPUT_STYLE = ("font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; white-space: pre-wrap; "
@@ -21,14 +22,23 @@ OUTPUT_STYLE = ("font-family: ui-monospace, Menlo, Consolas, monospace; font-siz
                 "max-height: 420px; overflow-y: auto; background: #f6f8fa; margin: 0")
 
 
+def _generator(model: torch.nn.Module | Generator | str | os.PathLike, tokenizer: Tokenizer | None,
+               precision: str) -> Generator:
+    if isinstance(model, Generator):
+        return model
+    if isinstance(model, (str, os.PathLike)):  # a run, checkpoint, HF folder or hub name: the one loader
+        return load_generator(str(model), precision=precision)
+    return Generator(model, tokenizer, precision=precision)
+
+
 class PromptPanel(widgets.VBox):
     """Prompt text area, sampling sliders, Generate/Stop, streamed output and tokens/s."""
 
     refresh_seconds = 0.05
 
-    def __init__(self, model: torch.nn.Module | Generator, tokenizer: Tokenizer | None = None, prompt: str = "",
+    def __init__(self, model: torch.nn.Module | Generator | str, tokenizer: Tokenizer | None = None, prompt: str = "",
                  precision: str = "auto", max_tokens: int = 200):
-        self.generator = model if isinstance(model, Generator) else Generator(model, tokenizer, precision=precision)
+        self.generator = _generator(model, tokenizer, precision)
         label = {"description_width": "150px"}
         wide = widgets.Layout(width="100%")
         self.prompt = widgets.Textarea(value=prompt, placeholder="Type a prompt (empty: start from scratch)",
@@ -114,7 +124,7 @@ class PromptPanel(widgets.VBox):
         return not self.running
 
 
-def prompt_panel(model: torch.nn.Module | Generator, tokenizer: Tokenizer | None = None, **kwargs) -> PromptPanel:
-    """The interactive sampling panel for a model (with its tokenizer) or an existing Generator; display it
-    as a cell's last expression."""
+def prompt_panel(model: torch.nn.Module | Generator | str, tokenizer: Tokenizer | None = None, **kwargs) -> PromptPanel:
+    """The interactive sampling panel for a model (with its tokenizer), an existing Generator, or anything
+    nbgpt.loading.load_model accepts (a run directory, "gpt2", ...); display it as a cell's last expression."""
     return PromptPanel(model, tokenizer, **kwargs)
