@@ -164,7 +164,7 @@ class Generator:
         return logits[:, -1, :].float()
 
     def _new_cache(self, batch: int, pad: torch.Tensor) -> KVCache:
-        dtype = DTYPES[self.precision] if self.precision != "fp32" else torch.float32
+        dtype = DTYPES[self.precision]
         return KVCache(self.model.config, batch, self.block_size, self.device, dtype, pad=pad)
 
     @torch.no_grad()

@@ -194,7 +194,7 @@ def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], to
         items.append((context, endings))
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), max(map(len, items[i][1]))))
     scores: list[tuple[float, int]] = [(0.0, 0)] * (4 * len(items))
-    dtype = DTYPES[precision] if precision != "fp32" else torch.float32
+    dtype = DTYPES[precision]
     # One autocast context for every batch: each weight is cast to the low precision once, not per forward.
     with autocast(device, precision):
         for chosen in _shared_context_batches(items, order, max_batch_tokens, block):

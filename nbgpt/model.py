@@ -456,11 +456,6 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, non_embedding
     return 6 * (non_embedding_params + lm_head) + 12 * config.n_layer * config.n_embd * T
 
 
-def mfu(tokens_per_second: float, config: GPTConfig, peak_flops: float, seq_len: int | None = None) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the hardware's peak."""
-    return tokens_per_second * flops_per_token(config, seq_len) / peak_flops
-
-
 def parameter_table(model: nn.Module) -> list[dict]:
     """Parameters grouped by top-level part (embeddings, each block, final LayerNorm), tied ones once."""
     seen: set[int] = set()

@@ -155,9 +155,6 @@ def local_source(spec: str, text_column: str = "text", errors: str = "strict") -
     return Source(str(spec), documents, {"files": [str(f) for f in files]})
 
 
-NAMED_SOURCES = ("shakespeare", "tinyshakespeare", "fineweb-edu")
-
-
 def get_source(spec: str | Source, *, text_column: str = "text", errors: str = "strict",
                path: str | None = None) -> Source:
     """Resolve a source spec: a named corpus, 'hf:NAME[:CONFIG]', or a local path/glob."""
