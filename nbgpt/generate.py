@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .device import DTYPES, autocast, choose_precision
-from .model import GPT, KVCache
+from .model import KVCache
 from .tokenizer import Tokenizer
 
 
@@ -89,8 +89,8 @@ class DecodeLinear(nn.Module):
 
     Decoding one token multiplies each weight matrix by a single vector, which is bound by how fast the
     weights stream from memory. For fp32 on CPUs (MKL) the (in, out) layout streams much faster than
-    nn.Linear's (out, in) — 27 vs 16 GB/s on the machine of bench/RESULTS.md, the layout of Hugging Face's
-    Conv1D — while for bf16 (oneDNN) it is the other way round, so bf16 keeps nn.Linear.
+    nn.Linear's (out, in) (measured in bench/RESULTS.md; it is the layout of Hugging Face's Conv1D), while for
+    bf16 (oneDNN) it is the other way round, so bf16 keeps nn.Linear.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -136,8 +136,8 @@ class Generator:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.precision = choose_precision(self.device, precision)
         self.model = inference_copy(model, self.precision).to(self.device)
-        self.block_size = model.config.block_size
-        self.use_cache = use_cache and hasattr(model, "h")
+        self.block_size = model.block_size
+        self.use_cache = use_cache and model.kv_cache  # the bigram model has nothing to cache
         self.last_stats: dict = {}
 
     # ------------------------------------------------------------------------------------------ encoding
@@ -157,10 +157,7 @@ class Generator:
 
     def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         with autocast(self.device, self.precision):
-            if isinstance(self.model, GPT):
-                logits, _ = self.model(idx, cache=cache, keep_logits=1)
-            else:
-                logits, _ = self.model(idx)
+            logits, _ = self.model(idx, cache=cache, keep_logits=1)
         return logits[:, -1, :].float()
 
     def _new_cache(self, batch: int, pad: torch.Tensor) -> KVCache:
@@ -181,7 +178,9 @@ class Generator:
         for i, row in enumerate(rows):
             tokens[i, width - len(row):] = torch.tensor(row)
         pad = width - lengths
-        if not self.use_cache and bool(pad.any()) and hasattr(self.model, "h"):
+        # Only a cache masks left padding; a model that attends over its context (one with a cache) would
+        # read the padding without it.
+        if not self.use_cache and self.model.kv_cache and bool(pad.any()):
             raise ValueError("use_cache=False needs prompts of equal length (nothing masks the padding); "
                              "generate them one at a time or use the cache")
         tokens = tokens.to(self.device)

@@ -184,7 +184,7 @@ def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], to
 
     device = torch.device(device)
     model.eval()
-    block = model.config.block_size
+    block = model.block_size
     items = []
     for example in examples:
         endings = [tokenizer.encode(" " + e) for e in example.endings]
@@ -256,7 +256,7 @@ def evaluate_hellaswag(model: torch.nn.Module, tokenizer: Tokenizer, examples: S
     dist_info = dist_info or DistInfo()
     mine = [e for i, e in enumerate(examples) if i % dist_info.world_size == dist_info.rank]
     if per_example:
-        rows = candidates(mine, tokenizer, model.config.block_size)
+        rows = candidates(mine, tokenizer, model.block_size)
         scores = []
         for i in range(0, len(rows), 4):
             scores += score_candidates(model, rows[i:i + 4], device, precision, max_batch_tokens, sort=False)

@@ -186,8 +186,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     (T == S in training, T == 1 when decoding with a cache).
 
     PyTorch's fused kernel (flash attention) is the right choice on GPUs, in fp32 and for long sequences. On
-    a CPU in bf16/fp16 with short sequences its backward pass is slow (4.4× the explicit version at T=64,
-    bench/RESULTS.md) and the explicit (B, H, T, S) score matrix is small, so there the matmuls are spelled out.
+    a CPU in bf16/fp16 with short sequences its backward pass is several times slower than two plain matmuls
+    (measured in bench/RESULTS.md) and the explicit (B, H, T, S) score matrix is small, so there the matmuls
+    are spelled out.
     """
     T, S = q.size(2), k.size(2)
     if q.device.type != "cpu" or q.dtype == torch.float32 or S > EXPLICIT_ATTENTION_MAX_LEN:
@@ -267,6 +268,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    kv_cache = True  # forward(idx, cache=KVCache(...)) decodes incrementally
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -297,6 +300,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counting the tied embedding once; `non_embedding` leaves out wte and wpe."""
@@ -369,14 +376,17 @@ class BigramLM(nn.Module):
     """The simplest language model: each token's next-token logits are one row of a V x V table.
 
     It sees one token of context, so whatever GPT does better than this is what attention over the past
-    buys. Same forward signature as GPT so the trainer and the generator accept it unchanged. For a large
+    buys. It has GPT's forward signature, `block_size` and `kv_cache`, so the trainer and the generator
+    accept it unchanged. For a large
     vocabulary the table is factorised through `rank` dimensions (GPT-2's full 50257² table would be 2.5 B
     parameters); it is still a bigram model, only with a table of limited rank.
     """
 
+    kv_cache = False  # nothing to cache: the next token depends on the current one alone
+
     def __init__(self, vocab_size: int, block_size: int = 1024, rank: int | None = None):
         super().__init__()
-        self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=1)
+        self.block_size = block_size  # the longest input it is given (it reads only the last token)
         self.table = nn.Embedding(vocab_size, rank or vocab_size)
         self.unembed = nn.Linear(rank, vocab_size) if rank else None
         nn.init.zeros_(self.table.weight)  # start at the uniform distribution: loss = ln V
@@ -387,9 +397,12 @@ class BigramLM(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         return sum(p.numel() for p in self.parameters()) - (self.table.weight.numel() if non_embedding else 0)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
+                keep_logits: int | None = None):
         if cache is not None:
             raise ConfigError("the bigram model has no KV cache; generate with use_cache=False")
+        if keep_logits is not None:
+            idx = idx[:, -keep_logits:]  # each position's logits depend on its own token alone
         logits = self.table(idx)  # (B, T, V), or (B, T, rank) before the unembedding
         if self.unembed is not None:
             logits = self.unembed(logits)

@@ -114,12 +114,13 @@ def test_streaming_never_splits_a_character(gpt2_tokenizer):
     class Scripted(torch.nn.Module):
         """Emits a fixed token sequence, to drive the streamer through split characters."""
 
+        block_size, kv_cache = 64, False  # what Generator needs from a model
+
         def __init__(self):
             super().__init__()
-            self.config = GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=1, n_embd=1)
             self.weight = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, idx, targets=None, cache=None):
+        def forward(self, idx, targets=None, cache=None, keep_logits=None):
             logits = torch.full((idx.size(0), idx.size(1), 50257), -1e9)
             step = idx.size(1) - self.prompt_len
             logits[:, -1, ids[step] if step < len(ids) else 50256] = 0
