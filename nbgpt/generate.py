@@ -127,33 +127,22 @@ def inference_copy(model: nn.Module, precision: str) -> nn.Module:
     return clone
 
 
-class Generator:
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: torch.device | str | None = None,
-                 precision: str = "fp32", use_cache: bool = True):
+class Decoder:
+    """The token loop of one model: prefill the prompts once, then one step per new token.
+
+    The model is a decoding snapshot (`inference_copy`) in the chosen precision. Rows of different lengths are
+    left-padded; the KV cache masks the padding and starts each row's positions at its first real token.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None, precision: str = "fp32",
+                 use_cache: bool = True):
         """`precision` "auto" follows the training choice for the device (bf16 on CPUs with native bf16)."""
         model = unwrap(model)
-        self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.precision = choose_precision(self.device, precision)
         self.model = inference_copy(model, self.precision).to(self.device)
         self.block_size = model.block_size
         self.use_cache = use_cache and model.kv_cache  # the bigram model has nothing to cache
-        self.last_stats: dict = {}
-
-    # ------------------------------------------------------------------------------------------ encoding
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Prompt -> ids; an empty prompt starts from end-of-text, an overlong one keeps its tail."""
-        ids = self.tokenizer.encode(prompt) if prompt else []
-        if not ids:
-            return [self.tokenizer.eot]
-        if len(ids) > self.block_size:
-            warnings.warn(f"prompt of {len(ids)} tokens is longer than the context ({self.block_size}); "
-                          f"keeping its last {self.block_size} tokens", stacklevel=3)
-            ids = ids[-self.block_size:]
-        return ids
-
-    # ------------------------------------------------------------------------------------------- decoding
 
     def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         with autocast(self.device, self.precision):
@@ -161,23 +150,15 @@ class Generator:
         return logits[:, -1, :].float()
 
     def _new_cache(self, batch: int, pad: torch.Tensor) -> KVCache:
-        dtype = DTYPES[self.precision]
-        return KVCache(self.model.config, batch, self.block_size, self.device, dtype, pad=pad)
+        return KVCache(self.model.config, batch, self.block_size, self.device, DTYPES[self.precision], pad=pad)
 
     @torch.no_grad()
-    def token_steps(self, prompts: list[list[int]], config: SamplingConfig,
-                    should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row (N,) per step; rows are the prompts, each repeated
-        num_return_sequences times. The caller decides when a row is done and may stop iterating."""
+    def steps(self, rows: list[list[int]], config: SamplingConfig, pad_id: int,
+              should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row (N,) per step, up to config.max_new_tokens steps; the caller
+        decides when a row is done and may stop iterating."""
         self.model.eval()
-        rows = [p for p in prompts for _ in range(config.num_return_sequences)]
-        lengths = torch.tensor([len(r) for r in rows])
-        width = int(lengths.max())
-        # Left-pad to a common length: the padding is masked out and positions start at each row's first token.
-        tokens = torch.full((len(rows), width), self.tokenizer.eot, dtype=torch.long)
-        for i, row in enumerate(rows):
-            tokens[i, width - len(row):] = torch.tensor(row)
-        pad = width - lengths
+        tokens, pad = _left_pad(rows, pad_id)
         # Only a cache masks left padding; a model that attends over its context (one with a cache) would
         # read the padding without it.
         if not self.use_cache and self.model.kv_cache and bool(pad.any()):
@@ -197,19 +178,56 @@ class Generator:
             tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
             if cache is None:
                 logits = self._forward(tokens[:, -self.block_size:], None)  # (pad columns are cropped first)
-                continue
-            if cache.length == cache.max_len:
+            elif cache.length == cache.max_len:
                 # Slide: re-encode the newest half from position 0 (positions must stay < block_size).
                 keep = max(1, self.block_size // 2)
-                dropped = tokens.size(1) - keep
+                pad = (pad - (tokens.size(1) - keep)).clamp(min=0)
                 tokens = tokens[:, -keep:]
-                pad = (pad - dropped).clamp(min=0)
                 cache = self._new_cache(len(rows), pad)
                 logits = self._forward(tokens, cache)
             else:
                 logits = self._forward(next_ids[:, None], cache)
 
-    # ---------------------------------------------------------------------------------------------- text
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids -> (N, longest) tensor, each row right-aligned, and each row's padding count (N,)."""
+    lengths = torch.tensor([len(r) for r in rows])
+    width = int(lengths.max())
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row):] = torch.tensor(row)
+    return tokens, width - lengths
+
+
+class Generator:
+    """Text in, text out: prompts are encoded, decoded by a `Decoder`, and cut at end-of-text or a stop string.
+
+    Generation reads a snapshot of the model taken here: after further training, make a new Generator.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: torch.device | str | None = None,
+                 precision: str = "fp32", use_cache: bool = True):
+        self.tokenizer = tokenizer
+        self.decoder = Decoder(model, device, precision, use_cache)
+        self.last_stats: dict = {}
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Prompt -> ids; an empty prompt starts from end-of-text, an overlong one keeps its tail."""
+        ids = self.tokenizer.encode(prompt) if prompt else []
+        if not ids:
+            return [self.tokenizer.eot]
+        block_size = self.decoder.block_size
+        if len(ids) > block_size:
+            warnings.warn(f"prompt of {len(ids)} tokens is longer than the context ({block_size}); "
+                          f"keeping its last {block_size} tokens", stacklevel=3)
+            ids = ids[-block_size:]
+        return ids
+
+    def token_steps(self, prompts: list[list[int]], config: SamplingConfig,
+                    should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
+        """The next token of every row per step; rows are the prompts, each num_return_sequences times."""
+        rows = [p for p in prompts for _ in range(config.num_return_sequences)]
+        return self.decoder.steps(rows, config, self.tokenizer.eot, should_stop)
 
     def generate_ids(self, prompts: list[list[int]], config: SamplingConfig) -> list[list[int]]:
         """New token ids per row, ending before end-of-text when stop_at_eot (stop strings: see complete)."""
@@ -243,39 +261,59 @@ class Generator:
 
     def stream(self, prompt: str, config: SamplingConfig | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
-        """Yield the completion of one prompt piece by piece as tokens arrive.
-
-        Bytes go through an incremental UTF-8 decoder, so a character split across two BPE tokens is emitted
-        whole once its last byte arrives, never as a replacement character; text that might be the start of
-        a stop string is held back until it is clearly not one.
-        """
+        """Yield the completion of one prompt piece by piece as tokens arrive (see StreamingText)."""
         config = config or SamplingConfig()
         if config.num_return_sequences != 1:
             raise ValueError("stream() produces one sequence; use generate() for num_return_sequences > 1")
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
+        text = StreamingText(config.stop)
         start, produced = time.perf_counter(), 0
         for step_ids in self.token_steps([self.encode_prompt(prompt)], config, should_stop):
             token = int(step_ids[0])
             if config.stop_at_eot and token == self.tokenizer.eot:
                 break
             produced += 1
-            pending += decoder.decode(self.tokenizer.decode_bytes([token]))
-            pending, stopped = _cut_at_stop(pending, config.stop)
-            ready = len(pending) - _held_back(pending, config.stop)
-            if ready > 0:
-                yield pending[:ready]
-                pending = pending[ready:]
-            if stopped:
+            if ready := text.push(self.tokenizer.decode_bytes([token])):
+                yield ready
+            if text.stopped:
                 break
         else:
-            pending += decoder.decode(b"", final=True)
-        if pending:
-            yield _cut_at_stop(pending, config.stop)[0]
+            text.flush()
+        if rest := text.rest():
+            yield rest
         self._record_stats(produced, time.perf_counter() - start)
 
     def _record_stats(self, tokens: int, seconds: float) -> None:
         self.last_stats = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+class StreamingText:
+    """Token bytes in, text safe to show out.
+
+    Bytes go through an incremental UTF-8 decoder, so a character split across two BPE tokens is emitted
+    whole once its last byte arrives, never as a replacement character; text that might be the start of a
+    stop string is held back until it is clearly not one.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = stops
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""
+        self.stopped = False  # a stop string has appeared: nothing after it will be shown
+
+    def push(self, data: bytes) -> str:
+        self.pending += self.decoder.decode(data)
+        self.pending, self.stopped = _cut_at_stop(self.pending, self.stops)
+        ready = len(self.pending) - _held_back(self.pending, self.stops)
+        shown, self.pending = self.pending[:ready], self.pending[ready:]
+        return shown
+
+    def flush(self) -> None:
+        """The sequence ended: decode what the UTF-8 decoder still holds."""
+        self.pending += self.decoder.decode(b"", final=True)
+
+    def rest(self) -> str:
+        """The held-back text, once nothing more will come."""
+        return _cut_at_stop(self.pending, self.stops)[0]
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
