@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .assets import Asset, fetch
-from .device import autocast
+from .device import DTYPES, autocast
 from .distributed import DistInfo, all_reduce_sum
+from .model import KVCache
 from .tokenizer import Tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -167,6 +168,7 @@ def score_candidates(model: torch.nn.Module, rows: Sequence[Candidate], device: 
 
 
 HEAD_ROWS = 256  # positions per LM-head slice in score_shared_context
+Item = tuple[list[int], list[list[int]]]  # one example as (context ids, the 4 endings' ids)
 
 
 @torch.no_grad()
@@ -179,55 +181,64 @@ def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], to
     the 4 endings, and only the ending tokens run through the model: the context, usually most of the
     tokens, costs a quarter. The first ending token is predicted by the context's last position.
     """
-    from .device import DTYPES
-    from .model import KVCache
-
     device = torch.device(device)
     model.eval()
-    block = model.block_size
-    items = []
-    for example in examples:
-        endings = [tokenizer.encode(" " + e) for e in example.endings]
-        longest = max(len(e) for e in endings)
-        context = tokenizer.encode(example.context)[-max(1, block - longest):]
-        endings = [e[: block - len(context)] for e in endings]
-        items.append((context, endings))
+    items = [_fit_to_context(example, tokenizer, model.block_size) for example in examples]
+    # Similar lengths side by side: little padding in each batch.
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), max(map(len, items[i][1]))))
     scores: list[tuple[float, int]] = [(0.0, 0)] * (4 * len(items))
-    dtype = DTYPES[precision]
     # One autocast context for every batch: each weight is cast to the low precision once, not per forward.
     with autocast(device, precision):
-        for chosen in _shared_context_batches(items, order, max_batch_tokens, block):
-            batch = [items[i] for i in chosen]
-            context_width = max(len(c) for c, _ in batch)
-            ending_width = max(len(e) for _, endings in batch for e in endings)
-            contexts = torch.zeros(len(batch), context_width, dtype=torch.long)
-            endings = torch.zeros(4 * len(batch), ending_width, dtype=torch.long)
-            scored = torch.zeros(4 * len(batch), ending_width, dtype=torch.bool)  # real (unpadded) ending tokens
-            for b, (context, four) in enumerate(batch):
-                contexts[b, context_width - len(context):] = torch.tensor(context)  # left-padded
-                for j, ending in enumerate(four):
-                    endings[4 * b + j, : len(ending)] = torch.tensor(ending)  # right-padded
-                    scored[4 * b + j, : len(ending)] = True
-            pad = torch.tensor([context_width - len(c) for c, _ in batch])
-            cache = KVCache(model.config, len(batch), context_width + ending_width, device, dtype, pad=pad)
-            last = model.hidden_states(contexts.to(device), cache=cache)[:, -1:]  # (N, 1, C): predicts ending[0]
-            cache.repeat_rows(4)
-            rest = model.hidden_states(endings.to(device), cache=cache)  # (4N, Le, C): j predicts ending[j+1]
-            states = torch.cat([last.repeat_interleave(4, dim=0), rest[:, :-1]], dim=1)  # j predicts ending[j]
-            # The LM head only where a loss is scored, (M, C) -> (M, V), in slices so that the fp32 logits stay
-            # small (M × 50257 floats would be hundreds of MB for one batch).
-            targets = endings[scored].to(device)  # (M,)
-            losses = torch.cat([F.cross_entropy(model.head(rows).float(), row_targets, reduction="none")
-                                for rows, row_targets in zip(states[scored.to(device)].split(HEAD_ROWS),
-                                                             targets.split(HEAD_ROWS))]).cpu()  # (M,)
-            counts = scored.sum(1)
-            sums = torch.zeros(4 * len(batch)).index_add_(0, torch.arange(4 * len(batch)).repeat_interleave(counts),
-                                                          losses)
+        for chosen in _shared_context_batches(items, order, max_batch_tokens, model.block_size):
+            sums, counts = _ending_losses(model, [items[i] for i in chosen], device, DTYPES[precision])
             for b, index in enumerate(chosen):
                 for j in range(4):
                     scores[4 * index + j] = (float(sums[4 * b + j]), int(counts[4 * b + j]))
     return scores
+
+
+def _fit_to_context(example: Example, tokenizer: Tokenizer, block: int) -> Item:
+    """(context, 4 endings) token ids that fit the model together: the context loses its start first."""
+    endings = [tokenizer.encode(" " + e) for e in example.endings]  # the ending continues after a space
+    longest = max(len(e) for e in endings)
+    context = tokenizer.encode(example.context)[-max(1, block - longest):]
+    return context, [e[: block - len(context)] for e in endings]
+
+
+def _ending_losses(model: torch.nn.Module, batch: list[Item], device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and token count of each ending (4N,) for a batch of N (context, 4 endings)."""
+    contexts, endings, scored, pad = _pack(batch)
+    cache = KVCache(model.config, len(batch), contexts.size(1) + endings.size(1), device, dtype, pad=pad)
+    last = model.hidden_states(contexts.to(device), cache=cache)[:, -1:]  # (N, 1, C): predicts ending[0]
+    cache.repeat_rows(4)
+    rest = model.hidden_states(endings.to(device), cache=cache)  # (4N, Le, C): position j predicts ending[j+1]
+    states = torch.cat([last.repeat_interleave(4, dim=0), rest[:, :-1]], dim=1)  # position j predicts ending[j]
+    # The LM head only where a loss is scored, (M, C) -> (M, V), in slices so that the fp32 logits stay
+    # small (M × 50257 floats would be hundreds of MB for one batch).
+    targets = endings[scored].to(device)  # (M,)
+    losses = torch.cat([F.cross_entropy(model.head(rows).float(), row_targets, reduction="none")
+                        for rows, row_targets in zip(states[scored.to(device)].split(HEAD_ROWS),
+                                                     targets.split(HEAD_ROWS))]).cpu()  # (M,)
+    counts = scored.sum(1)  # (4N,)
+    owner = torch.arange(4 * len(batch)).repeat_interleave(counts)  # (M,) the ending each loss belongs to
+    return torch.zeros(4 * len(batch)).index_add_(0, owner, losses), counts
+
+
+def _pack(batch: list[Item]):
+    """Contexts left-padded (N, Lc), endings right-padded (4N, Le), which ending tokens are real (4N, Le), and
+    each context's left padding (N,)."""
+    context_width = max(len(c) for c, _ in batch)
+    ending_width = max(len(e) for _, endings in batch for e in endings)
+    contexts = torch.zeros(len(batch), context_width, dtype=torch.long)
+    endings = torch.zeros(4 * len(batch), ending_width, dtype=torch.long)
+    scored = torch.zeros(4 * len(batch), ending_width, dtype=torch.bool)
+    for b, (context, four) in enumerate(batch):
+        contexts[b, context_width - len(context):] = torch.tensor(context)
+        for j, ending in enumerate(four):
+            endings[4 * b + j, : len(ending)] = torch.tensor(ending)
+            scored[4 * b + j, : len(ending)] = True
+    return contexts, endings, scored, torch.tensor([context_width - len(c) for c, _ in batch])
 
 
 def _shared_context_batches(items: list, order: list[int], max_batch_tokens: int, block: int):
