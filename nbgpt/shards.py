@@ -139,114 +139,155 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     """
     from tqdm.auto import tqdm
 
-    out = Path(out_dir)
     if shard_tokens < 2:
         raise DataError(f"shard_tokens must be at least 2, got {shard_tokens}")
     if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out_dir)
     src = get_source(source, text_column=text_column, errors=errors, path=source_path)
-    tokenizer_kind = tokenizer if isinstance(tokenizer, str) else tokenizer.name
-    settings = {"source": src.describe(), "tokenizer_kind": tokenizer_kind, "shard_tokens": shard_tokens,
-                "val_fraction": None if val_tokens is not None else val_fraction, "val_tokens": val_tokens}
-
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        manifest = read_json(manifest_path)
-        if manifest.get("settings") == settings:
-            check_manifest(out, manifest, min_window)
-            return PrepareResult(out, manifest, built=False)
-        old = manifest.get("settings", {})
-        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise DataError(f"{out} already holds a dataset built with other settings (differing: {differ}); "
-                        f"choose another directory or delete {manifest_path} to rebuild")
+    settings = {"source": src.describe(), "tokenizer_kind": tokenizer if isinstance(tokenizer, str) else tokenizer.name,
+                "shard_tokens": shard_tokens, "val_fraction": None if val_tokens is not None else val_fraction,
+                "val_tokens": val_tokens}
+    finished = _finished_dataset(out, settings, min_window)
+    if finished is not None:
+        return PrepareResult(out, finished, built=False)
 
     out.mkdir(parents=True, exist_ok=True)
+    tok, vocab_path = _dataset_tokenizer(tokenizer, src, out)
+    writer = ShardWriter(out, shard_tokens, key={"settings": settings, "tokenizer": tok.identity()})
+    bar = tqdm(desc=f"tokenizing {src.name}", unit=" docs", initial=writer.documents, disable=not progress)
+    for tokens, lengths in _tokenized(src, tok, vocab_path, workers, writer.documents, batch_chars):
+        if len(tokens) and int(tokens.max()) >= tok.vocab_size:
+            raise DataError(f"token id {int(tokens.max())} is outside the tokenizer's vocabulary")
+        writer.add(tokens, lengths)
+        bar.update(len(lengths))
+        bar.set_postfix(tokens=f"{writer.tokens:,}", refresh=False)
+    bar.close()
+    shards = writer.finish()
+    total = sum(s["tokens"] for s in shards)
+    if writer.documents == 0 or total == 0:
+        raise DataError(f"source {src.name!r} produced no documents; check the path or dataset")
+    manifest = {
+        "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(), "documents": writer.documents,
+        "total_tokens": total, "shards": shards, "splits": _splits(total, val_fraction, val_tokens),
+        "content_sha256": _content_hash(shards), "dtype": "uint16",
+    }
+    check_manifest(out, manifest, min_window)
+    atomic_write_json(out / MANIFEST, manifest)  # last: its presence marks the dataset complete
+    writer.progress_path.unlink(missing_ok=True)
+    return PrepareResult(out, manifest, built=True)
+
+
+def _finished_dataset(out: Path, settings: dict, min_window: int) -> dict | None:
+    """The manifest of a finished dataset built with `settings`, None if there is none; another one is refused."""
+    manifest_path = out / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    manifest = read_json(manifest_path)
+    if manifest.get("settings") == settings:
+        check_manifest(out, manifest, min_window)
+        return manifest
+    old = manifest.get("settings", {})
+    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    raise DataError(f"{out} already holds a dataset built with other settings (differing: {differ}); "
+                    f"choose another directory or delete {manifest_path} to rebuild")
+
+
+def _dataset_tokenizer(tokenizer: str | Tokenizer, src: Source, out: Path) -> tuple[Tokenizer, Path | None]:
+    """The tokenizer to build with, and for char-level data the vocabulary saved beside the shards (every
+    character of the corpus: one extra pass over it, unless an interrupted build already saved it)."""
+    kind = tokenizer if isinstance(tokenizer, str) else tokenizer.name
     vocab_path = None
-    if tokenizer_kind == "char":
+    if kind != "char":
+        tok = get_tokenizer(kind) if isinstance(tokenizer, str) else tokenizer
+    else:
         vocab_path = out / VOCAB
         if isinstance(tokenizer, CharTokenizer):
             tok = tokenizer
         elif vocab_path.is_file():
             tok = CharTokenizer.load(vocab_path)
-        else:  # the vocabulary is every character of the corpus: one pass to collect it
+        else:
             chars: set[str] = set()
             for doc in src:
                 chars.update(doc)
-            tok = CharTokenizer(sorted(chars)) if chars else None
-            if tok is None:
+            if not chars:
                 raise DataError(f"source {src.name!r} has no text")
+            tok = CharTokenizer(sorted(chars))
         tok.save(vocab_path)
-    else:
-        tok = tokenizer if not isinstance(tokenizer, str) else get_tokenizer(tokenizer_kind)
     if tok.vocab_size > UINT16_LIMIT:
         raise DataError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens; uint16 shards hold ids below "
                         f"{UINT16_LIMIT}. Use a tokenizer with at most 65,536 tokens")
-    resume_key = {"settings": settings, "tokenizer": tok.identity()}
+    return tok, vocab_path
 
-    # Resume point from an interrupted build: shards [0, k) are complete and stay; the rest is redone.
-    progress_path = out / PROGRESS
-    state = {"shards": [], "next_doc": 0, "skip_tokens": 0}
-    if progress_path.is_file():
-        saved = read_json(progress_path)
-        if saved.get("key") == resume_key and all((out / s["file"]).is_file() for s in saved["state"]["shards"]):
-            state = saved["state"]
-    remove_stale_temp_files(out)  # half-written shards of a killed build
-    for stale in out.glob("shard_*.bin"):
-        if stale.name not in {s["file"] for s in state["shards"]}:
-            stale.unlink()
 
-    shards: list[dict] = list(state["shards"])
-    buffer = np.empty(shard_tokens, dtype=np.uint16)
-    fill = 0
-    doc_number = state["next_doc"]  # documents consumed so far (all of them, once the loop ends)
-    skip_tokens = state["skip_tokens"]
-    flushed_tokens = sum(s["tokens"] for s in shards)
-    bar = tqdm(desc=f"tokenizing {src.name}", unit=" docs", initial=doc_number, disable=not progress)
+class ShardWriter:
+    """Documents' tokens -> shard files of `shard_tokens` tokens each, with a resume point after every shard.
 
-    def flush(next_doc: int, skip: int) -> None:
-        nonlocal fill, flushed_tokens
-        path = out / shard_name(len(shards))
-        atomic_write(path, lambda f: f.write(buffer[:fill].tobytes()))
-        shards.append({"file": path.name, "tokens": int(fill), "sha256": sha256_file(path)})
-        flushed_tokens += fill
-        fill = 0
-        atomic_write_json(progress_path, {"key": resume_key, "state": {
-            "shards": shards, "next_doc": next_doc, "skip_tokens": skip}})
+    progress.json records the complete shards, the documents they consumed and how far into the next
+    document the last shard reached, under a key (settings and tokenizer): a rerun with the same key
+    continues from there and leaves the complete shards as they are; anything else starts over.
+    """
 
-    for tokens, lengths in _tokenized(src, tok, vocab_path, workers, state["next_doc"], batch_chars):
-        if len(tokens) and int(tokens.max()) >= tok.vocab_size:
-            raise DataError(f"token id {int(tokens.max())} is outside the tokenizer's vocabulary")
+    def __init__(self, out: Path, shard_tokens: int, key: dict):
+        self.out, self.shard_tokens, self.key = out, shard_tokens, key
+        self.progress_path = out / PROGRESS
+        state = self._resume_point()
+        self.shards: list[dict] = list(state["shards"])
+        self.documents: int = state["next_doc"]  # documents consumed so far
+        self.skip_tokens: int = state["skip_tokens"]  # tokens of the next document already in a shard
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = 0  # tokens in the buffer
+
+    def _resume_point(self) -> dict:
+        state = {"shards": [], "next_doc": 0, "skip_tokens": 0}
+        if self.progress_path.is_file():
+            saved = read_json(self.progress_path)
+            if saved.get("key") == self.key and all((self.out / s["file"]).is_file()
+                                                    for s in saved["state"]["shards"]):
+                state = saved["state"]
+        remove_stale_temp_files(self.out)  # half-written shards of a killed build
+        for stale in self.out.glob("shard_*.bin"):
+            if stale.name not in {s["file"] for s in state["shards"]}:
+                stale.unlink()
+        return state
+
+    @property
+    def tokens(self) -> int:
+        """Tokens written so far, the buffered ones included."""
+        return sum(s["tokens"] for s in self.shards) + self.fill
+
+    def add(self, tokens: np.ndarray, lengths: list[int]) -> None:
+        """Append documents (concatenated in `tokens`, one length each), writing every shard they fill."""
         offset = 0
         for length in lengths:
-            position = skip_tokens  # tokens of this document that an earlier run already wrote
-            skip_tokens = 0
+            position = self.skip_tokens  # tokens of this document that an earlier run already wrote
+            self.skip_tokens = 0
             while position < length:
-                take = min(shard_tokens - fill, length - position)
-                buffer[fill: fill + take] = tokens[offset + position: offset + position + take]
-                fill += take
+                take = min(self.shard_tokens - self.fill, length - position)
+                self.buffer[self.fill: self.fill + take] = tokens[offset + position: offset + position + take]
+                self.fill += take
                 position += take
-                if fill == shard_tokens:
+                if self.fill == self.shard_tokens:
                     done = position == length
-                    flush(doc_number + 1 if done else doc_number, 0 if done else position)
+                    self._write_shard(self.documents + 1 if done else self.documents, 0 if done else position)
             offset += length
-            doc_number += 1
-        bar.update(len(lengths))
-        bar.set_postfix(tokens=f"{flushed_tokens + fill:,}", refresh=False)
-    bar.close()
-    if fill:
-        flush(doc_number, 0)
-    total = sum(s["tokens"] for s in shards)
-    if doc_number == 0 or total == 0:
-        raise DataError(f"source {src.name!r} produced no documents; check the path or dataset")
-    manifest = {
-        "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(), "documents": doc_number,
-        "total_tokens": total, "shards": shards, "splits": _splits(total, val_fraction, val_tokens),
-        "content_sha256": _content_hash(shards), "dtype": "uint16",
-    }
-    check_manifest(out, manifest, min_window)
-    atomic_write_json(manifest_path, manifest)
-    progress_path.unlink(missing_ok=True)
-    return PrepareResult(out, manifest, built=True)
+            self.documents += 1
+
+    def finish(self) -> list[dict]:
+        """Write the last, partial shard; the shards' file, tokens and sha256."""
+        if self.fill:
+            self._write_shard(self.documents, 0)
+        return self.shards
+
+    def _write_shard(self, next_doc: int, skip_tokens: int) -> None:
+        path = self.out / shard_name(len(self.shards))
+        data = self.buffer[:self.fill].tobytes()
+        atomic_write(path, lambda f: f.write(data))
+        self.shards.append({"file": path.name, "tokens": self.fill, "sha256": sha256_file(path)})
+        self.fill = 0
+        atomic_write_json(self.progress_path, {"key": self.key, "state": {
+            "shards": self.shards, "next_doc": next_doc, "skip_tokens": skip_tokens}})
+
 
 
 # ---------------------------------------------------------------------------------------------- reading
