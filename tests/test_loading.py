@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
-from nbgpt.hf import HFFormatError
+from nbgpt.generate import Generator, SamplingConfig
+from nbgpt.hf import HFFormatError, load_hf
 from nbgpt.loading import load_model
+from nbgpt.widgets import prompt_panel
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,3 +77,14 @@ def test_loaded_hf_folder_describes_itself(tmp_path):
     loaded = load_model(tmp_path / "hf")
     assert loaded.step is None and loaded.tokenizer.name == "gpt2" and not loaded.model.training
     assert loaded.describe() == f"GPT-2-format weights from {tmp_path / 'hf'}"
+
+
+def test_prompt_panel_loads_a_model_source(tmp_path, gpt2_tokenizer):
+    tiny_gpt2_folder(tmp_path / "hf")
+    panel = prompt_panel(str(tmp_path / "hf"), prompt="Hello", precision="fp32")
+    panel.max_tokens.value, panel.temperature.value = 6, 0.0
+    panel.generate_button.click()
+    assert panel.wait(60)
+    expected = Generator(load_hf(tmp_path / "hf"), gpt2_tokenizer).complete(
+        "Hello", SamplingConfig(max_new_tokens=6, temperature=0.0))
+    assert panel.text == expected and "done:" in panel.status.value
