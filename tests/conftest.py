@@ -8,6 +8,16 @@ os.environ.setdefault("NBGPT_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+NO_CUDA = "no CUDA device: run `make gpu-check` on a GPU machine"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason in the -ra summary, where torch sees no GPU."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
 
 
 @pytest.fixture(scope="session")
