@@ -301,10 +301,11 @@ def decoding(ctx: Context) -> dict:
     from nbgpt.hf import export_hf
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(ctx.shapes.model)).to(ctx.device).eval()
+    model = GPT(GPTConfig.from_preset(ctx.shapes.model)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, tmp)
         reference = transformers.GPT2LMHeadModel.from_pretrained(tmp).to(ctx.device).eval()
+    model.to(ctx.device)
     prompt = torch.randint(0, 50256, (1, 32), device=ctx.device)
     n = ctx.shapes.new_tokens
     sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False)
