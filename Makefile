@@ -70,9 +70,12 @@ gpu-wheels: install
 	@du -sh $(GPU_CARRY)
 
 gpu-check:
-	@if ls $(GPU_CARRY)/wheels/*.whl >/dev/null 2>&1; then \
+	@version=$$($(GPU_PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	if ! ls $(GPU_CARRY)/wheels/*.whl >/dev/null 2>&1; then :; \
+	elif [ "$$version" = "$(GPU_PYTHON_VERSION)" ]; then \
 		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-			--target $(GPU_CARRY)/site $(GPU_CARRY)/wheels/*.whl || exit 1; fi
+			--target $(GPU_CARRY)/site $(GPU_CARRY)/wheels/*.whl || exit 1; \
+	else echo "gpu-check: $(GPU_CARRY)/wheels are for Python $(GPU_PYTHON_VERSION), this is $$version: not installed"; fi
 	status=0; \
 	$(GPU_ENV) $(GPU_PYTHON) -m pytest -m cuda -p no:cacheprovider tests/test_cuda.py || status=1; \
 	$(GPU_ENV) $(GPU_PYTHON) bench/gpu_check.py --budget-s $(GPU_BUDGET_S) || status=1; \
