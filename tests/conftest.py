@@ -35,16 +35,21 @@ def shakespeare_works():
     return list(get_source("shakespeare"))
 
 
+def prepared_works(tmp_path_factory, works: list[str], tokenizer: str):
+    """`works` as one file each, prepared with `tokenizer` into shards of 100k tokens, the last 10 % for val."""
+    from nbgpt.shards import prepare
+
+    root = tmp_path_factory.mktemp(f"{tokenizer}_data")
+    for i, work in enumerate(works):
+        (root / f"work{i}.txt").write_text(work)
+    prepare(str(root), tokenizer, root / "ds", shard_tokens=100_000, val_fraction=0.1, progress=False)
+    return root / "ds"
+
+
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory, shakespeare_works):
     """A char-level dataset of three works (~400k characters) for fast training tests."""
-    from nbgpt.shards import prepare
-
-    root = tmp_path_factory.mktemp("char_data")
-    for i, work in enumerate(shakespeare_works[:3]):
-        (root / f"work{i}.txt").write_text(work)
-    prepare(str(root), "char", root / "ds", shard_tokens=100_000, val_fraction=0.1, progress=False)
-    return root / "ds"
+    return prepared_works(tmp_path_factory, shakespeare_works[:3], "char")
 
 
 def tiny_train_config(data_dir, out_dir, **overrides):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import tiny_train_config
+from conftest import prepared_works, tiny_train_config
 from nbgpt.metrics import read_metrics
 from nbgpt.train import Trainer
 
@@ -32,13 +32,7 @@ def finite_losses(run_dir) -> list[float]:
 @pytest.fixture(scope="module")
 def gpt2_data(tmp_path_factory, shakespeare_works):
     """Two works in GPT-2 tokens: HellaSwag and sampling need the BPE tokenizer."""
-    from nbgpt.shards import prepare
-
-    root = tmp_path_factory.mktemp("gpt2_data")
-    for i, work in enumerate(shakespeare_works[:2]):
-        (root / f"work{i}.txt").write_text(work)
-    prepare(str(root), "gpt2", root / "ds", shard_tokens=100_000, val_fraction=0.1, progress=False)
-    return root / "ds"
+    return prepared_works(tmp_path_factory, shakespeare_works[:2], "gpt2")
 
 
 def test_bf16_autocast_with_tf32_learns(char_data, tmp_path):
