@@ -227,10 +227,10 @@ def training(ctx: Context) -> dict:
                 row = {"library": library, "precision": precision, "mode": "compiled" if compiled else "eager"}
                 reason = training_skip_reason(ctx, precision, compiled, reserve_s)
                 if reason is None:
-                    torch._dynamo.reset()  # a fresh compile cache per row: no recompile limit reached
+                    torch._dynamo.reset()  # drops the last row's graphs (and model): no recompile limit reached
+                    free_memory()  # so peak memory is this row's own
                     figures = measure(ctx, precision, compiled)
                     row.update(figures, mfu=figures["tokens_per_s"] * flops / peak_flops(ctx.device, precision))
-                    free_memory()
                 rows.append(row if reason is None else {**row, "skipped": reason})
     measured = [r for r in rows if "tokens_per_s" in r]
     return {"rows": rows, "micro_batch": ctx.shapes.micro_batch, "seq_len": ctx.seq_len, "flops_per_token": flops,
@@ -430,7 +430,12 @@ def check(smoke: bool, budget_s: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         ctx = Context(device, SMOKE_SHAPES if smoke else GPU_SHAPES, smoke, time.perf_counter() + budget_s,
                       Path(work))
-        prepare_data(ctx)
+        try:
+            prepare_data(ctx)
+        except Exception as exc:  # e.g. nothing cached and no registry: every section needs this data
+            payload["sections"] = {name: {"error": f"no dataset: {type(exc).__name__}: {exc}", "ok": False}
+                                   for name, _, _ in SECTIONS}
+            return payload
         payload["sections"] = {name: run_section(ctx, function, needs) for name, function, needs in SECTIONS}
     return payload
 
