@@ -40,7 +40,7 @@ def test_bf16_autocast_with_tf32_learns(char_data, tmp_path):
         pytest.skip(f"{torch.cuda.get_device_name()} has no native bf16 (compute capability < 8.0)")
     trainer = Trainer(cuda_config(char_data, tmp_path / "r", precision="auto", max_steps=30, eval_interval=30))
     assert trainer.precision == "bf16" and not trainer.scaler.is_enabled()
-    # fp32 matmuls outside autocast (the optimizer, the loss) run as TF32 on the tensor cores
+    # TF32: any matmul left in fp32 (precision='fp32', or one autocast keeps in fp32) runs on the tensor cores
     assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
     trainer.fit()
     trainer.close()
