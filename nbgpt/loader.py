@@ -51,6 +51,7 @@ class DataLoader:
                 f"windows of {seq_len}+1 tokens, fewer than one batch of {batch_size} x {world_size} rank(s). "
                 f"Lower batch_size or seq_len, or prepare more data")
         self.state = LoaderState()
+        self.pin_memory = torch.cuda.is_available()  # only a GPU reads pinned memory faster
         self._order: np.ndarray | None = None
         self._order_epoch = -1
 
@@ -76,7 +77,12 @@ class DataLoader:
         windows = np.stack([self.store.read(int(s), self.T + 1) for s in self.window_starts[picks]])
         self.state.step += 1
         batch = torch.from_numpy(windows.astype(np.int64))
-        return batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1], batch[:, 1:]
+        if self.pin_memory:
+            # Page-locked host memory lets `.to("cuda", non_blocking=True)` copy by DMA while the GPU is still
+            # busy with the previous micro-step; from ordinary (pageable) memory the copy waits for the CPU.
+            x, y = x.contiguous().pin_memory(), y.contiguous().pin_memory()
+        return x, y
 
     def reset(self) -> None:
         self.state = LoaderState()

@@ -8,6 +8,16 @@ os.environ.setdefault("NBGPT_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+NO_CUDA = "no CUDA device: run `make gpu-check` on a GPU machine"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason in the -ra summary, where torch sees no GPU."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
 
 
 @pytest.fixture(scope="session")
@@ -25,16 +35,21 @@ def shakespeare_works():
     return list(get_source("shakespeare"))
 
 
+def prepared_works(tmp_path_factory, works: list[str], tokenizer: str):
+    """`works` as one file each, prepared with `tokenizer` into shards of 100k tokens, the last 10 % for val."""
+    from nbgpt.shards import prepare
+
+    root = tmp_path_factory.mktemp(f"{tokenizer}_data")
+    for i, work in enumerate(works):
+        (root / f"work{i}.txt").write_text(work)
+    prepare(str(root), tokenizer, root / "ds", shard_tokens=100_000, val_fraction=0.1, progress=False)
+    return root / "ds"
+
+
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory, shakespeare_works):
     """A char-level dataset of three works (~400k characters) for fast training tests."""
-    from nbgpt.shards import prepare
-
-    root = tmp_path_factory.mktemp("char_data")
-    for i, work in enumerate(shakespeare_works[:3]):
-        (root / f"work{i}.txt").write_text(work)
-    prepare(str(root), "char", root / "ds", shard_tokens=100_000, val_fraction=0.1, progress=False)
-    return root / "ds"
+    return prepared_works(tmp_path_factory, shakespeare_works[:3], "char")
 
 
 def tiny_train_config(data_dir, out_dir, **overrides):

@@ -1,0 +1,490 @@
+"""Every CUDA path, measured on the GPU at hand in one run; `make gpu-check` runs it after the CUDA tests.
+
+Sections (each either figures or the reason it was skipped, all in one JSON and one markdown report):
+  environment   device, torch, CUDA, date, and measured matmul peaks beside the datasheet ones MFU divides by
+  training      GPT-2 124M tokens/s and MFU in fp32+TF32, bf16 and fp16+GradScaler, eager and compiled, at one
+                micro-batch: nbgpt's Trainer beside transformers' GPT2LMHeadModel trained the same way
+  compiled_run  a compiled Trainer with periodic validation, HellaSwag and sampling in the same process
+  decoding      nbgpt's KV-cached decoding against transformers' `generate`, greedy, batch 1
+  hellaswag     examples/s of nbgpt's batched scorer
+  notebook      notebooks 01 and 03 through papermill, the gpt2-124m preset shrunk to a few steps
+The run is time-boxed (--budget-s): rows that no longer fit are skipped, saying so. Without CUDA every section
+is skipped with the reason; --smoke runs them all on the CPU, eager, with a two-layer model (the test suite does, so
+this script cannot rot). Reports go to --out (default bench/out/) as gpu_check.{json,md}, and to $OUT if set.
+Usage: python bench/gpu_check.py [--smoke] [--budget-s 390] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from common import OUT, ROOT, median_time
+
+from nbgpt.device import DTYPES, autocast, choose_precision, configure_backends, peak_flops, synchronize
+from nbgpt.model import GPT, GPTConfig, flops_per_token
+from nbgpt.train import TrainConfig, Trainer
+
+FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
+PRECISIONS = ("bf16", "fp16", "fp32")  # measured in this order, so a time box drops fp32 (least used) first
+NO_CUDA = ("no CUDA device: run `make gpu-check` on a GPU machine (`python bench/gpu_check.py --smoke` runs "
+           "this section on the CPU with tiny shapes)")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes of one mode: GPT-2 124M on a GPU, a two-layer model for --smoke on a CPU."""
+    model: str  # a GPTConfig preset; the sequence length is its block_size
+    works: int | None  # Shakespeare's works in the corpus (None: all 42, 1.5 M GPT-2 tokens)
+    micro_batch: int
+    warmup_steps: int  # untimed training steps per row (the first one compiles)
+    timed_steps: int
+    run_steps: int  # the compiled run; it evaluates, scores HellaSwag and samples every run_steps // 3 steps
+    new_tokens: int  # decoding
+    hellaswag_copies: int  # the 20-example fixture, repeated
+    notebook_steps: int
+    compile: bool  # torch.compile where the section is about it (minutes per graph on a busy 2-core CPU)
+
+
+GPU_SHAPES = Shapes("gpt2", None, 16, 3, 10, 30, 128, 25, 6, True)
+SMOKE_SHAPES = Shapes("tiny", 3, 2, 1, 1, 3, 8, 1, 2, False)
+
+
+@dataclass
+class Context:
+    device: torch.device
+    shapes: Shapes
+    smoke: bool
+    deadline: float  # time.perf_counter() value by which the whole check should be done
+    work: Path  # a temporary folder: the corpus, datasets, runs, checkpoints
+    corpus: Path | None = None  # a folder of Shakespeare's works, one .txt each
+    train_data: Path | None = None  # GPT-2 tokens, no validation split (no evaluation inside timed rows)
+    eval_data: Path | None = None  # GPT-2 tokens with a validation split
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    @property
+    def seq_len(self) -> int:
+        return GPTConfig.from_preset(self.shapes.model).block_size
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_tokenizer():
+    from nbgpt.tokenizer import GPT2Tokenizer
+
+    return GPT2Tokenizer()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# -------------------------------------------------------------------------------------------- environment
+
+
+def matmul_tflops(precision: str, size: int = 8192, repeats: int = 10) -> float:
+    """A square matmul's rate on random data, timed with CUDA events (fp32 runs as TF32, as training does)."""
+    a, b = (torch.randn(size, size, device="cuda").to(DTYPES[precision]) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * size ** 3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def environment(device: torch.device) -> dict:
+    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "python": platform.python_version(), "device": "cpu", "cuda": torch.version.cuda,
+            "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    if device.type != "cuda":
+        return info
+    major, minor = torch.cuda.get_device_capability(device)
+    info.update(device=torch.cuda.get_device_name(device), capability=f"{major}.{minor}")
+    configure_backends(device)
+    peaks = {}
+    for precision in PRECISIONS:
+        if precision == "bf16" and major < 8:
+            continue
+        peaks[precision] = {"measured_tflops": matmul_tflops(precision),
+                            "datasheet_tflops": peak_flops(device, precision) / 1e12}
+    info["matmul_peaks"] = peaks
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def step_figures(seconds: list[float], losses: list[float], shapes: Shapes, seq_len: int) -> dict:
+    timed = seconds[shapes.warmup_steps:]
+    tokens_per_s = shapes.micro_batch * seq_len / statistics.median(timed)
+    finite = all(torch.isfinite(torch.tensor(losses)).tolist())
+    figures = {"tokens_per_s": tokens_per_s, "first_step_s": seconds[0], "finite": finite}
+    if torch.cuda.is_available():
+        figures["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return figures
+
+
+def nbgpt_training(ctx: Context, precision: str, compiled: bool) -> dict:
+    """nbgpt as users train it: the Trainer, one micro-batch per step, fused AdamW, clipping, scaler."""
+    s = ctx.shapes
+    config = TrainConfig(data_dir=str(ctx.train_data), out_dir=str(ctx.work / f"nbgpt-{precision}-{compiled}"),
+                         model=s.model, vocab_multiple=64, micro_batch=s.micro_batch,
+                         total_batch_tokens=s.micro_batch * ctx.seq_len, max_steps=s.warmup_steps + s.timed_steps,
+                         warmup_steps=s.warmup_steps, eval_interval=0, checkpoint_interval=0, precision=precision,
+                         compile=compiled, device=ctx.device.type, progress=False)
+    trainer = Trainer(config, echo=lambda _: None)
+    records: list[dict] = []
+    trainer.fit(on_record=records.append)
+    trainer.close()
+    train = [r for r in records if r["kind"] == "train"]
+    figures = step_figures([r["dt"] for r in train], [r["loss"] for r in train], s, ctx.seq_len)
+    return {**figures, "skipped_steps": sum(r.get("skipped", False) for r in train)}
+
+
+def hf_model(ctx: Context):
+    import transformers
+
+    shape = GPTConfig.from_preset(ctx.shapes.model)
+    config = transformers.GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.block_size, n_embd=shape.n_embd,
+                                     n_layer=shape.n_layer, n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).to(ctx.device)
+
+
+def hf_training(ctx: Context, precision: str, compiled: bool) -> dict:
+    """transformers' GPT-2 trained the way nbgpt trains: same batches, autocast, scaler, clipping, fused AdamW."""
+    from nbgpt.loader import DataLoader
+
+    s = ctx.shapes
+    torch.manual_seed(1337)
+    model = hf_model(ctx)
+    configure_backends(ctx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
+    forward = torch.compile(model) if compiled else model
+    loader = DataLoader(ctx.train_data, "train", s.micro_batch, ctx.seq_len)
+    seconds, losses = [], []
+    for _ in range(s.warmup_steps + s.timed_steps):
+        start = time.perf_counter()
+        x, _ = loader.next_batch()  # the labels are the inputs: transformers shifts them itself
+        x = x.to(ctx.device, non_blocking=True)
+        with autocast(ctx.device, precision):
+            loss = forward(input_ids=x, labels=x).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        synchronize(ctx.device)
+        seconds.append(time.perf_counter() - start)
+    return step_figures(seconds, losses, s, ctx.seq_len)
+
+
+def training_skip_reason(ctx: Context, precision: str, compiled: bool, reserve_s: float) -> str | None:
+    if precision == "bf16" and ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device)[0] < 8:
+        return f"{torch.cuda.get_device_name(ctx.device)} has no native bf16 (compute capability < 8.0)"
+    if compiled and not ctx.shapes.compile:
+        return "--smoke runs eager only (tests/test_train.py checks compile on the CPU)"
+    needs = 60 if compiled and not ctx.smoke else 10
+    if ctx.seconds_left() < reserve_s + needs:
+        return f"time box: {max(0.0, ctx.seconds_left()):.0f} s left, {reserve_s:.0f} s kept for the later sections"
+    return None
+
+
+def training(ctx: Context) -> dict:
+    """Each precision eager then compiled, nbgpt then transformers, all at the same micro-batch."""
+    reserve_s = sum(needs for name, _, needs in SECTIONS[SECTIONS.index(TRAINING) + 1:])
+    flops = flops_per_token(GPTConfig.from_preset(ctx.shapes.model), ctx.seq_len)
+    rows = []
+    for precision in PRECISIONS:
+        for compiled in (False, True):
+            for library, measure in (("nbgpt", nbgpt_training), ("transformers", hf_training)):
+                row = {"library": library, "precision": precision, "mode": "compiled" if compiled else "eager"}
+                reason = training_skip_reason(ctx, precision, compiled, reserve_s)
+                if reason is None:
+                    torch._dynamo.reset()  # drops the last row's graphs (and model): no recompile limit reached
+                    free_memory()  # so peak memory is this row's own
+                    figures = measure(ctx, precision, compiled)
+                    row.update(figures, mfu=figures["tokens_per_s"] * flops / peak_flops(ctx.device, precision))
+                rows.append(row if reason is None else {**row, "skipped": reason})
+    measured = [r for r in rows if "tokens_per_s" in r]
+    return {"rows": rows, "micro_batch": ctx.shapes.micro_batch, "seq_len": ctx.seq_len, "flops_per_token": flops,
+            "ok": all(r["finite"] for r in measured), **training_goals(rows)}
+
+
+def training_goals(rows: list[dict]) -> dict:
+    """The issue's goals, from whichever rows were measured."""
+    speed = {(r["library"], r["precision"], r["mode"]): r for r in rows if "tokens_per_s" in r}
+    goals = {}
+    ours, theirs = speed.get(("nbgpt", "bf16", "compiled")), speed.get(("transformers", "bf16", "compiled"))
+    if ours:
+        goals["compiled bf16 MFU"] = {"value": ours["mfu"], "goal": ">= 0.50", "met": ours["mfu"] >= 0.5}
+    if ours and theirs:
+        ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        goals["compiled bf16 nbgpt / transformers"] = {"value": ratio, "goal": ">= 1.3", "met": ratio >= 1.3}
+    for mode in ("eager", "compiled"):
+        fp16, bf16 = speed.get(("nbgpt", "fp16", mode)), speed.get(("nbgpt", "bf16", mode))
+        if fp16 and bf16:
+            ratio = fp16["tokens_per_s"] / bf16["tokens_per_s"]
+            goals[f"{mode} fp16 / bf16"] = {"value": ratio, "goal": ">= 0.90", "met": ratio >= 0.9}
+    return {"goals": goals} if goals else {}
+
+
+# ------------------------------------------------------------------------------------------ compiled run
+
+
+def compiled_run(ctx: Context) -> dict:
+    """torch.compile with validation, HellaSwag and sampling in one process (build-nanogpt had to pick)."""
+    from torch._dynamo.utils import counters
+
+    s, every = ctx.shapes, max(1, ctx.shapes.run_steps // 3)
+    config = TrainConfig(data_dir=str(ctx.eval_data), out_dir=str(ctx.work / "compiled-run"), model=s.model,
+                         vocab_multiple=64, micro_batch=s.micro_batch, total_batch_tokens=s.micro_batch * ctx.seq_len,
+                         max_steps=s.run_steps, warmup_steps=2, eval_interval=every, eval_batches=4,
+                         hellaswag_interval=every, hellaswag_path=str(FIXTURE), sample_interval=every,
+                         sample_prompt="Hello, I'm a language model,", sample_tokens=32, checkpoint_interval=0,
+                         compile=s.compile, device=ctx.device.type, progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    records: list[dict] = []
+    start = time.perf_counter()
+    trainer = Trainer(config, echo=lambda _: None)
+    trainer.fit(on_record=records.append)
+    trainer.close()
+    wall = time.perf_counter() - start
+    kinds = {kind: [r for r in records if r["kind"] == kind] for kind in ("train", "eval", "hellaswag", "sample")}
+    timed = kinds["train"][2:]  # the first steps compile
+    finite = all(torch.isfinite(torch.tensor([r["loss"] for r in kinds["train"]])).tolist())
+    graphs = counters["stats"]["unique_graphs"]
+    row = {"precision": trainer.precision, "compile": s.compile, "steps": len(kinds["train"]), "wall_s": wall,
+           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+           "mfu": statistics.median(r["mfu"] for r in timed), "evals": len(kinds["eval"]),
+           "hellaswag_runs": len(kinds["hellaswag"]), "samples": len(kinds["sample"]), "graphs": graphs,
+           "finite": finite}
+    ok = finite and graphs <= 2 * s.compile and all(len(kinds[k]) >= 2 for k in ("eval", "hellaswag", "sample"))
+    return {"rows": [row], "ok": ok, "last_sample": kinds["sample"][-1]["text"] if kinds["sample"] else None}
+
+
+# ------------------------------------------------------------------------------- decoding and HellaSwag
+
+
+def decoding(ctx: Context) -> dict:
+    """Greedy decoding of new_tokens after a 32-token prompt, random 124M weights shared by both libraries."""
+    import transformers
+
+    from nbgpt.generate import Generator, SamplingConfig
+    from nbgpt.hf import export_hf
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(ctx.shapes.model)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        reference = transformers.GPT2LMHeadModel.from_pretrained(tmp).to(ctx.device).eval()
+    model.to(ctx.device)
+    prompt = torch.randint(0, 50256, (1, 32), device=ctx.device)
+    n = ctx.shapes.new_tokens
+    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eot=False)
+    tokenizer = gpt2_tokenizer()
+    rows, tokens = [], {}
+    for precision in dict.fromkeys(("fp32", choose_precision(ctx.device, "auto"))):
+        generator = Generator(model, tokenizer, precision=precision)
+        theirs = reference.to(DTYPES[precision])  # in place: fp32 is measured first, then the half precision
+
+        def ours_run(p=precision, g=generator):
+            tokens[("nbgpt", p)] = g.generate_ids([prompt[0].tolist()], sampling)[0]
+
+        def theirs_run(p=precision, m=theirs):
+            with torch.no_grad():
+                out = m.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, pad_token_id=50256, use_cache=True)
+            tokens[("transformers", p)] = out[0, prompt.size(1):].tolist()
+
+        for library, run in (("nbgpt", ours_run), ("transformers", theirs_run)):
+            seconds, _ = median_time(run, repeats=3)
+            rows.append({"library": library, "precision": precision, "seconds": seconds, "tokens_per_s": n / seconds})
+    speed = {(r["library"], r["precision"]): r["tokens_per_s"] for r in rows}
+    ratios = {p: speed[("nbgpt", p)] / speed[("transformers", p)] for _, p in speed}
+    return {"rows": rows, "new_tokens": n, "nbgpt_over_transformers": ratios,
+            "fp32_tokens_identical": tokens[("nbgpt", "fp32")] == tokens[("transformers", "fp32")]}
+
+
+def hellaswag(ctx: Context) -> dict:
+    from nbgpt.hellaswag import evaluate_hellaswag, load_examples
+
+    model = GPT(GPTConfig.from_preset(ctx.shapes.model, vocab_multiple=64)).to(ctx.device).eval()
+    examples = load_examples(FIXTURE) * ctx.shapes.hellaswag_copies
+    precision = choose_precision(ctx.device, "auto")
+    result: dict = {}
+
+    def score():
+        result.update(evaluate_hellaswag(model, gpt2_tokenizer(), examples, device=ctx.device,
+                                         precision=precision))
+
+    seconds, _ = median_time(score, repeats=3)
+    row = {"examples": len(examples), "precision": precision, "seconds": seconds,
+           "examples_per_s": len(examples) / seconds}
+    return {"rows": [row], "ok": result["count"] == len(examples)}
+
+
+# ----------------------------------------------------------------------------------------------- notebook
+
+
+def notebook(ctx: Context) -> dict:
+    """01 (tokenize) then 03 (train) through papermill, as `nbgpt run --preset gpt2-124m` runs them."""
+    try:
+        import papermill  # noqa: F401
+    except ImportError:
+        return {"skipped": "papermill is not installed here: `make gpu-wheels` on a connected machine fetches it "
+                           "and its dependencies for the GPU machine, `make gpu-check` installs them"}
+    from nbgpt.metrics import read_metrics
+    from nbgpt.run import run_pipeline
+
+    s = ctx.shapes
+    overrides = dict(source=str(ctx.corpus), val_tokens=None, val_fraction=0.1, shard_tokens=1_000_000,
+                     prepare_workers=min(8, os.cpu_count() or 1), max_steps=s.notebook_steps, warmup_steps=2,
+                     micro_batch=s.micro_batch, total_batch_tokens=2 * s.micro_batch * ctx.seq_len,
+                     eval_interval=s.notebook_steps, eval_batches=2, hellaswag_path=str(FIXTURE),
+                     checkpoint_interval=s.notebook_steps, compile=s.compile, nproc=1, progress=False)
+    if ctx.smoke:
+        overrides["model"] = s.model
+    start = time.perf_counter()
+    result = run_pipeline("gpt2-124m", overrides, name="gpt2-124m-short", runs_dir=str(ctx.work / "runs"),
+                          notebooks=["01_tokenize.ipynb", "03_train.ipynb"], echo=lambda _: None)
+    train = read_metrics(result.run_dir, "train")
+    row = {"notebooks": "01, 03", "model": overrides.get("model", "gpt2"), "compile": s.compile,
+           "steps": len(train), "wall_s": time.perf_counter() - start, "final_val_loss": result.final_val_loss,
+           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[1:] or train)}
+    return {"rows": [row], "ok": len(train) == s.notebook_steps and result.final_val_loss is not None}
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+TRAINING = ("training", training, 60)
+# (name, function, seconds it needs at least: a section starts only with that much of the budget left)
+SECTIONS = [TRAINING, ("compiled_run", compiled_run, 60), ("decoding", decoding, 15), ("hellaswag", hellaswag, 10),
+            ("notebook", notebook, 60)]
+
+
+def run_section(ctx: Context, function, needs_s: float) -> dict:
+    if ctx.seconds_left() < needs_s:
+        return {"skipped": f"time box: {max(0.0, ctx.seconds_left()):.0f} s of --budget-s left, it needs ~{needs_s} s"}
+    start = time.perf_counter()
+    try:
+        result = function(ctx)
+    except Exception as exc:  # one broken path must not hide the figures of the others
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"[:2000], "ok": False}
+    free_memory()
+    return {**result, "section_s": time.perf_counter() - start}
+
+
+def prepare_data(ctx: Context) -> None:
+    """Shakespeare in GPT-2 tokens, from nbgpt's cache (on the GPU machine `make gpu-wheels` carried it)."""
+    from nbgpt.shards import prepare
+    from nbgpt.sources import get_source
+
+    ctx.corpus = ctx.work / "corpus"
+    ctx.corpus.mkdir()
+    for i, work in enumerate(list(get_source("shakespeare"))[:ctx.shapes.works]):
+        (ctx.corpus / f"work{i:02d}.txt").write_text(work)
+    workers = min(8, os.cpu_count() or 1)
+    for attribute, val_fraction in (("train_data", 0.0), ("eval_data", 0.1)):
+        path = ctx.work / attribute
+        prepare(str(ctx.corpus), "gpt2", path, shard_tokens=1_000_000, workers=workers, val_fraction=val_fraction,
+                progress=False)
+        setattr(ctx, attribute, path)
+
+
+def check(smoke: bool, budget_s: float) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    payload = {"bench": "gpu_check", "mode": "smoke" if smoke else device.type, "budget_s": budget_s,
+               "environment": environment(device)}
+    if device.type != "cuda" and not smoke:
+        payload["sections"] = {name: {"skipped": NO_CUDA} for name, _, _ in SECTIONS}
+        return payload
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        ctx = Context(device, SMOKE_SHAPES if smoke else GPU_SHAPES, smoke, time.perf_counter() + budget_s,
+                      Path(work))
+        try:
+            prepare_data(ctx)
+        except Exception as exc:  # e.g. nothing cached and no registry: every section needs this data
+            payload["sections"] = {name: {"error": f"no dataset: {type(exc).__name__}: {exc}", "ok": False}
+                                   for name, _, _ in SECTIONS}
+            return payload
+        payload["sections"] = {name: run_section(ctx, function, needs) for name, function, needs in SECTIONS}
+    return payload
+
+
+def markdown(payload: dict) -> str:
+    """The report as markdown: the environment, then per section its table, its scalars, or why it was skipped."""
+    lines = ["## GPU check", "", "| | |", "| --- | --- |"]
+    lines += [f"| {key} | {cell(value)} |" for key, value in payload["environment"].items()]
+    for name, section in payload["sections"].items():
+        lines += ["", f"### {name}", ""]
+        if "rows" not in section:  # skipped or broken
+            lines += [f"{key}: {section[key]}" for key in ("skipped", "error") if key in section]
+            continue
+        rows = section["rows"]
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+        lines += [""] + [f"- {key}: {cell(value)}" for key, value in section.items() if key != "rows"]
+    return "\n".join(lines) + "\n"
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {cell(inner)}" for key, inner in value.items())
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="every section on the CPU with a two-layer model")
+    parser.add_argument("--budget-s", type=float, default=390.0, help="seconds for the whole check (time box)")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the reports go (also to $OUT if set)")
+    args = parser.parse_args()
+    payload = check(args.smoke, args.budget_s)
+    failed = [name for name, section in payload["sections"].items() if section.get("ok") is False]
+    payload["failed"] = failed
+    text = json.dumps(payload, indent=2)
+    report = markdown(payload)
+    for folder in dict.fromkeys([args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "gpu_check.json").write_text(text)
+        (folder / "gpu_check.md").write_text(report)
+    print(json.dumps(payload))
+    print(report)
+    print(f"gpu_check: {'FAILED: ' + ', '.join(failed) if failed else 'every check passed or was skipped'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
