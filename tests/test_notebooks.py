@@ -63,7 +63,7 @@ def test_parameter_overrides_take_effect(char_run):
     run_dir, _ = char_run
     checkpoint = resolve_checkpoint(run_dir)
     assert checkpoint["step"] == 12 and checkpoint["model_config"]["n_layer"] == 1
-    assert checkpoint["train_config"]["weight_decay"] == 0.05  # routed into train_overrides
+    assert checkpoint["train_config"]["weight_decay"] == 0.05  # a TrainConfig field set by -p
     assert (run_dir / "samples.txt").read_text().count("JULIET:") == 2  # num_samples=2 in the preset
     assert [r["step"] for r in read_metrics(run_dir, "train")] == list(range(12))
 
