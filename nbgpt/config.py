@@ -48,35 +48,37 @@ def coerce(annotation, value, name: str):
     Raises ConfigError naming the parameter when the value cannot be one of that type.
     """
     inner = _optional_inner(annotation)
-    if inner is not None:
-        if value is None or (isinstance(value, str) and value.lower() in _NONE):
-            return None
-        return coerce(inner, value, name)
-    origin = typing.get_origin(annotation) or annotation
+    if inner is not None and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
+        return None
+    kind = inner or annotation
     try:
-        if annotation is bool:
-            return _to_bool(value)
-        if annotation in (int, float):
-            return _to_number(annotation, value)
-        if annotation is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-        if origin is dict:
-            value = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(value, dict):
-                raise ValueError
-            return value
-        if isinstance(origin, type) and issubclass(origin, Sequence):
-            if isinstance(value, str):  # one string, or a JSON list of them
-                value = json.loads(value) if value.startswith("[") else [value]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            return tuple(value)
+        return _convert(kind, value)
     except (ValueError, TypeError):
-        raise ConfigError(f"{name} must be {_describe(annotation)}"
-                          f"{' or none' if inner else ''}, got {value!r}") from None
-    raise ConfigError(f"{name}: no parser for fields annotated {annotation!r}")
+        raise ConfigError(f"{name} must be {_describe(kind)}{' or none' if inner else ''}, got {value!r}") from None
+
+
+def _convert(kind, value):
+    origin = typing.get_origin(kind) or kind
+    if kind is bool:
+        return _to_bool(value)
+    if kind in (int, float):
+        return _to_number(kind, value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    if origin is dict:
+        value = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise ValueError
+        return value
+    if isinstance(origin, type) and issubclass(origin, Sequence):
+        if isinstance(value, str):  # one string, or a JSON list of them
+            value = json.loads(value) if value.startswith("[") else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        return tuple(value)
+    raise NotImplementedError(f"no parser for fields annotated {kind!r}")
 
 
 def _to_bool(value) -> bool:
