@@ -25,14 +25,15 @@ def _flag_type(annotation, name: str):
     return parse
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                            note: str | None = None) -> None:
     """A `--field-name` flag per field of `cls`; flags left out stay out of the namespace (the dataclass decides)."""
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
     for name, annotation in field_types(cls).items():
         if name not in skip:
             parser.add_argument("--" + name.replace("_", "-"), dest=name, type=_flag_type(annotation, name),
-                                default=argparse.SUPPRESS, help=f"(default: {defaults[name]!r})")
+                                default=argparse.SUPPRESS, help=note or f"(default: {defaults[name]!r})")
 
 
 def given(args: argparse.Namespace, *classes) -> dict:
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on a prepared dataset (works under torchrun)")
     train.add_argument("--config-json", help="a JSON file of TrainConfig fields; flags override it")
     add_dataclass_arguments(train, TrainConfig, skip=("model_overrides",))
-    add_dataclass_arguments(train, GPTConfig, skip=("vocab_size",))  # into TrainConfig.model_overrides
+    add_dataclass_arguments(train, GPTConfig, skip=("vocab_size",),
+                            note="GPTConfig field: changes the --model preset (kept in TrainConfig.model_overrides)")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="HellaSwag accuracy of a checkpoint or HF GPT-2 directory "

@@ -118,7 +118,8 @@ def check_known(values: dict, known, what: str) -> None:
     unknown = sorted(set(values) - set(known))
     if unknown:
         hints = "".join(did_you_mean(k, known) for k in unknown)
-        raise ConfigError(f"unknown {what}(s) {unknown}{hints}; the known names: {', '.join(sorted(known))}")
+        listing = "" if hints else f"; the known names: {', '.join(sorted(known))}"
+        raise ConfigError(f"unknown {what}(s) {unknown}{hints}{listing}")
 
 
 def typed_mapping(cls, values: dict, exclude: tuple[str, ...] = ()) -> dict:

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import ConfigWarning
 from .files import LOCK_OWNER_ENV, RunLock
 from .metrics import read_metrics
 from .model import ConfigError
@@ -38,13 +39,16 @@ def check_run(preset: str, overrides: dict, run_dir: Path, echo=print) -> dict:
     """
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", ConfigWarning)
             typed = typed_values(overrides)
             RunConfig.from_preset(preset, typed, run_dir)
     except ConfigError as exc:
         raise RunError(f"invalid configuration: {exc}") from None
     for warning in caught:
-        echo(f"[nbgpt] warning: {warning.message}")
+        if issubclass(warning.category, ConfigWarning):
+            echo(f"[nbgpt] warning: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return typed
 
 
