@@ -67,7 +67,7 @@ def test_parameter_overrides_take_effect(char_run):
     assert checkpoint["train_config"]["weight_decay"] == 0.05  # a TrainConfig field set by -p
     assert checkpoint["model_config"]["bias"] is False and checkpoint["train_config"]["compile"] is False
     assert not any(name.endswith(".bias") for name in checkpoint["model"])  # a GPTConfig field set by -p
-    assert (run_dir / "samples.txt").read_text().count("JULIET:") == 2  # num_samples=2 in the preset
+    assert (run_dir / "samples.txt").read_text().count("JULIET:") == 2  # num_return_sequences=2 in the preset
     assert [r["step"] for r in read_metrics(run_dir, "train")] == list(range(12))
 
 
