@@ -51,8 +51,9 @@ def one_run(budget: float, settings: dict, data: str, threads: int) -> dict:
     prepare(data, "char", f"{work}/ds", val_fraction=0.1, progress=False)
     final_eval_reserve = 4.0  # seconds kept for the final full-split evaluation
     remaining = budget - (time.time() - STARTED) - final_eval_reserve
-    config = TrainConfig(data_dir=f"{work}/ds", out_dir=f"{work}/run", max_steps=1_000_000, max_seconds=remaining,
-                         checkpoint_interval=0, progress=False, seed=1337, **settings)
+    config = TrainConfig.from_dict(dict(data_dir=f"{work}/ds", out_dir=f"{work}/run", max_steps=1_000_000,
+                                        max_seconds=remaining, checkpoint_interval=0, progress=False, seed=1337,
+                                        **settings))
     trainer = Trainer(config)
     summary = trainer.fit()
     wall = time.time() - STARTED

@@ -28,10 +28,10 @@ SHAPES = {
 
 def measure(data_dir: str, shape: dict, precision: str, compile_model: bool, batch: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(data_dir=data_dir, out_dir=out, precision=precision, compile=compile_model,
-                             micro_batch=batch, total_batch_tokens=batch * shape.get("block_size", 128),
-                             max_steps=10_000, warmup_steps=10, eval_interval=0, checkpoint_interval=0,
-                             progress=False, **shape)
+        config = TrainConfig.from_dict(dict(
+            data_dir=data_dir, out_dir=out, precision=precision, compile=compile_model, micro_batch=batch,
+            total_batch_tokens=batch * shape.get("block_size", 128), max_steps=10_000, warmup_steps=10,
+            eval_interval=0, checkpoint_interval=0, progress=False, **shape))
         trainer = Trainer(config)
         for _ in range(3):  # warmup (and compilation)
             trainer.train_step()

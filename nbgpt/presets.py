@@ -1,7 +1,7 @@
 """Named runs of the five-notebook pipeline: every papermill parameter, by preset.
 
-Keys are notebook parameters (see each notebook's `parameters` cell) or fields of TrainConfig / GPTConfig,
-which `nbgpt.run` routes into the notebooks' `train_overrides` / `model_overrides`.
+Keys are the flat knob names of nbgpt.run_config (fields of its step dataclasses, TrainConfig and GPTConfig);
+anything a preset leaves out keeps its dataclass default.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ RUN_PRESETS: dict[str, dict] = {
         source="shakespeare", tokenizer="char", shard_tokens=2_000_000, val_fraction=0.1,
         model="tiny", bigram_steps=30, total_batch_tokens=16 * 64, micro_batch=16, max_steps=30, max_lr=3e-3,
         warmup_steps=5, eval_interval=10, checkpoint_interval=10, eval_batches=4, precision="auto",
-        hellaswag_limit=20, prompt="ROMEO:", max_new_tokens=60, num_samples=2,
+        hellaswag_limit=20, prompt="ROMEO:", max_new_tokens=60, num_return_sequences=2,
     ),
     # The laptop demo: Shakespeare's complete works, character level, the small GPT and schedule that won the
     # CPU time-to-quality sweep (bench/RESULTS.md): 4 layers x 128, context 64, batch 32 x 64, Muon + AdamW at
@@ -22,7 +22,7 @@ RUN_PRESETS: dict[str, dict] = {
         model="cpu-char", bigram_steps=200, total_batch_tokens=32 * 64, micro_batch=32, max_steps=100_000,
         max_seconds=180.0, optimizer="muon", max_lr=1e-2, min_lr_ratio=0.0, warmup_steps=30, eval_interval=500,
         eval_batches=8, final_eval_batches=0, checkpoint_interval=1000, weight_decay=0.1, precision="auto",
-        prompt="ROMEO:\n", max_new_tokens=400, num_samples=2, temperature=0.8, top_k=40,
+        prompt="ROMEO:\n", max_new_tokens=400, num_return_sequences=2, temperature=0.8, top_k=40,
     ),
     # build-nanogpt's GPT-2 (124M) recipe on FineWeb-Edu 10B tokens, one 8×A100/H100 node.
     "gpt2-124m": dict(
@@ -30,7 +30,7 @@ RUN_PRESETS: dict[str, dict] = {
         prepare_workers=8, model="gpt2", vocab_multiple=64, bigram_steps=200, total_batch_tokens=524_288,
         micro_batch=64, max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=20,
         hellaswag_interval=250, checkpoint_interval=1000, keep_checkpoints=3, precision="auto", compile=True,
-        nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_samples=4, top_k=50,
+        nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4, top_k=50,
     ),
     # The same recipe on Kaggle's free 2×T4 (16 GB each, no bf16): fp16 + GradScaler, both GPUs through the
     # launcher, 8 × 1024-token micro-batches with 32 accumulation steps, and a checkpoint every ~30 minutes
@@ -41,12 +41,7 @@ RUN_PRESETS: dict[str, dict] = {
         micro_batch=8, max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=10,
         hellaswag_interval=1000, hellaswag_limit=2000, checkpoint_interval=100, keep_checkpoints=2,
         precision="fp16", compile=False, nproc=2, prompt="Hello, I'm a language model,", max_new_tokens=64,
-        num_samples=4, top_k=50,
+        num_return_sequences=4, top_k=50,
     ),
 }
 
-
-def get_preset(name: str) -> dict:
-    if name not in RUN_PRESETS:
-        raise KeyError(f"unknown run preset {name!r}; choose one of {sorted(RUN_PRESETS)}")
-    return dict(RUN_PRESETS[name])

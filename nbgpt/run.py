@@ -8,22 +8,19 @@
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import ConfigWarning
 from .files import LOCK_OWNER_ENV, RunLock
 from .metrics import read_metrics
-from .model import GPTConfig
-from .presets import get_preset
-from .train import TrainConfig
+from .model import ConfigError
+from .run_config import RunConfig, typed_values
 
 NOTEBOOKS = ("01_tokenize.ipynb", "02_model.ipynb", "03_train.ipynb", "04_evaluate_hellaswag.ipynb",
              "05_sample.ipynb")
-MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir", "out_dir"}
 
 
 class RunError(RuntimeError):
@@ -34,44 +31,25 @@ def notebooks_dir() -> Path:
     return Path(os.environ.get("NBGPT_NOTEBOOKS", Path(__file__).resolve().parents[1] / "notebooks"))
 
 
-def parse_value(text: str):
-    """`-p key value`: a Python literal when it parses as one (3, 0.5, None, True, [..], {..}), else text."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+def check_run(preset: str, overrides: dict, run_dir: Path, echo=print) -> dict:
+    """Build the run's whole RunConfig before any notebook starts; returns the overrides, typed.
 
-
-def declared_parameters(notebook: Path) -> dict:
-    import papermill
-
-    return papermill.inspect_notebook(str(notebook))
-
-
-def route_parameters(values: dict, declared: dict[str, dict]) -> dict[str, dict]:
-    """Split flat parameters among the notebooks that declare them.
-
-    A GPTConfig or TrainConfig field that a notebook does not declare goes into its `model_overrides` or
-    `train_overrides`; a key that no notebook takes is an error naming the keys that exist.
+    A bad value, an unknown name or a batch that does not split over nproc stops here, in a second, rather
+    than notebooks later; settings that contradict each other are echoed as warnings.
     """
-    routed: dict[str, dict] = {name: {} for name in declared}
-    used: set[str] = set()
-    for key, value in values.items():
-        for name, params in declared.items():
-            if key in params:
-                routed[name][key] = value
-            elif key in MODEL_FIELDS and "model_overrides" in params:
-                routed[name].setdefault("model_overrides", {})[key] = value
-            elif key in TRAIN_FIELDS and "train_overrides" in params:
-                routed[name].setdefault("train_overrides", {})[key] = value
-            else:
-                continue
-            used.add(key)
-    unknown = sorted(set(values) - used)
-    if unknown:
-        known = sorted({k for params in declared.values() for k in params} | MODEL_FIELDS | TRAIN_FIELDS)
-        raise RunError(f"unknown parameter(s) {unknown}; the notebooks take: {', '.join(known)}")
-    return routed
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConfigWarning)
+            typed = typed_values(overrides)
+            RunConfig.from_preset(preset, typed, run_dir)
+    except ConfigError as exc:
+        raise RunError(f"invalid configuration: {exc}") from None
+    for warning in caught:
+        if issubclass(warning.category, ConfigWarning):
+            echo(f"[nbgpt] warning: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return typed
 
 
 @dataclass
@@ -90,22 +68,17 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    try:
-        values = {**get_preset(preset), **(overrides or {})}
-    except KeyError as exc:
-        raise RunError(str(exc.args[0])) from None
     run_dir = Path(runs_dir).resolve() / (name or preset)
+    typed = check_run(preset, overrides or {}, run_dir, echo)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise RunError(f"{run_dir} already exists; pass --resume to continue it (training resumes from its last "
                        f"checkpoint) or --name to start a new run")
-    values["run_dir"] = str(run_dir)
     source = notebooks_dir()
     chosen = notebooks or list(NOTEBOOKS)
     missing = [n for n in chosen if not (source / n).is_file()]
     if missing:
         raise RunError(f"notebook(s) {missing} not found in {source}")
-    declared = {n: declared_parameters(source / n) for n in NOTEBOOKS}
-    routed = route_parameters(values, declared)
+    parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
     executed = []
     with RunLock(run_dir):
         os.environ[LOCK_OWNER_ENV] = str(os.getpid())  # kernels we start work inside our lock
@@ -114,7 +87,7 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
                 output = run_dir / notebook
                 echo(f"[nbgpt] {notebook} -> {output}")
                 try:
-                    papermill.execute_notebook(str(source / notebook), str(output), parameters=routed[notebook],
+                    papermill.execute_notebook(str(source / notebook), str(output), parameters=parameters,
                                                kernel_name="python3", cwd=str(run_dir), progress_bar=False,
                                                log_output=False)
                 except PapermillExecutionError as exc:

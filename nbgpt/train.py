@@ -12,7 +12,8 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import CheckpointError, load_latest, save_checkpoint
+from .config import ConfigWarning, check_fields, check_known, field_types, typed_mapping
 from .files import RunLock, remove_stale_temp_files
 from .device import (autocast, choose_precision, configure_backends, peak_flops, resolve_device,
                      synchronize)
@@ -41,33 +43,28 @@ class TrainConfig:
     # where
     data_dir: str = ""  # a prepared dataset (manifest.json + shards)
     out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl and train_config.json go here
-    # model: a preset, optionally reshaped
+    # model: a GPTConfig preset, reshaped by any GPTConfig fields ({"n_layer": 2, "bias": False}); vocab_size
+    # always comes from the dataset's tokenizer
     model: str = "tiny"
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    block_size: int | None = None
-    position: str | None = None  # "absolute" or "rope"
-    dropout: float = 0.0
-    vocab_multiple: int = 1  # 64 pads GPT-2's 50257 to 50304
+    model_overrides: dict = field(default_factory=dict)
     init_from: str = "scratch"  # or an HF GPT-2 directory / hub name to fine-tune from
-    # batch
-    total_batch_tokens: int = 524_288  # tokens per optimizer step, all ranks and micro-steps together
-    micro_batch: int = 64  # sequences per forward pass per rank
+    # batch: the defaults suit the tiny model on a CPU; the gpt2-124m preset has GPT-2's 0.5M tokens per step
+    total_batch_tokens: int = 8192  # tokens per optimizer step, all ranks and micro-steps together
+    micro_batch: int = 32  # sequences per forward pass per rank
     seq_len: int | None = None  # defaults to the model's block_size
     # schedule
-    max_steps: int = 19_073
+    max_steps: int = 200
     max_seconds: float | None = None  # wall-clock budget: the cosine horizon is fitted to it (see _fit_budget)
-    max_lr: float = 6e-4
+    max_lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 715
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     # evaluation, samples, checkpoints
-    eval_interval: int = 250
+    eval_interval: int = 50
     eval_batches: int = 20
     final_eval_batches: int | None = None  # batches of the final evaluation (None: eval_batches; 0: whole split)
     sample_interval: int = 0
@@ -76,7 +73,7 @@ class TrainConfig:
     hellaswag_interval: int = 0
     hellaswag_path: str | None = None
     hellaswag_limit: int | None = None
-    checkpoint_interval: int = 1000
+    checkpoint_interval: int = 100
     keep_checkpoints: int = 3
     resume: bool = True  # continue from the newest good checkpoint in out_dir if there is one
     # hardware
@@ -90,11 +87,66 @@ class TrainConfig:
     align_documents: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.model_overrides = typed_mapping(GPTConfig, self.model_overrides, exclude=("vocab_size",))
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("total_batch_tokens", "micro_batch", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for message in contradictions(self):
+            warnings.warn(message, ConfigWarning, stacklevel=3)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """TrainConfig from flat names: GPTConfig fields (n_layer, bias, ...) go into model_overrides.
+
+        Checkpoints written before model_overrides existed stored those fields flat, None meaning "the
+        preset's": they load too.
+        """
+        model_fields = set(field_types(GPTConfig)) - {"vocab_size"}
+        values = dict(values)
+        overrides = dict(values.pop("model_overrides", None) or {})
+        for name in model_fields & set(values):
+            value = values.pop(name)
+            if value is not None:
+                overrides[name] = value
+        check_known(values, set(field_types(cls)) | model_fields, "TrainConfig field")
+        return cls(**values, model_overrides=overrides)
+
     def model_config(self, vocab_size: int) -> GPTConfig:
-        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "position")
-                     if getattr(self, k) is not None}
-        return GPTConfig.from_preset(self.model, vocab_size=vocab_size, dropout=self.dropout,
-                                     vocab_multiple=self.vocab_multiple, **overrides)
+        return GPTConfig.from_preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size})
+
+    def batch_layout(self, block_size: int, world_size: int) -> tuple[int, int]:
+        """(seq_len, grad_accum_steps): how total_batch_tokens splits over ranks and micro-steps."""
+        seq_len = self.seq_len or block_size
+        if seq_len > block_size:
+            raise ConfigError(f"seq_len={seq_len} exceeds the model's block_size={block_size}; lower seq_len or "
+                              f"raise block_size")
+        tokens_per_micro_step = self.micro_batch * seq_len * world_size
+        if self.total_batch_tokens % tokens_per_micro_step:
+            raise ConfigError(
+                f"total_batch_tokens={self.total_batch_tokens} is not a multiple of micro_batch × seq_len × "
+                f"world_size = {self.micro_batch} × {seq_len} × {world_size} = {tokens_per_micro_step}; "
+                f"change total_batch_tokens or micro_batch")
+        return seq_len, self.total_batch_tokens // tokens_per_micro_step
+
+
+def contradictions(config: TrainConfig) -> list[str]:
+    """Settings that run but do not do what they seem to ask for."""
+    found = []
+    if config.warmup_steps >= config.max_steps:
+        found.append(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the learning rate "
+                     f"never reaches max_lr; lower warmup_steps (e.g. to {max(1, config.max_steps // 20)})")
+    for name in ("eval_interval", "sample_interval", "hellaswag_interval"):
+        interval = getattr(config, name)
+        if config.max_seconds is None and interval > config.max_steps:
+            found.append(f"{name}={interval} > max_steps={config.max_steps}: it happens only at the end of "
+                         f"the run; lower {name} to see it during training")
+    return found
 
 
 def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float:
@@ -173,22 +225,13 @@ class Trainer:
         else:
             from .hf import load_hf
 
-            self.model = load_hf(config.init_from, vocab_multiple=config.vocab_multiple)
+            self.model = load_hf(config.init_from, vocab_multiple=config.model_overrides.get("vocab_multiple", 1))
             self.model_config = self.model.config
             if self.model_config.vocab_size != self.tokenizer.vocab_size:
                 raise ConfigError(f"{config.init_from} has vocab_size {self.model_config.vocab_size}, the "
                                   f"dataset's tokenizer {self.tokenizer.vocab_size}")
         self.model.to(self.device)
-        self.seq_len = config.seq_len or self.model_config.block_size
-        if self.seq_len > self.model_config.block_size:
-            raise ConfigError(f"seq_len={self.seq_len} exceeds the model's block_size={self.model_config.block_size}")
-        tokens_per_micro_step = config.micro_batch * self.seq_len * self.dist.world_size
-        if config.total_batch_tokens % tokens_per_micro_step:
-            raise ConfigError(
-                f"total_batch_tokens={config.total_batch_tokens} is not a multiple of micro_batch × seq_len × "
-                f"world_size = {config.micro_batch} × {self.seq_len} × {self.dist.world_size} = "
-                f"{tokens_per_micro_step}; change total_batch_tokens or micro_batch")
-        self.grad_accum_steps = config.total_batch_tokens // tokens_per_micro_step
+        self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size)
         loader_args = dict(batch_size=config.micro_batch, seq_len=self.seq_len, rank=self.dist.rank,
                            world_size=self.dist.world_size)
         self.train_loader = DataLoader(self.store, "train", shuffle=config.shuffle, seed=config.seed,

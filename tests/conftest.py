@@ -59,4 +59,4 @@ def tiny_train_config(data_dir, out_dir, **overrides):
                   micro_batch=8, max_steps=20, warmup_steps=3, max_lr=3e-3, eval_interval=10, eval_batches=2,
                   checkpoint_interval=10, precision="fp32", progress=False, seed=7)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)

@@ -50,8 +50,8 @@ def lab(tmp_path_factory, char_data):
     trainer.fit()
     trainer.close()
     notebook = papermill.iorw.load_notebook_node(str(ROOT / "notebooks" / "05_sample.ipynb"))
-    notebook = parameterize_notebook(notebook, {"run_dir": str(root / "run"), "max_new_tokens": 2000,
-                                                "num_samples": 1, "precision": "fp32"})
+    notebook = parameterize_notebook(notebook, {"run_dir": str(root / "run"), "overrides": {
+        "max_new_tokens": 2000, "num_return_sequences": 1, "precision": "fp32"}})
     papermill.iorw.write_ipynb(notebook, str(root / "sample.ipynb"))
     token, port = secrets.token_hex(16), free_port()
     server = subprocess.Popen(

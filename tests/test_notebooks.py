@@ -42,7 +42,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def char_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     result = nbgpt_run("--preset", "tiny", "-p", "max_steps", "12", "-p", "n_layer", "1", "-p", "prompt", "JULIET:",
-                       "-p", "weight_decay", "0.05", runs_dir=runs)
+                       "-p", "weight_decay", "0.05", "-p", "bias", "False", "-p", "compile", "false", "-p", "errors",
+                       "replace", "-p", "top_p", "none", runs_dir=runs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return runs / "tiny", result.stdout
 
@@ -63,8 +64,10 @@ def test_parameter_overrides_take_effect(char_run):
     run_dir, _ = char_run
     checkpoint = resolve_checkpoint(run_dir)
     assert checkpoint["step"] == 12 and checkpoint["model_config"]["n_layer"] == 1
-    assert checkpoint["train_config"]["weight_decay"] == 0.05  # routed into train_overrides
-    assert (run_dir / "samples.txt").read_text().count("JULIET:") == 2  # num_samples=2 in the preset
+    assert checkpoint["train_config"]["weight_decay"] == 0.05  # a TrainConfig field set by -p
+    assert checkpoint["model_config"]["bias"] is False and checkpoint["train_config"]["compile"] is False
+    assert not any(name.endswith(".bias") for name in checkpoint["model"])  # a GPTConfig field set by -p
+    assert (run_dir / "samples.txt").read_text().count("JULIET:") == 2  # num_return_sequences=2 in the preset
     assert [r["step"] for r in read_metrics(run_dir, "train")] == list(range(12))
 
 

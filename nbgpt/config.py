@@ -1,0 +1,129 @@
+"""Typed configuration: one value parser and one validator for every knob, wherever its value comes from.
+
+A knob is a field of a dataclass (TrainConfig, GPTConfig, the pipeline's step configs). Its annotation says
+how a value is read, so `-p compile false`, `--compile false`, a JSON config and a preset entry all mean the
+same thing: booleans take true/false/1/0 (any case), optional fields take none/null, numbers must parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Sequence
+
+from .model import ConfigError
+
+_TRUE, _FALSE, _NONE = ("true", "1"), ("false", "0"), ("none", "null")
+
+
+class ConfigWarning(UserWarning):
+    """Settings that run but contradict each other (e.g. a warmup longer than the whole run)."""
+
+
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean 'max_steps'?)' for a near miss, else ''."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _optional_inner(annotation):
+    """X for `X | None`, else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return None
+
+
+def _describe(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def coerce(annotation, value, name: str):
+    """`value` as a field annotated `annotation` holds it; text (from -p or a flag) is parsed.
+
+    Raises ConfigError naming the parameter when the value cannot be one of that type.
+    """
+    inner = _optional_inner(annotation)
+    if inner is not None and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
+        return None
+    kind = inner or annotation
+    try:
+        return _convert(kind, value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{name} must be {_describe(kind)}{' or none' if inner else ''}, got {value!r}") from None
+
+
+def _convert(kind, value):
+    origin = typing.get_origin(kind) or kind
+    if kind is bool:
+        return _to_bool(value)
+    if kind in (int, float):
+        return _to_number(kind, value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    if origin is dict:
+        value = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise ValueError
+        return value
+    if isinstance(origin, type) and issubclass(origin, Sequence):
+        if isinstance(value, str):  # one string, or a JSON list of them
+            value = json.loads(value) if value.startswith("[") else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        return tuple(value)
+    raise NotImplementedError(f"no parser for fields annotated {kind!r}")
+
+
+def _to_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise ValueError("expected true/false/1/0")
+
+
+def _to_number(kind, value):
+    if isinstance(value, bool):
+        raise ValueError  # True is an int to Python, never a step count to a user
+    if isinstance(value, str):
+        value = kind(value.replace("_", "")) if kind is int else float(value)
+    if kind is int and not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ValueError
+    return kind(value)
+
+
+def field_types(cls) -> dict[str, object]:
+    """{field name: resolved annotation} of a dataclass (annotations are strings under `from __future__`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def check_fields(config) -> None:
+    """Coerce every field of a dataclass instance to its annotation, in place (call from __post_init__)."""
+    for name, annotation in field_types(type(config)).items():
+        setattr(config, name, coerce(annotation, getattr(config, name), name))
+
+
+def check_known(values: dict, known, what: str) -> None:
+    """Refuse keys that are not in `known`, each with its nearest known name."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = "".join(did_you_mean(k, known) for k in unknown)
+        listing = "" if hints else f"; the known names: {', '.join(sorted(known))}"
+        raise ConfigError(f"unknown {what}(s) {unknown}{hints}{listing}")
+
+
+def typed_mapping(cls, values: dict, exclude: tuple[str, ...] = ()) -> dict:
+    """`values` checked against the fields of `cls` (minus `exclude`) and coerced to their types."""
+    types_ = {k: v for k, v in field_types(cls).items() if k not in exclude}
+    check_known(values, types_, f"{cls.__name__} field")
+    return {k: coerce(types_[k], v, k) for k, v in values.items()}

@@ -1,0 +1,131 @@
+"""One configuration path: every knob typed by its dataclass field, checked before any notebook runs."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from nbgpt.checkpoint import resolve_checkpoint
+from nbgpt.cli import build_parser, given
+from nbgpt.config import ConfigWarning
+from nbgpt.model import ConfigError, GPTConfig
+from nbgpt.presets import RUN_PRESETS
+from nbgpt.run import RunError, check_run
+from nbgpt.run_config import RunConfig, SampleConfig
+from nbgpt.train import TrainConfig
+
+
+def nbgpt(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nbgpt", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env={**os.environ})
+
+
+def test_p_values_parse_by_the_fields_type(tmp_path):
+    typed = check_run("tiny", {"compile": "false", "shuffle": "TRUE", "resume": "0", "top_p": "none",
+                               "hellaswag_limit": "null", "max_steps": "1_000", "max_lr": "2e-3", "bias": "False",
+                               "errors": "replace", "prompt": "42", "stop": '["\\n\\n", "THE END"]'},
+                      tmp_path / "run")
+    assert typed == {"compile": False, "shuffle": True, "resume": False, "top_p": None, "hellaswag_limit": None,
+                     "max_steps": 1000, "max_lr": 2e-3, "bias": False, "errors": "replace", "prompt": "42",
+                     "stop": ("\n\n", "THE END")}
+    config = RunConfig.from_preset("tiny", typed, tmp_path / "run")
+    assert config.train.compile is False and config.train.model_overrides == {"bias": False}
+    assert config.hellaswag.hellaswag_limit is None and config.train.hellaswag_limit is None  # a shared knob
+    assert config.prepare.errors == "replace" and config.sample.stop == ("\n\n", "THE END")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("max_steps", "abc", "max_steps must be int, got 'abc'"),
+    ("compile", "maybe", "compile must be bool, got 'maybe'"),
+    ("top_k", "1.5", "top_k must be int or none, got '1.5'"),
+    ("n_embd", "none", "n_embd must be int, got 'none'"),
+    ("tokenizer", "bpe", "tokenizer must be one of gpt2, char, got 'bpe'"),
+    ("n_head", "3", "GPTConfig.n_embd=64 is not divisible by n_head=3"),
+])
+def test_bad_values_name_the_parameter(tmp_path, name, value, message):
+    with pytest.raises(RunError, match="invalid configuration: " + message):
+        check_run("tiny", {name: value}, tmp_path)
+
+
+def test_cli_flags_use_the_same_parser():
+    parser = build_parser()
+    args = parser.parse_args(["sample", "--checkpoint", "run", "--top-k", "none", "--stop-at-eot", "False",
+                              "--prompt", "ROMEO:", "--num-return-sequences", "3"])
+    config = SampleConfig(**given(args, SampleConfig))
+    assert (config.top_k, config.stop_at_eot, config.prompt, config.num_return_sequences) == (None, False,
+                                                                                              "ROMEO:", 3)
+    train = parser.parse_args(["train", "--bias", "false", "--compile", "0", "--rope-base", "500",
+                               "--max-seconds", "null"])
+    assert given(train, TrainConfig) == {"compile": False, "max_seconds": None}
+    config = TrainConfig.from_dict(given(train, TrainConfig, GPTConfig))
+    assert config.compile is False and config.model_overrides == {"bias": False, "rope_base": 500.0}
+
+
+def test_cli_rejects_a_bad_flag_naming_it(tmp_path):
+    result = nbgpt("train", "--data-dir", str(tmp_path), "--max-steps", "abc")
+    assert result.returncode == 2 and "max_steps must be int, got 'abc'" in result.stderr
+
+
+def test_cli_train_reaches_gpt_fields(char_data, tmp_path):
+    out = tmp_path / "run"
+    result = nbgpt("train", "--data-dir", str(char_data), "--out-dir", str(out), "--bias", "false",
+                   "--position", "rope", "--rope-base", "500", "--block-size", "32", "--total-batch-tokens", "256",
+                   "--micro-batch", "8", "--max-steps", "2", "--warmup-steps", "1", "--eval-batches", "1",
+                   "--precision", "fp32", "--progress", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = resolve_checkpoint(out)
+    assert checkpoint["model_config"]["bias"] is False and checkpoint["model_config"]["rope_base"] == 500.0
+    assert not any(name.endswith(".bias") for name in checkpoint["model"])
+    assert checkpoint["train_config"]["model_overrides"] == {"bias": False, "position": "rope", "rope_base": 500.0,
+                                                             "block_size": 32}
+
+
+def test_unknown_names_get_a_suggestion(tmp_path):
+    with pytest.raises(RunError, match=r"unknown parameter\(s\) \['max_step'\] \(did you mean 'max_steps'\?\)"):
+        check_run("tiny", {"max_step": "30"}, tmp_path)
+    with pytest.raises(ConfigError, match="did you mean 'n_layer'"):
+        TrainConfig(model_overrides={"n_layers": 2})
+    with pytest.raises(ConfigError, match="unknown run preset 'cpu_demo' \\(did you mean 'cpu-demo'\\?\\)"):
+        RunConfig.from_preset("cpu_demo")
+
+
+def test_bad_configuration_stops_before_any_notebook(tmp_path):
+    """The batch must split over nproc processes: found in the parent process, before papermill starts."""
+    result = nbgpt("run", "--runs-dir", str(tmp_path), "--preset", "gpt2-124m", "-p", "nproc", "3")
+    assert result.returncode == 1
+    assert ("total_batch_tokens=524288 is not a multiple of micro_batch × seq_len × world_size = 64 × 1024 × 3"
+            in result.stderr)
+    assert "[nbgpt] 01_tokenize.ipynb" not in result.stdout and not (tmp_path / "gpt2-124m").exists()
+    typo = nbgpt("run", "--runs-dir", str(tmp_path), "--preset", "tiny", "-p", "max_step", "30")
+    assert typo.returncode == 1 and "did you mean 'max_steps'" in typo.stderr
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_contradictions_warn(tmp_path):
+    with pytest.warns(ConfigWarning, match="warmup_steps=715 >= max_steps=500: the learning rate never reaches"):
+        TrainConfig(max_steps=500, warmup_steps=715)
+    with pytest.warns(ConfigWarning, match="eval_interval=250 > max_steps=100"):
+        TrainConfig(max_steps=100, eval_interval=250)
+    lines = []
+    check_run("tiny", {"warmup_steps": "40"}, tmp_path, echo=lines.append)
+    assert lines == ["[nbgpt] warning: warmup_steps=40 >= max_steps=30: the learning rate never reaches max_lr; "
+                     "lower warmup_steps (e.g. to 1)"]
+
+
+@pytest.mark.parametrize("preset", sorted(RUN_PRESETS))
+def test_presets_and_defaults_are_coherent(preset):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RunConfig.from_preset(preset)
+        RunConfig()
+
+
+def test_old_checkpoint_train_configs_load():
+    """Before model_overrides, TrainConfig held GPTConfig fields flat, None meaning the preset's value."""
+    old = {"model": "tiny", "n_layer": None, "n_head": 4, "n_embd": None, "block_size": 32, "position": None,
+           "dropout": 0.1, "vocab_multiple": 1, "max_steps": 20, "warmup_steps": 3, "eval_interval": 10}
+    config = TrainConfig.from_dict(old)
+    assert config.model_overrides == {"n_head": 4, "block_size": 32, "dropout": 0.1, "vocab_multiple": 1}
+    assert config.model_config(vocab_size=65).n_head == 4
