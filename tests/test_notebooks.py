@@ -111,11 +111,11 @@ def test_failing_cell_names_notebook_and_keeps_partial_output(tmp_path):
 
 def test_bad_run_arguments(tmp_path):
     unknown = nbgpt_run("--preset", "tiny", "-p", "max_stepz", "3", runs_dir=tmp_path)
-    assert unknown.returncode == 1 and "unknown parameter(s) ['max_stepz']" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown parameter(s) ['max_stepz']" in unknown.stderr
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "metrics.jsonl").write_text("")
     exists = nbgpt_run("--preset", "tiny", runs_dir=tmp_path)
-    assert exists.returncode == 1 and "pass --resume" in exists.stderr
+    assert exists.returncode == 2 and "pass --resume" in exists.stderr
 
 
 def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
