@@ -95,3 +95,108 @@ def test_preset_journey_sigterm_then_resume_is_bit_exact(preset, precision, corp
     reference = final_weights(runs / "straight")
     for name, tensor in final_weights(runs / "victim").items():
         assert torch.equal(tensor, reference[name]), name
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def cli_train(config, tmp_path, *extra):
+    path = tmp_path / f"{Path(config.out_dir).name}.json"
+    path.write_text(json.dumps(vars(config)))
+    return nbgpt("train", "--config-json", path, *extra)
+
+
+def test_divergence_journey_skips_bad_steps_and_names_the_last_good_checkpoint(char_data, tmp_path):
+    run = tmp_path / "run"
+    result = cli_train(tiny_train_config(char_data, run, max_lr=1e3, warmup_steps=1, checkpoint_interval=2,
+                                         max_steps=30), tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("nbgpt: TrainingDiverged: ") and "Traceback" not in result.stderr
+    named = error[0].split("the last good checkpoint is ")[1].split(". ")[0]
+    assert Path(named).is_file()
+    records = strict_json_lines(run / "metrics.jsonl")  # no NaN tokens
+    assert [r["step"] for r in records if r.get("nonfinite")][-3:] == [1, 2, 3]
+    for checkpoint in (run / "checkpoints").glob("ckpt_*.pt"):  # nothing non-finite was ever written
+        model = torch.load(checkpoint, weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in model.values()), checkpoint
+    assert (run / "train.log").read_text().count("(skipped: non-finite)") == 3
+
+    fresh = tmp_path / "fresh"  # diverging before any checkpoint says so
+    result = cli_train(tiny_train_config(char_data, fresh, max_lr=1e3, warmup_steps=1, checkpoint_interval=0,
+                                         max_steps=30), tmp_path)
+    assert result.returncode == 2 and f"no checkpoint exists yet in {fresh / 'checkpoints'}" in result.stderr
+
+
+def test_damaged_index_is_rebuilt_and_the_run_is_never_overwritten(char_data, tmp_path):
+    from nbgpt.model import ConfigError
+
+    run = tmp_path / "run"
+    config = tiny_train_config(char_data, run, max_steps=8, checkpoint_interval=2, eval_interval=0)
+    trainer = Trainer(config)
+    trainer.fit()
+    trainer.close()
+    index = run / "checkpoints" / "checkpoints.json"
+    good = json.loads(index.read_text())
+    damages = {
+        "torn": index.read_text()[:40],
+        "an empty list": json.dumps({"checkpoints": []}),
+        "no sha256": json.dumps({"checkpoints": [{k: v for k, v in e.items() if k != "sha256"}
+                                                 for e in good["checkpoints"]]}),
+        "non-object entries": json.dumps({"checkpoints": [8, "ckpt_0000008.pt"]}),
+    }
+    for damage, text in damages.items():
+        index.write_text(text)
+        notes = []
+        assert load_latest(run / "checkpoints", on_skip=notes.append)["step"] == 8, damage
+        assert notes and "rebuilt it from 3 verified checkpoint file(s)" in notes[-1], damage
+    index.unlink()
+    before = (run / "checkpoints" / "ckpt_0000008.pt").read_bytes()
+    resumed = Trainer(tiny_train_config(char_data, run, max_steps=10, checkpoint_interval=2, eval_interval=0))
+    assert resumed.step == 8  # not 0: nothing truncated, no checkpoint overwritten
+    resumed.fit()
+    resumed.close()
+    assert [r["step"] for r in read_metrics(run, "train")] == list(range(10))
+    assert (run / "checkpoints" / "ckpt_0000008.pt").read_bytes() == before
+
+    newest = run / "checkpoints" / "ckpt_0000010.pt"  # a damaged newest file: the fallback is said, with why
+    newest.write_bytes(b"\0" * newest.stat().st_size)
+    result = nbgpt("sample", "--checkpoint", run, "--max-new-tokens", "5", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "using the older checkpoint ckpt_0000008.pt (step 8)" in result.stderr and "sha256" in result.stderr
+
+    with pytest.raises(ConfigError, match="resume=False would overwrite them"):
+        Trainer(tiny_train_config(char_data, run, resume=False))
+    assert not (run / ".lock").exists()  # a constructor that raised released the run directory
+
+
+def test_budget_and_schedule_horizon_belong_to_the_run(char_data, tmp_path):
+    from dataclasses import replace
+
+    config = tiny_train_config(char_data, tmp_path / "run", max_steps=10**9, max_seconds=3600.0,
+                               checkpoint_interval=0, eval_interval=0)
+    first = Trainer(config)
+    first.fit(until=5)
+    first.close()
+    saved = load_latest(tmp_path / "run" / "checkpoints")
+    assert saved["elapsed"] > 0 and 5 < saved["max_steps"] < 10**9
+    resumed = Trainer(config)
+    assert (resumed.step, resumed.elapsed, resumed.max_steps) == (5, saved["elapsed"], saved["max_steps"])
+    resumed.close()
+    # The same run with a budget its first process already spent ends after one step instead of starting over.
+    spent = Trainer(replace(config, max_seconds=saved["elapsed"]))
+    assert spent.fit()["step"] == 6
+    spent.close()
+
+
+def test_peak_flops_measurement_leaves_the_global_rng_alone():
+    from nbgpt.device import measured_matmul_flops
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    measured_matmul_flops.__wrapped__("cpu", "fp32", max_size=256, seconds=0.01)
+    assert torch.equal(state, torch.get_rng_state())
