@@ -109,12 +109,12 @@ def hellaswag_path(path: str | os.PathLike | None = None) -> Path:
 
 
 def _download(url: str) -> bytes:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0)
         chunks = []
-        with tqdm(total=total or None, unit="B", unit_scale=True, desc="hellaswag_val.jsonl") as bar:
+        with progress_bar(total=total or None, unit="B", unit_scale=True, desc="hellaswag_val.jsonl") as bar:
             while chunk := response.read(1 << 16):
                 chunks.append(chunk)
                 bar.update(len(chunk))

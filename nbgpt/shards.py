@@ -137,7 +137,7 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     its last complete shard. `min_window` is the smallest number of tokens each split must hold (a model
     with context T needs T + 1). Output is byte-identical whatever `workers` is.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     out = Path(out_dir)
     if shard_tokens < 2:
@@ -201,7 +201,7 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     doc_number = state["next_doc"]  # documents consumed so far (all of them, once the loop ends)
     skip_tokens = state["skip_tokens"]
     flushed_tokens = sum(s["tokens"] for s in shards)
-    bar = tqdm(desc=f"tokenizing {src.name}", unit=" docs", initial=doc_number, disable=not progress)
+    bar = progress_bar(desc=f"tokenizing {src.name}", unit=" docs", initial=doc_number, disable=not progress)
 
     def flush(next_doc: int, skip: int) -> None:
         nonlocal fill, flushed_tokens

@@ -63,10 +63,7 @@ class StopSignals:
         self.signum = signum if first else self.signum
         if self.forward is not None:
             self.forward(signum)
-        elif first:
-            print(f"{signal_name(signum)}: stopping after this step with a checkpoint (signal again to exit "
-                  f"at once)", file=sys.stderr, flush=True)
-        else:
+        elif not first:
             print(f"{signal_name(signum)} again: exiting now; the checkpoints on disk are intact",
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)

@@ -471,10 +471,9 @@ class Trainer:
         if final or signum or self._due(self.config.checkpoint_interval, self.step) or self.step == until:
             self.save()
         if signum:
-            message = (f"stopped by {signal_name(signum)} after step {self.step} with a checkpoint in "
-                       f"{self.checkpoint_dir}; run again with resume=True (the default) to continue")
-            self.log_event(message)
-            raise TrainingStopped(message, signum)
+            raise TrainingStopped(f"stopped by {signal_name(signum)} after step {self.step} with a checkpoint in "
+                                  f"{self.checkpoint_dir}; run again with resume=True (the default) to continue",
+                                  signum)
 
     def _count_bad_steps(self, record: dict) -> None:
         self.bad_steps = self.bad_steps + 1 if record.get("nonfinite") else 0
