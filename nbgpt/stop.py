@@ -63,7 +63,10 @@ class StopSignals:
         self.signum = signum if first else self.signum
         if self.forward is not None:
             self.forward(signum)
-        elif not first:
+        elif first:
+            print(f"{signal_name(signum)}: stopping after this step, with a checkpoint (again: exit at once)",
+                  file=sys.stderr, flush=True)
+        else:
             print(f"{signal_name(signum)} again: exiting now; the checkpoints on disk are intact",
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)

@@ -59,6 +59,20 @@ def test_pipeline_runs_every_notebook_and_reports(char_run):
     assert json.loads((run_dir / "hellaswag.json").read_text())["skipped"].startswith("HellaSwag is English text")
 
 
+def test_progress_streams_live_and_executed_notebooks_keep_final_bars(char_run):
+    run_dir, stdout = char_run
+    assert "step     11/12 | loss" in stdout and "| val loss" in stdout  # streamed from train.log
+    assert "step     11/12 | loss" in (run_dir / "train.log").read_text()
+
+    def streams(name):
+        cells = json.loads((run_dir / name).read_text())["cells"]
+        return "".join(o.get("text", "") for c in cells for o in c.get("outputs", []) if o["output_type"] == "stream")
+
+    assert "training: 100%" in streams("03_train.ipynb")
+    tokenizing = streams("01_tokenize.ipynb")
+    assert "tokenizing" in tokenizing and " 0 docs" not in tokenizing
+
+
 def test_parameter_overrides_take_effect(char_run):
     run_dir, _ = char_run
     checkpoint = resolve_checkpoint(run_dir)
