@@ -15,6 +15,7 @@ from .cli import build_parser
 def expected_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .device import DeviceError
+    from .divergence import TrainingDiverged
     from .files import WriteError
     from .hellaswag import HellaSwagError, HellaSwagUnavailable
     from .hf import HFFormatError
@@ -24,7 +25,6 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from .shards import DataError
     from .sources import SourceError
     from .tokenizer import TokenizerError
-    from .train import TrainingDiverged
 
     return (CheckpointError, ConfigError, DataError, DeviceError, FileNotFoundError, HellaSwagError,
             HellaSwagUnavailable, HFFormatError, RunError, RunLockError, SourceError, TokenizerError,

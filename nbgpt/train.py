@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, has_checkpoints, latest_checkpoint, load_latest, save_checkpoint
+from .checkpoint import CheckpointError, has_checkpoints, load_latest, save_checkpoint
+from .divergence import DivergenceGuard, TrainingDiverged
 from .files import remove_stale_temp_files
 from .device import (autocast, choose_precision, configure_backends, peak_flops, resolve_device,
                      synchronize)
@@ -33,10 +34,6 @@ from .stop import StopSignals, TrainingStopped, signal_name
 from .model import GPT, ConfigError, GPTConfig, build_adamw, build_muon, flops_per_token
 from .shards import DataError, TokenStore
 from .tokenizer import tokenizer_spec
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient stayed NaN or infinite for max_bad_steps steps in a row."""
 
 
 @dataclass
@@ -229,7 +226,7 @@ class Trainer:
         self.step = 0
         self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
         self.elapsed = 0.0  # seconds this run has trained, over all its processes (a resume continues it)
-        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self.divergence = DivergenceGuard(config.max_bad_steps, self.checkpoint_dir)
         self.last_val_loss: float | None = None
         self._hellaswag_examples = None
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
@@ -447,7 +444,7 @@ class Trainer:
                     self._periodic(emit, final=False)
                     last_train = self.train_step()
                     emit(last_train)
-                    self._count_bad_steps(last_train)
+                    self.divergence.observe(last_train)
                     self.elapsed = clock.elapsed()
                     if self.config.max_seconds is not None:
                         self._fit_budget(clock.per_step(self.step))
@@ -474,18 +471,6 @@ class Trainer:
             raise TrainingStopped(f"stopped by {signal_name(signum)} after step {self.step} with a checkpoint in "
                                   f"{self.checkpoint_dir}; run again with resume=True (the default) to continue",
                                   signum)
-
-    def _count_bad_steps(self, record: dict) -> None:
-        self.bad_steps = self.bad_steps + 1 if record.get("nonfinite") else 0
-        if self.bad_steps < self.config.max_bad_steps:
-            return
-        latest = latest_checkpoint(self.checkpoint_dir)
-        kept = (f"the last good checkpoint is {latest}" if latest is not None else
-                f"no checkpoint exists yet in {self.checkpoint_dir}")
-        raise TrainingDiverged(
-            f"the loss or gradient was not finite for {self.bad_steps} steps in a row (up to step {self.step - 1}); "
-            f"those steps were skipped, so no update reached the weights; {kept}. Lower max_lr, raise "
-            f"warmup_steps, or use precision='fp32'/'bf16', then resume")
 
     def _fit_budget(self, per_step: float) -> None:
         """Fit max_steps to the wall-clock budget from the measured time per step, so the cosine schedule

@@ -13,7 +13,8 @@ from conftest import tiny_train_config
 from nbgpt.checkpoint import CheckpointError, load_latest
 from nbgpt.metrics import read_metrics
 from nbgpt.model import ConfigError
-from nbgpt.train import TrainConfig, Trainer, TrainingDiverged, lr_at
+from nbgpt.divergence import TrainingDiverged
+from nbgpt.train import TrainConfig, Trainer, lr_at
 
 
 def train_losses(run_dir):
