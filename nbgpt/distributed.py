@@ -109,8 +109,14 @@ def launch(config, nproc: int, echo=print, **node) -> int:
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
             with StopSignals(forward=process.send_signal) as stop:
                 assert process.stdout is not None
+                quiet = False
                 for line in process.stdout:
-                    echo(line.rstrip("\n"))
+                    # A stop makes torchrun end with a traceback of its own SignalException: noise, since
+                    # the workers have checkpointed and said so; it is read (so torchrun never blocks on a
+                    # full pipe) but not echoed.
+                    quiet = quiet or (stop.signum is not None and line.startswith("Traceback"))
+                    if not quiet:
+                        echo(line.rstrip("\n"))
                 code = process.wait()
         finally:
             os.unlink(config_file)
