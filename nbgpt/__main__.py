@@ -1,4 +1,9 @@
-"""Command line: `python -m nbgpt {prepare,train,eval,sample,run} ...` (see --help of each)."""
+"""Command line: `python -m nbgpt {prepare,train,eval,sample,run} ...` (see --help of each).
+
+An expected failure (a missing file, a locked run directory, a diverged run, a bad setting...) is one line
+naming the cause and the fix, exit code 2; a run stopped by a signal says how to resume, exit 128 + signal.
+Tracebacks are for bugs, or for `nbgpt --debug ...`.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,46 @@ import sys
 from .cli import build_parser
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .device import DeviceError
+    from .divergence import TrainingDiverged
+    from .files import WriteError
+    from .hellaswag import HellaSwagError, HellaSwagUnavailable
+    from .hf import HFFormatError
+    from .model import ConfigError
+    from .run import RunError
+    from .runlock import RunLockError
+    from .shards import DataError
+    from .sources import SourceError
+    from .tokenizer import TokenizerError
+
+    return (CheckpointError, ConfigError, DataError, DeviceError, FileNotFoundError, HellaSwagError,
+            HellaSwagUnavailable, HFFormatError, RunError, RunLockError, SourceError, TokenizerError,
+            TrainingDiverged, WriteError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .stop import TrainingStopped
+
     parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except TrainingStopped as exc:
+        if args.debug:
+            raise
+        print(exc, file=sys.stderr)
+        return 128 + exc.signum
+    except expected_errors() as exc:
+        if args.debug:
+            raise
+        print(f"nbgpt: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

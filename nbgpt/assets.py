@@ -144,12 +144,12 @@ def _one_line(exc: BaseException) -> str:
 
 def download(url: str, label: str) -> bytes:
     """The body of `url`, with a progress bar."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0)
         chunks = []
-        with tqdm(total=total or None, unit="B", unit_scale=True, desc=label) as bar:
+        with progress_bar(total=total or None, unit="B", unit_scale=True, desc=label) as bar:
             while chunk := response.read(1 << 16):
                 chunks.append(chunk)
                 bar.update(len(chunk))

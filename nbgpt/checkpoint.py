@@ -2,7 +2,8 @@
 
 A checkpoint is one `ckpt_XXXXXXX.pt` file written atomically (temp file, fsync, rename). `checkpoints.json`
 lists the complete ones with their step and sha256; it is rewritten atomically after each save, so whatever
-it points to is complete. Loading verifies the hash and uses `torch.load(weights_only=True)`, which only
+it points to is complete. It is a cache of the folder, never the only record: when it is lost or disagrees
+with the files, it is rebuilt from the checkpoint files that verify. Loading verifies the hash and uses `torch.load(weights_only=True)`, which only
 rebuilds tensors and plain containers: a file with a pickled payload is refused, not run.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,14 +29,66 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:07d}.pt"
 
 
-def _index(directory: Path) -> list[dict]:
+def _valid_entry(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("step"), int) and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("file"), str) and entry["file"] == checkpoint_name(entry["step"]))
+
+
+def _read_index(directory: Path) -> tuple[list[dict] | None, str]:
+    """The index's entries, or None and why they cannot be trusted."""
     path = directory / INDEX
     if not path.is_file():
-        return []
+        return None, f"{INDEX} is missing"
     try:
-        return list(read_json(path)["checkpoints"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); delete it to rescan, checkpoints stay") from exc
+        entries = read_json(path)["checkpoints"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{INDEX} is unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(entries, list) or not all(_valid_entry(e) for e in entries):
+        return None, f"{INDEX} has malformed entries"
+    listed = {e["file"] for e in entries}
+    on_disk = {p.name for p in directory.glob("ckpt_*.pt")}
+    if listed != on_disk:
+        return None, f"{INDEX} lists {sorted(listed) or 'nothing'} but the folder holds {sorted(on_disk)}"
+    return entries, ""
+
+
+def _scan(directory: Path, note) -> list[dict]:
+    """Index entries for the checkpoint files that load and verify, oldest first."""
+    entries = []
+    for path in sorted(directory.glob("ckpt_*.pt")):
+        try:
+            step = load_file(path)["step"]
+        except CheckpointError as exc:
+            note(f"skipping damaged checkpoint: {exc}")
+            continue
+        entries.append({"step": step, "file": path.name, "sha256": sha256_file(path)})
+    return entries
+
+
+def _index(directory: Path, note=None) -> list[dict]:
+    """The checkpoints of `directory`, oldest first. The index is a cache of the folder: when it is missing,
+    torn, or disagrees with the files there, it is rebuilt from the checkpoint files that verify."""
+    entries, problem = _read_index(directory)
+    if entries is not None:
+        return entries
+    files = sorted(directory.glob("ckpt_*.pt"))
+    if not files:
+        return []
+    note = note or (lambda message: None)
+    entries = _scan(directory, note)
+    note(f"{problem}: rebuilt it from {len(entries)} verified checkpoint file(s) of {len(files)} in {directory}")
+    return entries
+
+
+def has_checkpoints(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds any checkpoint file (good or damaged): a run that must not be overwritten."""
+    return any(Path(directory).glob("ckpt_*.pt"))
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest indexed checkpoint file, or None when the run has none yet."""
+    entries = _index(Path(directory))
+    return Path(directory) / entries[-1]["file"] if entries else None
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, payload: dict, keep: int = 3) -> Path:
@@ -47,8 +101,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, payload: dict, keep
     buffer = io.BytesIO()
     torch.save({**payload, "step": step, "format": "nbgpt-checkpoint-1"}, buffer)
     data = buffer.getvalue()
+    entries = [e for e in _index(directory) if e["step"] != step]  # read before the new file joins the folder
     atomic_write_bytes(path, data)
-    entries = [e for e in _index(directory) if e["step"] != step]
     entries.append({"step": step, "file": path.name, "sha256": sha256_bytes(data)})
     entries.sort(key=lambda e: e["step"])
     kept, dropped = entries[-keep:] if keep > 0 else entries, entries[:-keep] if keep > 0 else []
@@ -79,23 +133,30 @@ def load_file(path: str | os.PathLike, expected_sha256: str | None = None) -> di
     return payload
 
 
-def load_latest(directory: str | os.PathLike, on_skip=None) -> dict | None:
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load_latest(directory: str | os.PathLike, on_skip=warn) -> dict | None:
     """The newest checkpoint in `directory` that verifies, falling back to older ones; None if none exist.
 
-    `on_skip(message)` is called for each damaged checkpoint passed over.
+    `on_skip(message)` hears every fallback and index rebuild, with the reason (default: stderr).
     """
     directory = Path(directory)
-    entries = _index(directory)
+    entries = _index(directory, on_skip)
     if not entries:
         return None
     errors = []
     for entry in reversed(entries):
         try:
-            return load_file(directory / entry["file"], entry["sha256"])
+            payload = load_file(directory / entry["file"], entry["sha256"])
         except CheckpointError as exc:
             errors.append(str(exc))
-            if on_skip is not None:
-                on_skip(f"skipping damaged checkpoint: {exc}")
+            continue
+        if errors:
+            on_skip(f"using the older checkpoint {entry['file']} (step {entry['step']}) because the newer ones "
+                    f"are damaged: " + "; ".join(errors))
+        return payload
     raise CheckpointError("no usable checkpoint in " + str(directory) + ":\n  " + "\n  ".join(errors))
 
 
@@ -105,7 +166,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_file():
         return load_file(path)
     for directory in (path / "checkpoints", path):
-        if (directory / INDEX).is_file():
+        if (directory / INDEX).is_file() or has_checkpoints(directory):
             payload = load_latest(directory)
             if payload is not None:
                 return payload

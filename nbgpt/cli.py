@@ -115,15 +115,19 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .run import RunError, run_pipeline
+    from .run import RunError, RunStopped, run_pipeline
 
     overrides = dict(args.parameters or [])  # text: RunConfig's fields parse it by their types
     try:
         result = run_pipeline(args.preset, overrides, name=args.name, runs_dir=args.runs_dir, resume=args.resume,
                               notebooks=args.notebooks)
+    except RunStopped as exc:
+        print(f"nbgpt run: {exc}. Resume with: python -m nbgpt run --preset {args.preset} --runs-dir "
+              f"{args.runs_dir} --name {args.name or args.preset} --resume", file=sys.stderr)
+        return 128 + exc.signum
     except RunError as exc:
         print(f"nbgpt run: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"\nrun directory:      {result.run_dir}")
     print("executed notebooks: " + "\n                    ".join(str(p) for p in result.notebooks))
     print("plots:              " + "\n                    ".join(str(p) for p in result.plots))

@@ -100,10 +100,13 @@ def measured_matmul_flops(device_type: str, precision: str, max_size: int = 2048
     """
     device = torch.device(device_type)
     dtype = DTYPES[precision]
+    # A private generator: the global RNG belongs to training (dropout, data order), and this draws a
+    # timing-dependent number of times, which would make runs irreproducible and resumes inexact.
+    generator = torch.Generator(device=device).manual_seed(0)
     size = 256
     while True:
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
+        a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        b = torch.randn(size, size, device=device, generator=generator).to(dtype)
         torch.mm(a, b)
         synchronize(device)
         start = time.perf_counter()

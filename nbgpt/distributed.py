@@ -59,6 +59,12 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
@@ -80,27 +86,45 @@ def launch(config, nproc: int, echo=print, **node) -> int:
     """Train `config` (a TrainConfig) on `nproc` processes of this machine via torchrun, streaming output.
 
     From a notebook this is how a 2×T4 Kaggle box trains on both GPUs: the kernel stays a single process
-    and torchrun's workers run beside it. Raises RuntimeError if they fail.
+    and torchrun's workers run beside it. The launcher owns the run directory (its lock) while they run, and
+    they, its descendants, are admitted to it. SIGTERM/SIGINT reaching the launcher are passed to torchrun,
+    which passes them to the workers; they stop together with a checkpoint and this raises TrainingStopped.
+    Raises RuntimeError if the workers fail.
     """
     from dataclasses import asdict
 
-    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=config.out_dir, delete=False) as f:
-        json.dump(asdict(config), f)
-        config_file = f.name
-    cmd = torchrun_command(nproc, ["train", "--config-json", config_file], **node)
-    from .files import LOCK_OWNER_ENV
+    from .checkpoint import latest_checkpoint
+    from .runlock import RunLock
+    from .stop import StopSignals, TrainingStopped, signal_name
 
-    # The workers may use a run directory this process has locked (a trainer made earlier in the notebook).
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", LOCK_OWNER_ENV: str(os.getpid())}
-    try:
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        assert process.stdout is not None
-        for line in process.stdout:
-            echo(line.rstrip("\n"))
-        code = process.wait()
-    finally:
-        os.unlink(config_file)
+    with RunLock(config.out_dir):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", dir=config.out_dir, delete=False) as f:
+            json.dump(asdict(config), f)
+            config_file = f.name
+        cmd = torchrun_command(nproc, ["train", "--config-json", config_file], **node)
+        try:
+            # Its own session: a Ctrl-C in a terminal or a Jupyter interrupt reaches torchrun once, from here,
+            # not twice (directly and forwarded), which torchrun would take as "kill the workers now".
+            process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            with StopSignals(forward=process.send_signal) as stop:
+                assert process.stdout is not None
+                quiet = False
+                for line in process.stdout:
+                    # A stop makes torchrun end with a traceback of its own SignalException: noise, since
+                    # the workers have checkpointed and said so; it is read (so torchrun never blocks on a
+                    # full pipe) but not echoed.
+                    quiet = quiet or (stop.signum is not None and line.startswith("Traceback"))
+                    if not quiet:
+                        echo(line.rstrip("\n"))
+                code = process.wait()
+        finally:
+            os.unlink(config_file)
+    if stop.signum is not None:
+        latest = latest_checkpoint(Path(config.out_dir) / "checkpoints")
+        raise TrainingStopped(f"stopped by {signal_name(stop.signum)}; the run's latest checkpoint is "
+                              f"{latest or 'none'}; run again with resume=True (the default) to continue",
+                              stop.signum)
     if code != 0:
         raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}: {' '.join(cmd)}")
     return code

@@ -1,16 +1,23 @@
 """Training logs as JSON Lines: one object per line, written by the trainer, read by plots and notebooks.
 
-Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu), "eval"
+Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu; a step skipped for a
+non-finite loss or gradient has "nonfinite": true and null where a number was not finite), "eval"
 (step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "event" (message).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from .files import atomic_write_bytes
+
+
+def strict(record: dict) -> dict:
+    """NaN and infinities are not JSON (json.dumps would write the bare token NaN): they become null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class MetricsLog:
@@ -22,7 +29,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict(record), allow_nan=False) + "\n")
 
     def truncate_from(self, step: int) -> None:
         """Drop records of `step` and later: a run resumed from the checkpoint of `step` redoes them."""

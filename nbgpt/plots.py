@@ -38,7 +38,7 @@ def _save(fig, path: str | os.PathLike | None) -> Path | None:
 def loss_figure(run_dir: str | os.PathLike, title: str | None = None):
     """Train loss (raw and smoothed) and validation loss against step, with the bigram baseline if known."""
     run_dir = Path(run_dir)
-    train = read_metrics(run_dir, "train")
+    train = [r for r in read_metrics(run_dir, "train") if r["loss"] is not None]  # None: a skipped step
     evals = read_metrics(run_dir, "eval")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigWarning
-from .files import LOCK_OWNER_ENV, RunLock
+from .logtail import LogTail
 from .metrics import read_metrics
 from .model import ConfigError
+from .processes import children, signal_tree
 from .run_config import RunConfig, typed_values
+from .runlock import RunLock
+from .stop import StopSignals, signal_name
 
 NOTEBOOKS = ("01_tokenize.ipynb", "02_model.ipynb", "03_train.ipynb", "04_evaluate_hellaswag.ipynb",
              "05_sample.ipynb")
@@ -25,6 +28,14 @@ NOTEBOOKS = ("01_tokenize.ipynb", "02_model.ipynb", "03_train.ipynb", "04_evalua
 
 class RunError(RuntimeError):
     """A notebook of the pipeline failed, or the run cannot start."""
+
+
+class RunStopped(RunError):
+    """SIGTERM/SIGINT stopped the pipeline (training checkpointed first); `signum` is the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def notebooks_dir() -> Path:
@@ -80,24 +91,36 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
         raise RunError(f"notebook(s) {missing} not found in {source}")
     parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
     executed = []
-    with RunLock(run_dir):
-        os.environ[LOCK_OWNER_ENV] = str(os.getpid())  # kernels we start work inside our lock
-        try:
-            for notebook in chosen:
-                output = run_dir / notebook
-                echo(f"[nbgpt] {notebook} -> {output}")
-                try:
-                    papermill.execute_notebook(str(source / notebook), str(output), parameters=parameters,
-                                               kernel_name="python3", cwd=str(run_dir), progress_bar=False,
-                                               log_output=False)
-                except PapermillExecutionError as exc:
-                    raise RunError(f"{notebook} failed in cell {exc.cell_index} (execution count "
-                                   f"{exc.exec_count}): {exc.ename}: {exc.evalue}\nThe partial notebook is kept "
-                                   f"at {output}") from None
-                executed.append(output)
-        finally:
-            os.environ.pop(LOCK_OWNER_ENV, None)
+    # The lock is ours; the kernels papermill starts, and the torchrun workers they launch, are admitted as
+    # our descendants. train.log is written by the training notebook's trainer and streamed here.
+    with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop:
+        for notebook in chosen:
+            output = run_dir / notebook
+            echo(f"[nbgpt] {notebook} -> {output}")
+            try:
+                papermill.execute_notebook(str(source / notebook), str(output), parameters=parameters,
+                                           kernel_name="python3", cwd=str(run_dir), progress_bar=False,
+                                           log_output=False)
+            except Exception as exc:
+                if stop.signum is not None:
+                    raise RunStopped(f"stopped by {signal_name(stop.signum)} in {notebook}; the partial notebook "
+                                     f"is kept at {output}", stop.signum) from None
+                if not isinstance(exc, PapermillExecutionError):
+                    raise
+                raise RunError(f"{notebook} failed in cell {exc.cell_index} (execution count "
+                               f"{exc.exec_count}): {exc.ename}: {exc.evalue}\nThe partial notebook is kept "
+                               f"at {output}") from None
+            executed.append(output)
+            if stop.signum is not None:  # the signal came between cells: stop before the next notebook
+                raise RunStopped(f"stopped by {signal_name(stop.signum)} after {notebook}", stop.signum)
     return summarize(run_dir, executed)
+
+
+def _to_kernels(signum: int) -> None:
+    """Pass a signal to the kernel papermill runs (in a session of its own, so the terminal's Ctrl-C never
+    reaches it): training there stops after its current step with a checkpoint."""
+    for pid in children(os.getpid()):
+        signal_tree(pid, signum)
 
 
 def summarize(run_dir: Path, executed: list[Path]) -> RunResult:

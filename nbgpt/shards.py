@@ -137,7 +137,7 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     its last complete shard. `min_window` is the smallest number of tokens each split must hold (a model
     with context T needs T + 1). Output is byte-identical whatever `workers` is.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     if shard_tokens < 2:
         raise DataError(f"shard_tokens must be at least 2, got {shard_tokens}")
@@ -155,7 +155,7 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     out.mkdir(parents=True, exist_ok=True)
     tok, vocab_path = _dataset_tokenizer(tokenizer, src, out)
     writer = ShardWriter(out, shard_tokens, key={"settings": settings, "tokenizer": tok.identity()})
-    bar = tqdm(desc=f"tokenizing {src.name}", unit=" docs", initial=writer.documents, disable=not progress)
+    bar = progress_bar(desc=f"tokenizing {src.name}", unit=" docs", initial=writer.documents, disable=not progress)
     for tokens, lengths in _tokenized(src, tok, vocab_path, workers, writer.documents, batch_chars):
         if len(tokens) and int(tokens.max()) >= tok.vocab_size:
             raise DataError(f"token id {int(tokens.max())} is outside the tokenizer's vocabulary")

@@ -21,21 +21,21 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, load_latest, save_checkpoint
+from .checkpoint import CheckpointError, has_checkpoints, load_latest, save_checkpoint
 from .config import ConfigWarning, check_fields, check_known, field_types, typed_mapping
-from .files import RunLock, remove_stale_temp_files
+from .divergence import DivergenceGuard, TrainingDiverged
+from .files import remove_stale_temp_files
 from .device import (autocast, choose_precision, configure_backends, peak_flops, resolve_device,
                      synchronize)
 from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
 from .loader import DataLoader
 from .metrics import MetricsLog
+from .progress import ProgressLog, progress_bar
+from .runlock import RunLock
+from .stop import StopSignals, TrainingStopped, signal_name
 from .model import GPT, ConfigError, GPTConfig, build_adamw, build_muon, flops_per_token
 from .shards import DataError, TokenStore
 from .tokenizer import tokenizer_spec
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -76,6 +76,8 @@ class TrainConfig:
     checkpoint_interval: int = 100
     keep_checkpoints: int = 3
     resume: bool = True  # continue from the newest good checkpoint in out_dir if there is one
+    log_interval: int = 10  # steps between progress lines (train.log, the terminal, the notebook)
+    max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before training stops
     # hardware
     seed: int = 1337
     device: str = "auto"
@@ -209,9 +211,19 @@ class Trainer:
         self.precision = choose_precision(self.device, config.precision)
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        # Two trainers writing one run directory would interleave checkpoints and logs: refuse the second.
-        self.lock = RunLock(self.out_dir).acquire() if self.dist.is_main else None
+        self.progress = ProgressLog(self.out_dir / "train.log", echo, config.log_interval)
+        self.lock = None
+        try:
+            # Two trainers writing one run directory would interleave checkpoints and logs: refuse the second.
+            self.lock = RunLock(self.out_dir).acquire() if self.dist.is_main else None
+            self._build()
+        except BaseException:
+            self.close()  # a trainer that never came to be holds nothing: the next attempt may start
+            raise
 
+    def _build(self) -> None:
+        """Data, model, optimizers, loss scaling, DDP, then the state of the newest checkpoint if resuming."""
+        config = self.config
         # data
         if not config.data_dir:
             raise ConfigError("TrainConfig.data_dir is empty: point it at a dataset made by prepare()")
@@ -255,7 +267,9 @@ class Trainer:
                                                non_embedding_params=self.model.num_params(non_embedding=True))
         self.peak = None
         self.step = 0
-        self.max_steps = config.max_steps
+        self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
+        self.elapsed = 0.0  # seconds this run has trained, over all its processes (a resume continues it)
+        self.divergence = DivergenceGuard(config.max_bad_steps, self.checkpoint_dir)
         self.last_val_loss: float | None = None
         self._hellaswag_examples = None
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
@@ -269,17 +283,20 @@ class Trainer:
 
     def log_event(self, message: str) -> None:
         if self.dist.is_main:
-            self.echo(message)
+            self.progress.line(message)
 
     def _resume(self) -> None:
         if self.dist.is_main:
             remove_stale_temp_files(self.checkpoint_dir)
         payload = None
+        if not self.config.resume and has_checkpoints(self.checkpoint_dir):
+            raise ConfigError(f"{self.out_dir} holds checkpoints of a run and resume=False would overwrite them; "
+                              f"resume it, choose another out_dir, or delete {self.checkpoint_dir} to start over")
         if self.config.resume:
             try:
                 payload = load_latest(self.checkpoint_dir, on_skip=self.log_event)
             except CheckpointError as exc:
-                raise CheckpointError(f"{exc}\nDelete {self.checkpoint_dir} to start over.") from exc
+                raise CheckpointError(f"{exc}\nMove {self.checkpoint_dir} away to start over.") from exc
         if payload is None:
             if self.dist.is_main:
                 self.metrics.truncate_from(0)  # records of an attempt that never checkpointed are void
@@ -303,21 +320,29 @@ class Trainer:
         self.train_loader.load_state_dict(payload["loader"])
         _set_rng_state(payload["rng"])
         self.step = payload["step"]
+        self.elapsed = payload.get("elapsed", 0.0)
+        if self.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's
+            self.max_steps = min(self.config.max_steps, payload["max_steps"])
         self.last_val_loss = payload.get("val_loss")
         if self.dist.is_main:
             self.metrics.truncate_from(self.step)
         self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})")
 
     def save(self) -> Path | None:
-        """Checkpoint the current state (rank 0 writes; other ranks wait so nobody runs ahead)."""
+        """Checkpoint the current state (rank 0 writes; other ranks wait so nobody runs ahead).
+
+        Weights that are not finite are never written: they would become the run's "latest"."""
         path = None
-        if self.dist.is_main:
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if not finite:
+            self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
+        if self.dist.is_main and finite:
             payload = {
                 "model": self.model.state_dict(), "optimizer": [o.state_dict() for o in self.optimizers],
                 "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(), "rng": _rng_state(),
                 "model_config": self.model_config.to_dict(), "train_config": asdict(self.config),
                 "tokenizer": tokenizer_spec(self.tokenizer), "max_steps": self.max_steps,
-                "val_loss": self.last_val_loss, "precision": self.precision,
+                "elapsed": self.elapsed, "val_loss": self.last_val_loss, "precision": self.precision,
             }
             path = save_checkpoint(self.checkpoint_dir, self.step, payload, keep=self.config.keep_checkpoints)
         if self.dist.enabled:
@@ -354,17 +379,18 @@ class Trainer:
                 self.scaler.scale(loss).backward()
         all_reduce_mean(loss_sum, self.dist)
         loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"loss is {loss_value} at step {self.step}; stopped before updating the weights. The last good "
-                f"checkpoint in {self.checkpoint_dir} is kept: lower max_lr, raise warmup_steps, or use "
-                f"precision='fp32'/'bf16', then resume")
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip).item()
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        # A non-finite loss, or gradient outside fp16 (where the scaler owns overflow), must not reach the
+        # weights: the step is skipped. Every rank sees the same all-reduced loss and gradient, so all agree.
+        nonfinite = not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(grad_norm))
         for optimizer in self.optimizers:
-            self.scaler.step(optimizer)  # with fp16, skipped when gradients overflowed
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                self.scaler.step(optimizer)  # with fp16, skipped when gradients overflowed
         self.scaler.update()
         synchronize(self.device)
         dt = time.perf_counter() - start
@@ -377,6 +403,8 @@ class Trainer:
         if scale_before is not None:
             record["grad_scale"] = scale_before
             record["skipped"] = self.scaler.get_scale() < scale_before
+        if nonfinite:
+            record.update(nonfinite=True, skipped=True)
         self.step += 1
         return record
 
@@ -436,44 +464,76 @@ class Trainer:
 
     def fit(self, on_record: Callable[[dict], None] | None = None, until: int | None = None) -> dict:
         """Train from the current step to max_steps (or stop early at step `until`, with a checkpoint, as if
-        interrupted there); returns the step, the last train record and the last val loss."""
-        from tqdm.auto import tqdm
+        interrupted there); returns the step, the last train record and the last val loss.
 
-        config = self.config
+        SIGTERM/SIGINT stop it after the current step with a checkpoint (TrainingStopped), too many non-finite
+        steps in a row stop it without one (TrainingDiverged); either way the trainer is closed."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        clock = _Clock(self.elapsed, self.step)
 
         def emit(record: dict) -> None:
             self.log(record)
-            if on_record is not None and self.dist.is_main:
-                on_record(record)
+            if self.dist.is_main:
+                self.progress.record(record, self.max_steps, clock.elapsed(), clock.per_step(self.step))
+                if on_record is not None:
+                    on_record(record)
 
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step",
-                   disable=not (config.progress and self.dist.is_main))
-        started, first_step = time.perf_counter(), self.step
+        bar = progress_bar(total=self.max_steps, initial=self.step, desc="training", unit="step",
+                           disable=not (self.config.progress and self.dist.is_main))
         last_train: dict = {}
-        while self.step < min(self.max_steps, until if until is not None else self.max_steps):
-            self._periodic(emit, final=False)
-            last_train = self.train_step()
-            emit(last_train)
-            if config.max_seconds is not None:
-                self._fit_budget(time.perf_counter() - started, self.step - first_step)
-                bar.total = self.max_steps
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
-            final = self.step >= self.max_steps
-            if final:
-                self._periodic(emit, final=True)
-            if final or self._due(config.checkpoint_interval, self.step) or self.step == until:
-                self.save()
-        bar.close()
+        try:
+            with StopSignals() as stop:
+                while self.step < min(self.max_steps, until if until is not None else self.max_steps):
+                    self._periodic(emit, final=False)
+                    last_train = self.train_step()
+                    emit(last_train)
+                    self.divergence.observe(last_train)
+                    self.elapsed = clock.elapsed()
+                    if self.config.max_seconds is not None:
+                        self._fit_budget(clock.per_step(self.step))
+                        bar.total = self.max_steps
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
+                    self._end_of_step(emit, stop, until)
+        except (TrainingStopped, TrainingDiverged):
+            self.close()
+            raise
+        finally:
+            bar.close()
         return {"step": self.step, "train": last_train, "val_loss": self.last_val_loss}
 
-    def _fit_budget(self, elapsed: float, steps_done: int) -> None:
+    def _end_of_step(self, emit: Callable[[dict], None], stop: StopSignals, until: int | None) -> None:
+        """The final evaluations, checkpoints on their interval, at `until` and on a stop signal."""
+        final = self.step >= self.max_steps
+        if final:
+            self._periodic(emit, final=True)
+        signum = stop.agreed(self.dist, self.device)
+        if final or signum or self._due(self.config.checkpoint_interval, self.step) or self.step == until:
+            self.save()
+        if signum:
+            raise TrainingStopped(f"stopped by {signal_name(signum)} after step {self.step} with a checkpoint in "
+                                  f"{self.checkpoint_dir}; run again with resume=True (the default) to continue",
+                                  signum)
+
+    def _fit_budget(self, per_step: float) -> None:
         """Fit max_steps to the wall-clock budget from the measured time per step, so the cosine schedule
-        ends just as the budget runs out (re-estimated every step; the first steps include compilation)."""
-        per_step = elapsed / max(1, steps_done)
-        remaining = max(0.0, self.config.max_seconds - elapsed)
+        ends just as the budget runs out (re-estimated every step; the first steps include compilation).
+        The budget is the run's: time spent before a resume counts."""
+        remaining = max(0.0, self.config.max_seconds - self.elapsed)
         self.max_steps = min(self.config.max_steps, self.step + int(remaining / per_step))
+
+
+class _Clock:
+    """Training time of the run: what earlier processes spent plus this one's, and this process's step rate."""
+
+    def __init__(self, elapsed_before: float, first_step: int):
+        self.before, self.first_step, self.started = elapsed_before, first_step, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def per_step(self, step: int) -> float:
+        return (time.perf_counter() - self.started) / max(1, step - self.first_step)
 
 
 def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len: int = 64, lr: float = 0.1,
@@ -482,8 +542,6 @@ def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len:
     """Train the bigram baseline briefly; returns the model and its final train and validation losses.
 
     Vocabularies above `max_table_vocab` (GPT-2's BPE) get a table factorised through `rank` dimensions."""
-    from tqdm.auto import tqdm
-
     from .model import BigramLM, build_adamw
 
     torch.manual_seed(seed)
@@ -494,7 +552,7 @@ def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len:
     optimizer = build_adamw(model, 0.0, lr if model.unembed is None else lr / 30, (0.9, 0.99), target.type)
     loader = DataLoader(store, "train", batch_size, seq_len, shuffle=True, seed=seed)
     losses = []
-    for _ in tqdm(range(steps), desc="bigram", disable=not progress):
+    for _ in progress_bar(iterable=range(steps), desc="bigram", disable=not progress):
         x, y = loader.next_batch()
         _, loss = model(x.to(target), y.to(target))
         optimizer.zero_grad(set_to_none=True)

@@ -60,6 +60,20 @@ def test_pipeline_runs_every_notebook_and_reports(char_run):
     assert json.loads((run_dir / "hellaswag.json").read_text())["skipped"].startswith("HellaSwag is English text")
 
 
+def test_progress_streams_live_and_executed_notebooks_keep_final_bars(char_run):
+    run_dir, stdout = char_run
+    assert "step     11/12 | loss" in stdout and "| val loss" in stdout  # streamed from train.log
+    assert "step     11/12 | loss" in (run_dir / "train.log").read_text()
+
+    def streams(name):
+        cells = json.loads((run_dir / name).read_text())["cells"]
+        return "".join(o.get("text", "") for c in cells for o in c.get("outputs", []) if o["output_type"] == "stream")
+
+    assert "training: 100%" in streams("03_train.ipynb")
+    tokenizing = streams("01_tokenize.ipynb")
+    assert "tokenizing" in tokenizing and " 0 docs" not in tokenizing
+
+
 def test_parameter_overrides_take_effect(char_run):
     run_dir, _ = char_run
     checkpoint = resolve_checkpoint(run_dir)
@@ -114,11 +128,11 @@ def test_failing_cell_names_notebook_and_keeps_partial_output(tmp_path):
 
 def test_bad_run_arguments(tmp_path):
     unknown = nbgpt_run("--preset", "tiny", "-p", "max_stepz", "3", runs_dir=tmp_path)
-    assert unknown.returncode == 1 and "unknown parameter(s) ['max_stepz']" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown parameter(s) ['max_stepz']" in unknown.stderr
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "metrics.jsonl").write_text("")
     exists = nbgpt_run("--preset", "tiny", runs_dir=tmp_path)
-    assert exists.returncode == 1 and "pass --resume" in exists.stderr
+    assert exists.returncode == 2 and "pass --resume" in exists.stderr
 
 
 def test_resume_continues_a_run_from_its_checkpoint(tmp_path):

@@ -13,7 +13,8 @@ from conftest import tiny_train_config
 from nbgpt.checkpoint import CheckpointError, load_latest
 from nbgpt.metrics import read_metrics
 from nbgpt.model import ConfigError
-from nbgpt.train import TrainConfig, Trainer, TrainingDiverged, lr_at
+from nbgpt.divergence import TrainingDiverged
+from nbgpt.train import TrainConfig, Trainer, lr_at
 
 
 def train_losses(run_dir):
@@ -96,9 +97,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(char_data, tmp_path):
     with torch.no_grad():
         trainer.model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     trainer.max_steps = 20
-    with pytest.raises(TrainingDiverged, match="loss is nan at step 10.*last good checkpoint"):
+    trainer.config.checkpoint_interval = 1  # a checkpoint is due after every step: none may be written
+    with pytest.raises(TrainingDiverged, match=r"not finite for 3 steps in a row \(up to step 12\).*the last good "
+                                               r"checkpoint is .*ckpt_0000010.pt"):
         trainer.fit()
     assert load_latest(tmp_path / "r" / "checkpoints")["step"] == 10
+    skipped = read_metrics(tmp_path / "r", "train")[-3:]
+    assert [(r["step"], r["loss"], r["nonfinite"]) for r in skipped] == [(10, None, True), (11, None, True),
+                                                                         (12, None, True)]
+    assert "NaN" not in (tmp_path / "r" / "metrics.jsonl").read_text()  # strict JSON
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

@@ -1,0 +1,229 @@
+"""Unattended runs, rehearsed end to end on the CPU: each GPU preset shrunk with -p and run through
+`nbgpt run` with two gloo processes, stopped by SIGTERM mid-training, resumed by a fresh process, and
+compared bit for bit with an uninterrupted run; then the divergence, damaged-index and budget journeys.
+
+The presets' GPU-only settings are overridden here: nproc stays 2 but runs on gloo; gpt2-124m's
+compile=True becomes False (compiling takes minutes on 2 cores); FineWeb-Edu (unreachable offline) becomes
+a local text file with the char tokenizer; the model and batch shrink to seconds. gpt2-124m-t4x2 keeps
+precision fp16, so its GradScaler path runs (torch runs fp16 autocast on the CPU too).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_train_config
+from nbgpt.checkpoint import load_latest
+from nbgpt.metrics import read_metrics
+from nbgpt.train import Trainer
+
+SHRUNK = dict(tokenizer="char", shard_tokens=100_000, val_tokens=None, val_fraction=0.1, prepare_workers=1,
+              model="tiny", n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_multiple=1, dropout=0.1,
+              total_batch_tokens=256, micro_batch=4, max_steps=40, warmup_steps=4, max_lr=3e-3, eval_interval=20,
+              eval_batches=2, hellaswag_interval=0, checkpoint_interval=1000, compile=False, nproc=2, shuffle=True,
+              log_interval=5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare_works):
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text("\n".join(shakespeare_works[:2]))
+    return path
+
+
+def nbgpt(*args, popen=False):
+    cmd = [sys.executable, "-m", "nbgpt", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def run_args(preset, runs, name, corpus, notebooks=("03_train.ipynb",), **extra):
+    values = {**SHRUNK, "source": str(corpus), **extra}
+    flat = [x for key, value in values.items() for x in ("-p", key, repr(value))]
+    return ["run", "--preset", preset, "--runs-dir", runs, "--name", name, "--notebooks", *notebooks, *flat]
+
+
+def wait_for(predicate, process, timeout=180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def final_weights(run: Path) -> dict:
+    return load_latest(run / "checkpoints")["model"]
+
+
+def losses(run: Path) -> list:
+    return [(r["step"], r["loss"]) for r in read_metrics(run, "train")]
+
+
+@pytest.mark.parametrize("preset,precision,signum", [("gpt2-124m-t4x2", "fp16", signal.SIGTERM),
+                                                    ("gpt2-124m", "auto", signal.SIGINT)])
+def test_preset_journey_signal_then_resume_is_bit_exact(preset, precision, signum, corpus, tmp_path):
+    runs = tmp_path / "runs"
+    straight = nbgpt(*run_args(preset, runs, "straight", corpus, ("01_tokenize.ipynb", "03_train.ipynb"),
+                               precision=precision))
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    assert "step     35/40 | loss" in straight.stdout  # progress streamed from the training notebook
+    assert "val loss" in straight.stdout and (runs / "straight" / "train.log").is_file()
+
+    # The interrupted run trains on the same prepared data (a linked dataset, as the run layout allows).
+    (runs / "victim").mkdir()
+    (runs / "victim" / "data").symlink_to(runs / "straight" / "data")
+    victim = nbgpt(*run_args(preset, runs, "victim", corpus, precision=precision), "--resume", popen=True)
+    assert wait_for(lambda: any(r["step"] >= 8 for r in read_metrics(runs / "victim", "train")), victim)
+    victim.send_signal(signum)  # a scheduler's SIGTERM, or Ctrl-C in the terminal
+    out, err = victim.communicate(timeout=120)
+    assert victim.returncode == 128 + signum, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "ZMQError" not in err, err
+    assert err.strip().splitlines()[-1].endswith(f"Resume with: python -m nbgpt run --preset {preset} --runs-dir "
+                                                 f"{runs} --name victim --resume")
+    stopped_at = load_latest(runs / "victim" / "checkpoints")["step"]
+    assert 8 < stopped_at < 40, "the run finished before the signal"
+    assert not (runs / "victim" / ".lock").exists()
+
+    resumed = nbgpt(*run_args(preset, runs, "victim", corpus, precision=precision), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from step {stopped_at}" in resumed.stdout
+    assert losses(runs / "victim") == losses(runs / "straight")
+    reference = final_weights(runs / "straight")
+    for name, tensor in final_weights(runs / "victim").items():
+        assert torch.equal(tensor, reference[name]), name
+
+def strict_json_lines(path: Path) -> list[dict]:
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def cli_train(config, tmp_path, *extra):
+    path = tmp_path / f"{Path(config.out_dir).name}.json"
+    path.write_text(json.dumps(vars(config)))
+    return nbgpt("train", "--config-json", path, *extra)
+
+
+def test_divergence_journey_skips_bad_steps_and_names_the_last_good_checkpoint(char_data, tmp_path):
+    run = tmp_path / "run"
+    result = cli_train(tiny_train_config(char_data, run, max_lr=1e3, warmup_steps=1, checkpoint_interval=2,
+                                         max_steps=30), tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("nbgpt: TrainingDiverged: ") and "Traceback" not in result.stderr
+    named = error[0].split("the last good checkpoint is ")[1].split(". ")[0]
+    assert Path(named).is_file()
+    records = strict_json_lines(run / "metrics.jsonl")  # no NaN tokens
+    assert [r["step"] for r in records if r.get("nonfinite")][-3:] == [1, 2, 3]
+    for checkpoint in (run / "checkpoints").glob("ckpt_*.pt"):  # nothing non-finite was ever written
+        model = torch.load(checkpoint, weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in model.values()), checkpoint
+    assert (run / "train.log").read_text().count("(skipped: non-finite)") == 3
+
+    fresh = tmp_path / "fresh"  # diverging before any checkpoint says so
+    result = cli_train(tiny_train_config(char_data, fresh, max_lr=1e3, warmup_steps=1, checkpoint_interval=0,
+                                         max_steps=30), tmp_path)
+    assert result.returncode == 2 and f"no checkpoint exists yet in {fresh / 'checkpoints'}" in result.stderr
+
+
+def test_damaged_index_is_rebuilt_and_the_run_is_never_overwritten(char_data, tmp_path):
+    from nbgpt.model import ConfigError
+
+    run = tmp_path / "run"
+    config = tiny_train_config(char_data, run, max_steps=8, checkpoint_interval=2, eval_interval=0)
+    trainer = Trainer(config)
+    trainer.fit()
+    trainer.close()
+    index = run / "checkpoints" / "checkpoints.json"
+    good = json.loads(index.read_text())
+    damages = {
+        "torn": index.read_text()[:40],
+        "an empty list": json.dumps({"checkpoints": []}),
+        "no sha256": json.dumps({"checkpoints": [{k: v for k, v in e.items() if k != "sha256"}
+                                                 for e in good["checkpoints"]]}),
+        "non-object entries": json.dumps({"checkpoints": [8, "ckpt_0000008.pt"]}),
+    }
+    for damage, text in damages.items():
+        index.write_text(text)
+        notes = []
+        assert load_latest(run / "checkpoints", on_skip=notes.append)["step"] == 8, damage
+        assert notes and "rebuilt it from 3 verified checkpoint file(s)" in notes[-1], damage
+    index.unlink()
+    before = (run / "checkpoints" / "ckpt_0000008.pt").read_bytes()
+    resumed = Trainer(tiny_train_config(char_data, run, max_steps=10, checkpoint_interval=2, eval_interval=0))
+    assert resumed.step == 8  # not 0: nothing truncated, no checkpoint overwritten
+    resumed.fit()
+    resumed.close()
+    assert [r["step"] for r in read_metrics(run, "train")] == list(range(10))
+    assert (run / "checkpoints" / "ckpt_0000008.pt").read_bytes() == before
+
+    newest = run / "checkpoints" / "ckpt_0000010.pt"  # a damaged newest file: the fallback is said, with why
+    newest.write_bytes(b"\0" * newest.stat().st_size)
+    result = nbgpt("sample", "--checkpoint", run, "--max-new-tokens", "5", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "using the older checkpoint ckpt_0000008.pt (step 8)" in result.stderr and "sha256" in result.stderr
+
+    with pytest.raises(ConfigError, match="resume=False would overwrite them"):
+        Trainer(tiny_train_config(char_data, run, resume=False))
+    assert not (run / ".lock").exists()  # a constructor that raised released the run directory
+
+
+def test_budget_and_schedule_horizon_belong_to_the_run(char_data, tmp_path):
+    from dataclasses import replace
+
+    config = tiny_train_config(char_data, tmp_path / "run", max_steps=10**9, max_seconds=3600.0,
+                               checkpoint_interval=0, eval_interval=0)
+    first = Trainer(config)
+    first.fit(until=5)
+    first.close()
+    saved = load_latest(tmp_path / "run" / "checkpoints")
+    assert saved["elapsed"] > 0 and 5 < saved["max_steps"] < 10**9
+    resumed = Trainer(config)
+    assert (resumed.step, resumed.elapsed, resumed.max_steps) == (5, saved["elapsed"], saved["max_steps"])
+    resumed.close()
+    # The same run with a budget its first process already spent ends after one step instead of starting over.
+    spent = Trainer(replace(config, max_seconds=saved["elapsed"]))
+    assert spent.fit()["step"] == 6
+    spent.close()
+
+
+def test_peak_flops_measurement_leaves_the_global_rng_alone():
+    from nbgpt.device import measured_matmul_flops
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    measured_matmul_flops.__wrapped__("cpu", "fp32", max_size=256, seconds=0.01)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_second_signal_exits_at_once_and_keeps_the_latest_good_checkpoint(char_data, tmp_path):
+    run = tmp_path / "run"
+    # A model big enough that a step and a save take a while: the second signal lands while the first is
+    # being honoured (possibly in the middle of a checkpoint write).
+    config = tiny_train_config(char_data, run, max_steps=10**6, checkpoint_interval=1, eval_interval=0,
+                               n_layer=4, n_embd=256, n_head=4)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(vars(config)))
+    process = nbgpt("train", "--config-json", path, popen=True)
+    assert wait_for(lambda: any(r["step"] >= 3 for r in read_metrics(run, "train")), process)
+    process.send_signal(signal.SIGTERM)
+    # Signals of one kind do not queue: the second must follow the first one's acknowledgement.
+    ack = "SIGTERM: stopping after this step, with a checkpoint (again: exit at once)"
+    assert any(line.strip() == ack for line in iter(process.stderr.readline, ""))
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == "SIGTERM again: exiting now; the checkpoints on disk are intact"
+    latest = load_latest(run / "checkpoints")
+    assert latest["step"] >= 3 and all(torch.isfinite(t).all() for t in latest["model"].values())
