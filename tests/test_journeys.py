@@ -48,7 +48,7 @@ def nbgpt(*args, popen=False):
 
 def run_args(preset, runs, name, corpus, notebooks=("03_train.ipynb",), **extra):
     values = {**SHRUNK, "source": str(corpus), **extra}
-    flat = [x for key, value in values.items() for x in ("-p", key, repr(value))]
+    flat = [x for key, value in values.items() for x in ("-p", key, "none" if value is None else str(value))]
     return ["run", "--preset", preset, "--runs-dir", runs, "--name", name, "--notebooks", *notebooks, *flat]
 
 
