@@ -13,10 +13,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigWarning
+from .config import ConfigError, ConfigWarning
 from .files import LOCK_OWNER_ENV, RunLock
 from .metrics import read_metrics
-from .model import ConfigError
 from .run_config import RunConfig, typed_values
 
 NOTEBOOKS = ("01_tokenize.ipynb", "02_model.ipynb", "03_train.ipynb", "04_evaluate_hellaswag.ipynb",
