@@ -14,9 +14,11 @@ import types
 import typing
 from collections.abc import Sequence
 
-from .model import ConfigError
-
 _TRUE, _FALSE, _NONE = ("true", "1"), ("false", "0"), ("none", "null")
+
+
+class ConfigError(ValueError):
+    """A model or training configuration that cannot work."""
 
 
 class ConfigWarning(UserWarning):

@@ -13,18 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class ConfigError(ValueError):
-    """A model or training configuration that cannot work."""
-
-
-def config_from_dict(cls, values: dict):
-    """Build the dataclass `cls` from `values`, naming any key that is not one of its fields."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
-    return cls(**values)
+from .config import ConfigError, check_known
 
 
 @dataclass
@@ -71,7 +60,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
-        return config_from_dict(cls, values)
+        check_known(values, {f.name for f in fields(cls)}, f"{cls.__name__} field")
+        return cls(**values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":

@@ -13,10 +13,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigWarning
+from .config import ConfigError, ConfigWarning
 from .logtail import LogTail
 from .metrics import read_metrics
-from .model import ConfigError
 from .processes import children, signal_tree
 from .run_config import RunConfig, typed_values
 from .runlock import RunLock

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import check_fields, check_known, coerce, did_you_mean, field_types
+from .config import ConfigError, check_fields, check_known, coerce, did_you_mean, field_types
 from .generate import SamplingConfig
-from .model import ConfigError, GPTConfig
+from .model import GPTConfig
 from .presets import RUN_PRESETS
 from .train import TrainConfig
 
