@@ -3,7 +3,8 @@
     runs/<name>/
         01_tokenize.ipynb ... 05_sample.ipynb    executed copies (kept, partial, when a cell fails)
         data/                                    shards + manifest (or a link to a shared dataset)
-        checkpoints/  metrics.jsonl  bigram.json  hellaswag.json  samples.txt  *.png
+        checkpoints/  metrics.jsonl  train.log  bigram.json  hellaswag.json  samples.txt  *.png
+        run.json                                 the preset and -p values, reused by --resume
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, ConfigWarning
+from .files import atomic_write_json, read_json
 from .logtail import LogTail
 from .metrics import read_metrics
 from .processes import children, signal_tree
@@ -21,6 +23,7 @@ from .run_config import RunConfig, typed_values
 from .runlock import RunLock
 from .stop import StopSignals, signal_name
 
+RUN_FILE = "run.json"  # the preset and -p values the run was started with
 NOTEBOOKS = ("01_tokenize.ipynb", "02_model.ipynb", "03_train.ipynb", "04_evaluate_hellaswag.ipynb",
              "05_sample.ipynb")
 
@@ -79,10 +82,10 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
     from papermill.exceptions import PapermillExecutionError
 
     run_dir = Path(runs_dir).resolve() / (name or preset)
-    typed = check_run(preset, overrides or {}, run_dir, echo)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise RunError(f"{run_dir} already exists; pass --resume to continue it (training resumes from its last "
                        f"checkpoint) or --name to start a new run")
+    typed = check_run(preset, {**saved_overrides(run_dir, preset), **(overrides or {})}, run_dir, echo)
     source = notebooks_dir()
     chosen = notebooks or list(NOTEBOOKS)
     missing = [n for n in chosen if not (source / n).is_file()]
@@ -93,6 +96,7 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
     # The lock is ours; the kernels papermill starts, and the torchrun workers they launch, are admitted as
     # our descendants. train.log is written by the training notebook's trainer and streamed here.
     with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop:
+        atomic_write_json(run_dir / RUN_FILE, {"preset": preset, "overrides": typed})
         for notebook in chosen:
             output = run_dir / notebook
             echo(f"[nbgpt] {notebook} -> {output}")
@@ -115,6 +119,19 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
     return summarize(run_dir, executed)
 
 
+def saved_overrides(run_dir: Path, preset: str) -> dict:
+    """The -p values a run directory was started with (run.json), so that `--resume` alone continues the
+    same run; values given again on the command line replace them."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return {}
+    saved = read_json(path)
+    if saved["preset"] != preset:
+        raise RunError(f"{run_dir} was started with --preset {saved['preset']}, not {preset}; resume it with "
+                       f"--preset {saved['preset']}, or use --name for a new run")
+    return saved["overrides"]
+
+
 def _to_kernels(signum: int) -> None:
     """Pass a signal to the kernel papermill runs (in a session of its own, so the terminal's Ctrl-C never
     reaches it): training there stops after its current step with a checkpoint."""
@@ -123,8 +140,6 @@ def _to_kernels(signum: int) -> None:
 
 
 def summarize(run_dir: Path, executed: list[Path]) -> RunResult:
-    from .files import read_json
-
     evals = read_metrics(run_dir, "eval")
     hellaswag = read_json(run_dir / "hellaswag.json") if (run_dir / "hellaswag.json").is_file() else None
     samples = run_dir / "samples.txt"

@@ -94,7 +94,9 @@ def test_preset_journey_signal_then_resume_is_bit_exact(preset, precision, signu
     assert 8 < stopped_at < 40, "the run finished before the signal"
     assert not (runs / "victim" / ".lock").exists()
 
-    resumed = nbgpt(*run_args(preset, runs, "victim", corpus, precision=precision), "--resume")
+    # Exactly the command the last line gave: run.json holds the -p values of the interrupted run.
+    resumed = nbgpt("run", "--preset", preset, "--runs-dir", runs, "--name", "victim", "--notebooks",
+                    "03_train.ipynb", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from step {stopped_at}" in resumed.stdout
     assert losses(runs / "victim") == losses(runs / "straight")
