@@ -92,8 +92,9 @@ def evaluation_figure(run_dir: str | os.PathLike, hellaswag: dict | None = None)
     if scored:
         _hellaswag_axes(axes[0][1], periodic, hellaswag, evals[-1]["step"] if evals else 0)
     else:
-        reason = (hellaswag or {}).get("skipped", "not evaluated")
-        fig.text(0.5, -0.02, textwrap.fill("HellaSwag: " + reason, 90), ha="center", va="top", fontsize=9, color="dimgray")
+        reason = (hellaswag or {}).get("skipped", "HellaSwag was not evaluated")
+        fig.text(0.5, -0.02, textwrap.fill(f"No HellaSwag score: {reason}", 90), ha="center", va="top", fontsize=9,
+                 color="dimgray")
     fig.suptitle(f"{run_dir.name}: evaluation")
     return fig
 
@@ -146,17 +147,21 @@ def schedule_figure(run_dir: str | os.PathLike, grad_clip: float | None = None):
     return fig
 
 
-def attention_figure(weights, tokens: list[str], title: str = "attention"):
-    """Heatmaps of attention weights (H, T, T), one per head: row t shows how query token t spreads its
-    attention over the keys; the blank upper triangle is the causal mask (no token sees its future)."""
-    heads = weights.shape[0]
-    fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads + 0.8, 3.6), squeeze=False)
+def attention_figure(weights, tokens: list[str], title: str = "attention", max_heads: int = 4):
+    """Heatmaps of attention weights (H, T, T), one per head (the first `max_heads`): row t shows how query
+    token t spreads its attention over the keys; the dark upper triangle is the causal mask (weight 0: no
+    token sees its future)."""
+    weights = weights[:max_heads]
+    heads, T = weights.shape[0], weights.shape[-1]
+    side = max(3.2, 0.13 * T)  # room for one readable label per token
+    fig, axes = plt.subplots(1, heads, figsize=(side * heads + 0.8, side + 0.6), squeeze=False)
     labels = [repr(t)[1:-1] for t in tokens]  # newlines and spaces made visible
+    upright = all(len(label) <= 2 for label in labels)  # single characters read best unrotated
     for h, ax in enumerate(axes[0]):
         image = ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"head {h}", fontsize=9)
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7, family="monospace")
-        ax.set_yticks(range(len(labels)), labels if h == 0 else [], fontsize=7, family="monospace")
+        ax.set_xticks(range(T), labels, rotation=0 if upright else 90, fontsize=7, family="monospace")
+        ax.set_yticks(range(T), labels if h == 0 else [], fontsize=7, family="monospace")
         ax.set_xlabel("key (attended to)", fontsize=8)
     axes[0][0].set_ylabel("query (attending)", fontsize=8)
     fig.colorbar(image, ax=list(axes[0]), fraction=0.02, pad=0.02)

@@ -12,8 +12,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .device import DTYPES, choose_precision, cpu_has_native_bf16, synchronize
+from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_device, synchronize
 from .model import GPT, GPTConfig
+from .shards import TokenStore
+from .train import TrainConfig
 
 
 def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
@@ -46,10 +48,12 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | No
     return step
 
 
-def speedup_table(config: GPTConfig, micro_batch: int, seq_len: int, device: torch.device | str = "cpu") -> list[dict]:
+def speedup_table(train: TrainConfig) -> list[dict]:
     """Rows of {speed-up, what it does, baseline ms, with it ms, speed-up ×} for one micro-batch of the
-    run's model (fresh weights: speed does not depend on what was learned)."""
-    device = torch.device(device)
+    run's model on its device (fresh weights: speed does not depend on what was learned)."""
+    device = resolve_device(train.device)
+    config = train.model_config(TokenStore(train.data_dir).tokenizer().vocab_size)
+    micro_batch, seq_len = train.micro_batch, train.seq_len or config.block_size
     cuda = device.type == "cuda"
     model = GPT(config).to(device)
     x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device=device)
@@ -69,7 +73,7 @@ def speedup_table(config: GPTConfig, micro_batch: int, seq_len: int, device: tor
         _row("fused AdamW", "one kernel updates every parameter instead of one loop per tensor", device,
              *_adamw_pair(model)),
         _row("vocab 50257 → 50304", "the LM head's matmul at GPT-2's vocabulary, padded to a multiple of 64", device,
-             *_vocab_pair(config.n_embd, min(micro_batch * seq_len, 1024), device)),
+             *_vocab_pair(config.n_embd, min(micro_batch * seq_len, 512), device)),
     ]
     return rows
 
