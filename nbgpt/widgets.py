@@ -22,7 +22,8 @@ from .tokenizer import Tokenizer
 OUTPUT_STYLE = ("font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; line-height: 1.45; "
                 "white-space: pre-wrap; word-break: normal; overflow-wrap: break-word; "
                 "border: 1px solid #d0d7de; border-radius: 6px; padding: 8px; min-height: 120px; "
-                "max-height: 420px; overflow-y: auto; background: #f6f8fa; color: #1f2328; margin: 0")
+                "max-height: 420px; overflow-y: auto; background: #f6f8fa; color: #1f2328; margin: 0; "
+                "box-sizing: border-box; width: 100%")
 PROMPT_STYLE = "font-weight: 600; color: #0550ae; background: #ddf4ff; border-radius: 3px"
 
 
