@@ -74,7 +74,7 @@ class PromptPanel(widgets.VBox):
             self.temperature, self.top_k, self.top_p, self.max_tokens, self.seed,
             widgets.HBox([self.generate_button, self.stop_button], layout=widgets.Layout(margin="4px 0 0 124px")),
             self.status, self.output,
-        ], layout=widgets.Layout(width="100%", max_width="900px"))
+        ], layout=widgets.Layout(width="100%", max_width="900px", padding="0 6px 0 0"))  # room for the margins
 
     def sampling_config(self) -> SamplingConfig:
         """The sliders' values; a seed box reading "random" (or empty) gets a fresh seed each time."""
