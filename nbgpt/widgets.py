@@ -17,8 +17,9 @@ import torch
 from .generate import Generator, SamplingConfig
 from .tokenizer import Tokenizer
 
-# pre-wrap keeps the model's own line breaks and wraps long lines at spaces; overflow-wrap breaks a word only
-# when it alone is wider than the box (JupyterLab's output CSS would otherwise break anywhere).
+# pre-wrap keeps the model's own line breaks and wraps long lines at spaces; word-break is set explicitly so
+# that no surrounding stylesheet breaks inside words, and overflow-wrap breaks a word only when it alone is
+# wider than the box.
 OUTPUT_STYLE = ("font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; line-height: 1.45; "
                 "white-space: pre-wrap; word-break: normal; overflow-wrap: break-word; "
                 "border: 1px solid #d0d7de; border-radius: 6px; padding: 8px; min-height: 120px; "

@@ -63,7 +63,8 @@ def lab(tmp_path_factory, char_data):
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False", "--allow-root",
-         "--LabApp.news_url=", f"--LabApp.user_settings_dir={root / 'lab-settings'}", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+         "--LabApp.news_url=", f"--LabApp.user_settings_dir={root / 'lab-settings'}",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "JUPYTER_PLATFORM_DIRS": "1"})
     base = f"http://127.0.0.1:{port}"
     try:

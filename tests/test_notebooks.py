@@ -69,7 +69,8 @@ def test_executed_notebooks_are_a_clean_record(char_run):
     assert sum("image/png" in o.get("data", {}) for o in outputs["03_train.ipynb"]) >= 3  # live, loss, schedule
     assert sum("image/png" in o.get("data", {}) for o in outputs["05_sample.ipynb"]) >= 1  # attention map
     widget = "application/vnd.jupyter.widget-view+json"
-    panel = [o["data"] for o in outputs["05_sample.ipynb"] if widget in o.get("data", {}) and "text/html" in o["data"]][-1]
+    panel = [o["data"] for o in outputs["05_sample.ipynb"]
+             if widget in o.get("data", {}) and "text/html" in o["data"]][-1]
     assert "".join(panel["text/plain"]).startswith("nbgpt prompt panel, last output:\nJULIET:")
     assert "tokens/s" in "".join(panel["text/html"])
 
