@@ -60,12 +60,15 @@ def lab(tmp_path_factory, char_data):
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     token, port = secrets.token_hex(16), free_port()
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    log = open(OUTPUT / "jupyterlab.log", "wb")  # the server's log, kept with the screenshots (a pipe could fill)
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False", "--allow-root",
          "--LabApp.news_url=", f"--LabApp.user_settings_dir={root / 'lab-settings'}",
+         f"--LabApp.workspaces_dir={root / 'workspaces'}",  # the default layout, not one a previous run left
          "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "JUPYTER_PLATFORM_DIRS": "1"})
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JUPYTER_PLATFORM_DIRS": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -84,6 +87,7 @@ def lab(tmp_path_factory, char_data):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+        log.close()
 
 
 LAST_OUTPUT = "[...document.querySelectorAll('pre.nbgpt-output')].pop().textContent"
@@ -114,8 +118,10 @@ def run_all_and_wait_for_panel(page, url: str):
     page.locator(".jp-Notebook").first.wait_for()
     page.locator(".jp-NotebookPanel-toolbar").first.wait_for()
     # Close the file browser, as one does on a narrow screen: the notebook gets the window's width.
-    page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").first.click()
-    page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").wait_for(state="detached")
+    sidebar = page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current")
+    if sidebar.count():
+        sidebar.first.click()
+        sidebar.wait_for(state="detached")
     # Run the cells only once the kernel has started and reports Idle in the status bar.
     page.locator("#jp-main-statusbar", has_text=re.compile(r"\| Idle")).wait_for(timeout=120_000)
     page.locator("li.lm-MenuBar-item", has_text="Run").first.click()
