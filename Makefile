@@ -11,7 +11,7 @@ PRESET ?= cpu-demo
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser test demo bench gpu-wheels gpu-check clean
+.PHONY: install browser test demo lab bench gpu-wheels gpu-check clean
 
 # The venv sees the base interpreter's site-packages, so a torch that is already installed
 # (a Kaggle/Lambda image, a conda env) is reused instead of downloading another one.
@@ -40,6 +40,14 @@ test: install browser
 
 demo: install
 	$(PY) -m nbgpt run --preset $(PRESET)
+
+# JupyterLab over the repository: notebooks/ to explore (their run_dir, ../runs/default, is the repo's runs/)
+# and runs/ with the executed notebooks of `make demo`. Jupyter refuses to run as root (a container, a rented
+# GPU box) unless told it is meant to.
+LAB_ARGS ?=
+lab: install
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --FileContentsManager.preferred_dir=notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # Every benchmark in turn (about 20 minutes on 2 cores); each prints JSON and a table, see bench/RESULTS.md.
 BENCHES ?= data_throughput generate_speed hellaswag_speed cpu_train_throughput gpt2_throughput cpu_time_to_quality

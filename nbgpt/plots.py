@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 from pathlib import Path
 
@@ -72,38 +73,47 @@ def evaluation_figure(run_dir: str | os.PathLike, hellaswag: dict | None = None)
     """Validation loss and HellaSwag acc_norm side by side, with GPT-2 and GPT-3 124M reference lines.
 
     `hellaswag` is the final result ({"acc_norm": ...}) or {"skipped": reason}; periodic results from the
-    training log are drawn as a curve.
+    training log are drawn as a curve. With no HellaSwag score at all there is no second chart: reference
+    lines over an empty plot would read as a result, so the reason is written under the loss curve instead.
     """
     run_dir = Path(run_dir)
     evals = read_metrics(run_dir, "eval")
     periodic = read_metrics(run_dir, "hellaswag")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    scored = bool(periodic) or bool(hellaswag and "acc_norm" in hellaswag)
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(12 if scored else 7, 4.5), squeeze=False)
+    left = axes[0][0]
     if evals:
-        left.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange")
+        left.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
+                  markersize=3)
     left.set_title("validation loss")
     left.set_xlabel("optimizer step")
     left.set_ylabel("cross-entropy (nats/token)")
     left.grid(alpha=0.3)
-    right.axhline(GPT2_124M_ACC_NORM, color="tab:red", linestyle="--", label=f"GPT-2 124M ({GPT2_124M_ACC_NORM})")
-    right.axhline(GPT3_124M_ACC_NORM, color="tab:green", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_ACC_NORM})")
-    right.axhline(0.25, color="gray", linestyle=":", label="random guess (0.25)")
-    if periodic:
-        right.plot([r["step"] for r in periodic], [r["acc_norm"] for r in periodic], "o-", color="tab:blue",
-                   label="this run (during training)")
-    final_step = evals[-1]["step"] if evals else 0
-    if hellaswag and "acc_norm" in hellaswag:
-        right.plot([final_step], [hellaswag["acc_norm"]], "*", color="tab:blue", markersize=14,
-                   label=f"this run, final ({hellaswag['acc_norm']:.4f} on {hellaswag['count']})")
-    elif hellaswag and "skipped" in hellaswag:
-        right.text(0.5, 0.5, "HellaSwag skipped:\n" + _wrap(hellaswag["skipped"]), ha="center", va="center",
-                   transform=right.transAxes, fontsize=9, color="dimgray")
-    right.set_ylim(0.2, 0.4)
-    right.set_title("HellaSwag acc_norm")
-    right.set_xlabel("optimizer step")
-    right.grid(alpha=0.3)
-    right.legend(loc="upper left", fontsize=8)
+    if scored:
+        _hellaswag_axes(axes[0][1], periodic, hellaswag, evals[-1]["step"] if evals else 0)
+    else:
+        reason = (hellaswag or {}).get("skipped", "HellaSwag was not evaluated")
+        fig.text(0.5, -0.02, textwrap.fill(f"No HellaSwag score: {reason}", 90), ha="center", va="top", fontsize=9,
+                 color="dimgray")
     fig.suptitle(f"{run_dir.name}: evaluation")
     return fig
+
+
+def _hellaswag_axes(ax, periodic: list[dict], final: dict | None, final_step: int) -> None:
+    ax.axhline(GPT2_124M_ACC_NORM, color="tab:red", linestyle="--", label=f"GPT-2 124M ({GPT2_124M_ACC_NORM})")
+    ax.axhline(GPT3_124M_ACC_NORM, color="tab:green", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_ACC_NORM})")
+    ax.axhline(0.25, color="gray", linestyle=":", label="random guess (0.25)")
+    if periodic:
+        ax.plot([r["step"] for r in periodic], [r["acc_norm"] for r in periodic], "o-", color="tab:blue",
+                label="this run (during training)")
+    if final and "acc_norm" in final:
+        ax.plot([final_step], [final["acc_norm"]], "*", color="tab:blue", markersize=14,
+                label=f"this run, final ({final['acc_norm']:.4f} on {final['count']})")
+    ax.set_ylim(0.2, 0.4)
+    ax.set_title("HellaSwag acc_norm")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def plot_evaluation(run_dir: str | os.PathLike, hellaswag: dict | None = None,
@@ -114,28 +124,49 @@ def plot_evaluation(run_dir: str | os.PathLike, hellaswag: dict | None = None,
     return saved
 
 
-def lr_figure(config, max_steps: int | None = None):
-    from .train import lr_at
+def schedule_figure(run_dir: str | os.PathLike, grad_clip: float | None = None):
+    """The learning rate each step actually used and the gradient norm before clipping (at `grad_clip`).
 
-    steps = range(max_steps or config.max_steps)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(list(steps), [lr_at(s, config, max_steps) for s in steps])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"warmup, then cosine decay to {config.min_lr_ratio:.0%} of the peak")
-    ax.grid(alpha=0.3)
+    Drawn from what the trainer recorded, not recomputed from the config: with a time budget the cosine's
+    horizon is fitted while the run goes, and only the log knows the schedule that was followed.
+    """
+    train = read_metrics(run_dir, "train")
+    steps = [r["step"] for r in train]
+    fig, (lr, norm) = plt.subplots(1, 2, figsize=(12, 3.5))
+    lr.plot(steps, [r["lr"] for r in train], color="tab:purple")
+    lr.set_title("learning rate (as used)")
+    norm.plot(steps, [r["grad_norm"] for r in train], color="tab:gray", linewidth=1, label="gradient norm")
+    if grad_clip:
+        norm.axhline(grad_clip, color="tab:red", linestyle="--", label=f"clipped to {grad_clip}")
+    norm.set_title("gradient norm (before clipping)")
+    norm.set_yscale("log")
+    norm.legend(fontsize=8)
+    for ax in (lr, norm):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
     return fig
 
 
-def _wrap(text: str, width: int = 48) -> str:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if len(line) + len(word) + 1 > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join(lines + [line])
+def attention_figure(weights, tokens: list[str], title: str = "attention", max_heads: int = 4):
+    """Heatmaps of attention weights (H, T, T), one per head (the first `max_heads`): row t shows how query
+    token t spreads its attention over the keys; the dark upper triangle is the causal mask (weight 0: no
+    token sees its future)."""
+    weights = weights[:max_heads]
+    heads, T = weights.shape[0], weights.shape[-1]
+    side = max(3.2, 0.13 * T)  # room for one readable label per token
+    fig, axes = plt.subplots(1, heads, figsize=(side * heads + 0.8, side + 0.6), squeeze=False)
+    labels = [repr(t)[1:-1] for t in tokens]  # newlines and spaces made visible
+    upright = all(len(label) <= 2 for label in labels)  # single characters read best unrotated
+    for h, ax in enumerate(axes[0]):
+        image = ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xticks(range(T), labels, rotation=0 if upright else 90, fontsize=7, family="monospace")
+        ax.set_yticks(range(T), labels if h == 0 else [], fontsize=7, family="monospace")
+        ax.set_xlabel("key (attended to)", fontsize=8)
+    axes[0][0].set_ylabel("query (attending)", fontsize=8)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.02, pad=0.02)
+    fig.suptitle(title)
+    return fig
 
 
 class LiveLossPlot:

@@ -64,7 +64,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # evaluation, samples, checkpoints
-    eval_interval: int = 50
+    eval_interval: int = 50  # with max_seconds, an upper bound: see evaluation_interval
     eval_batches: int = 20
     final_eval_batches: int | None = None  # batches of the final evaluation (None: eval_batches; 0: whole split)
     sample_interval: int = 0
@@ -165,6 +165,25 @@ def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float
         return min_lr
     progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - min_lr)
+
+
+# Validation points over a time-budgeted run (see evaluation_interval).
+BUDGET_EVALS = 20
+
+
+def evaluation_interval(config: TrainConfig, max_steps: int) -> int:
+    """Steps between validation evaluations: eval_interval, or fewer under a time budget.
+
+    With max_seconds the run's length is only known as it goes (max_steps is re-fitted every step), so a fixed
+    eval_interval may leave two points, start and end. There it becomes an upper bound: the interval is the
+    round number (1, 2, 5, 10, 20, 50, ...) giving about BUDGET_EVALS points over the fitted run. Round numbers
+    keep it steady while the estimate drifts, so evaluations neither skip nor bunch up.
+    """
+    if config.max_seconds is None or config.eval_interval <= 0:
+        return config.eval_interval
+    target = max(1, max_steps // BUDGET_EVALS)
+    decade = 10 ** int(math.log10(target))
+    return min(config.eval_interval, max(m * decade for m in (1, 2, 5) if m * decade <= target))
 
 
 def build_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
@@ -455,7 +474,8 @@ class Trainer:
         """Evaluations and samples of the current step: on their intervals, and all of them at the end."""
         config, step = self.config, self.step
         batches = config.final_eval_batches if final else None
-        if (final or self._due(config.eval_interval, step)) and (val := self.evaluate(batches)) is not None:
+        eval_due = final or self._due(evaluation_interval(config, self.max_steps), step)
+        if eval_due and (val := self.evaluate(batches)) is not None:
             emit({"kind": "eval", "step": step, "val_loss": val})
         if config.hellaswag_interval > 0 and step > 0 and (final or self._due(config.hellaswag_interval, step)):
             emit({"kind": "hellaswag", "step": step, **self.hellaswag()})

@@ -77,6 +77,22 @@ def test_progress_streams_live_and_executed_notebooks_keep_final_bars(char_run):
     assert " 0 docs" not in last_frame("01_tokenize.ipynb", "tokenizing")
 
 
+def test_executed_notebooks_are_a_clean_record(char_run):
+    """No stray reprs, the schedule and attention figures drawn, and the panel's static copy saved."""
+    run_dir, _ = char_run
+    outputs = {name: [o for c in json.loads((run_dir / name).read_text())["cells"] for o in c.get("outputs", [])]
+               for name in NOTEBOOKS}
+    plain = ["".join(o.get("data", {}).get("text/plain", "")) for name in NOTEBOOKS for o in outputs[name]]
+    assert "[]" not in plain and not any(text.startswith("PromptPanel(") for text in plain)
+    assert sum("image/png" in o.get("data", {}) for o in outputs["03_train.ipynb"]) >= 3  # live, loss, schedule
+    assert sum("image/png" in o.get("data", {}) for o in outputs["05_sample.ipynb"]) >= 1  # attention map
+    widget = "application/vnd.jupyter.widget-view+json"
+    panel = [o["data"] for o in outputs["05_sample.ipynb"]
+             if widget in o.get("data", {}) and "text/html" in o["data"]][-1]
+    assert "".join(panel["text/plain"]).startswith("nbgpt prompt panel, last output:\nJULIET:")
+    assert "tokens/s" in "".join(panel["text/html"])
+
+
 def test_parameter_overrides_take_effect(char_run):
     run_dir, _ = char_run
     checkpoint = resolve_checkpoint(run_dir)

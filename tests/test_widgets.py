@@ -1,5 +1,6 @@
 """The prompt panel driven as Python objects: set values, click, read what it shows."""
 
+import html
 import time
 
 import pytest
@@ -23,8 +24,11 @@ def panel():
 
 def test_panel_has_the_controls(panel):
     kinds = {type(w).__name__ for w in panel.children}
-    assert {"Textarea", "FloatSlider", "IntSlider", "IntText", "HBox", "HTML"} <= kinds
+    assert {"Textarea", "FloatSlider", "IntSlider", "Text", "HBox", "HTML"} <= kinds
     assert panel.generate_button.description == "Generate" and panel.stop_button.description == "Stop"
+    buttons = next(w for w in panel.children if type(w).__name__ == "HBox")
+    assert panel.status not in buttons.children, "the status line has a row of its own"
+    assert panel.seed.value == "random"
 
 
 def test_generate_streams_text_and_reports_speed(panel):
@@ -34,7 +38,10 @@ def test_generate_streams_text_and_reports_speed(panel):
     assert panel.wait(30)
     expected = panel.generator.complete("to be", SamplingConfig(max_new_tokens=30, temperature=0.0, top_k=50))
     assert panel.text == expected and len(expected) > 0
-    assert "to be" + expected.replace("&", "&amp;").replace("<", "&lt;") in panel.output.value
+    # The prompt is set apart (its own span), the continuation follows it as plain text.
+    assert '<span class="nbgpt-prompt"' in panel.output.value
+    assert "to be</span>" + html.escape(expected) in panel.output.value
+    assert "word-break: normal" in panel.output.value and "pre-wrap" in panel.output.value
     assert "tokens/s" in panel.status.value and "done:" in panel.status.value
     assert "temperature 0.00, top-k 50" in panel.status.value
     assert not panel.generate_button.disabled and panel.stop_button.disabled
@@ -44,12 +51,40 @@ def test_sliders_reach_the_generator(panel):
     panel.temperature.value = 1.35
     panel.top_k.value = 0
     panel.top_p.value = 0.9
-    panel.seed.value = 42
+    panel.seed.value = "42"
     panel.max_tokens.value = 5
     panel.generate_button.click()
     panel.wait(30)
     config = panel.last_config
     assert (config.temperature, config.top_k, config.top_p, config.seed, config.max_new_tokens) == (1.35, None, 0.9, 42, 5)
+
+
+def generate(panel) -> tuple[str, int]:
+    panel.generate_button.click()
+    assert panel.wait(30)
+    return panel.text, panel.last_config.seed
+
+
+def test_each_generate_gets_a_fresh_seed_unless_one_is_fixed(panel):
+    panel.max_tokens.value = 40
+    panel.temperature.value = 1.5
+    (first, seed_a), (second, seed_b) = generate(panel), generate(panel)
+    assert seed_a != seed_b and first != second
+    assert f"seed {seed_b}" in panel.status.value  # shown, so a sample can be repeated
+    panel.seed.value = str(seed_a)
+    assert generate(panel) == (first, seed_a)
+    panel.seed.value = "lucky"
+    panel.generate_button.click()
+    assert not panel.running and "'lucky' is not a number" in panel.status.value
+
+
+def test_static_copy_of_the_last_output_for_viewers_without_widgets(panel):
+    panel.max_tokens.value = 20
+    text, _ = generate(panel)
+    bundle = panel._mimebundle()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # JupyterLab shows the live panel
+    assert bundle["text/plain"].endswith("to be" + text) and "PromptPanel(" not in bundle["text/plain"]
+    assert html.escape(text) in bundle["text/html"] and "tokens/s" in bundle["text/html"]
 
 
 class NeverEnds(GPT):

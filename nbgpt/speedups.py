@@ -1,0 +1,134 @@
+"""The lecture's speed-ups, each timed on this machine at the run's own shapes: what it buys, here and now.
+
+Every row times a baseline and the same work with one speed-up, a few repetitions each (the best is kept:
+the least disturbed by other work on the machine). A speed-up that this hardware cannot show says why.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_device, synchronize
+from .model import GPT, GPTConfig
+from .shards import TokenStore
+from .train import TrainConfig
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Seconds of the fastest of `repeats` calls, after one warm-up call (allocations, kernel choice)."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _row(name: str, what: str, device: torch.device, baseline=None, faster=None, why_not: str = "") -> dict:
+    row = {"speed-up": name, "what it does": what}
+    if why_not:
+        return {**row, "baseline ms": "", "with it ms": "", "speed-up ×": why_not}
+    base, fast = best_time(baseline, device), best_time(faster, device)
+    return {**row, "baseline ms": f"{1e3 * base:.2f}", "with it ms": f"{1e3 * fast:.2f}",
+            "speed-up ×": f"{base / fast:.2f}"}
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], None]:
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            _, loss = model(x, x)
+        loss.backward()
+    return step
+
+
+def speedup_table(train: TrainConfig) -> list[dict]:
+    """Rows of {speed-up, what it does, baseline ms, with it ms, speed-up ×} for one micro-batch of the
+    run's model on its device (fresh weights: speed does not depend on what was learned)."""
+    device = resolve_device(train.device)
+    config = train.model_config(TokenStore(train.data_dir).tokenizer().vocab_size)
+    micro_batch, seq_len = train.micro_batch, train.seq_len or config.block_size
+    cuda = device.type == "cuda"
+    model = GPT(config).to(device)
+    x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device=device)
+    fast = choose_precision(device, "auto")
+    gpu_only = "needs a GPU"
+    rows = [
+        _row("TF32 matmuls", "fp32 matmuls on tensor cores with a 10-bit mantissa", device,
+             *_tf32(model, x) if cuda else (), why_not="" if cuda and _ampere(device) else gpu_only + " (Ampere+)"),
+        _row(f"{fast} autocast" if fast != "fp32" else "bf16 autocast",
+             "matmuls in 16 bits, weights and sums kept in fp32", device,
+             _train_step(model, x, None), _train_step(model, x, DTYPES[fast]),
+             why_not="" if fast != "fp32" else _no_fast_precision(device)),
+        _row("torch.compile", "fuses the elementwise ops between matmuls into fewer kernels", device,
+             *_compiled(model, x) if cuda else (),
+             why_not="" if cuda else gpu_only + " (compiling takes minutes on a CPU)"),
+        _row("flash attention", "softmax(qkᵀ)v in one fused kernel, never storing the T×T scores", device,
+             *_attention_pair(config, micro_batch, seq_len, device, DTYPES[fast])),
+        _row("fused AdamW", "one kernel updates every parameter instead of one loop per tensor", device,
+             *_adamw_pair(model)),
+        _row("vocab 50257 → 50304", "the LM head's matmul at GPT-2's vocabulary, padded to a multiple of 64", device,
+             *_vocab_pair(config.n_embd, min(micro_batch * seq_len, 512), device)),
+    ]
+    return rows
+
+
+def _ampere(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _no_fast_precision(device: torch.device) -> str:
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return "this CPU has no native bf16 (emulated: many times slower)"
+    return "no fast 16-bit matmuls on this device"
+
+
+def _tf32(model, x):
+    def with_precision(level: str):
+        def step() -> None:
+            torch.set_float32_matmul_precision(level)
+            try:
+                _train_step(model, x, None)()
+            finally:
+                torch.set_float32_matmul_precision("high")
+        return step
+    return with_precision("highest"), with_precision("high")
+
+
+def _compiled(model, x):
+    return _train_step(model, x, None), _train_step(torch.compile(model), x, None)
+
+
+def _attention_pair(config: GPTConfig, batch: int, T: int, device: torch.device, dtype: torch.dtype):
+    shape = (batch, config.n_head, T, config.head_size)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+    def explicit() -> None:  # the (B, H, T, T) score matrix is built, stored for backward, and read again
+        scores = (q @ k.transpose(-2, -1)) * config.head_size ** -0.5
+        (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v).sum().backward()
+
+    def fused() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    return explicit, fused
+
+
+def _adamw_pair(model: torch.nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    loop = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    fused = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    return loop.step, fused.step
+
+
+def _vocab_pair(n_embd: int, tokens: int, device: torch.device):
+    x = torch.randn(tokens, n_embd, device=device)
+    weights = {v: torch.randn(v, n_embd, device=device) for v in (50257, 50304)}
+    return (lambda: x @ weights[50257].t()), (lambda: x @ weights[50304].t())

@@ -1,0 +1,105 @@
+"""What the notebooks show is what happened: evaluation points under a time budget, the schedule as logged,
+no empty charts, attention weights that are the model's own, the optimizer's real parameter groups."""
+
+import matplotlib
+import pytest
+import torch
+
+from conftest import tiny_train_config
+from nbgpt.generate import Generator
+from nbgpt.introspect import attention_weights, causal_mask, param_groups
+from nbgpt.metrics import read_metrics
+from nbgpt.model import GPT, GPTConfig
+from nbgpt.train import TrainConfig, Trainer, evaluation_interval
+
+matplotlib.use("Agg")
+
+
+@pytest.mark.parametrize("max_seconds, max_steps, expected", [
+    (None, 3152, 500),   # no budget: eval_interval as configured
+    (180.0, 3152, 100),  # ~31 points over a 3,152-step run
+    (180.0, 205, 10),    # ~20 points where the same budget only allows 205 steps
+    (180.0, 30, 1),
+    (180.0, 100_000, 500),  # eval_interval stays the upper bound
+])
+def test_evaluation_interval_follows_the_budget(max_seconds, max_steps, expected):
+    config = TrainConfig(max_seconds=max_seconds, eval_interval=500)
+    assert evaluation_interval(config, max_steps) == expected
+    assert evaluation_interval(TrainConfig(max_seconds=max_seconds, eval_interval=0), max_steps) == 0
+
+
+@pytest.fixture(scope="module")
+def budget_run(char_data, tmp_path_factory):
+    """A time-budgeted run whose budget is never the limit: max_steps ends it, eval_interval is far too big."""
+    out = tmp_path_factory.mktemp("budget")
+    trainer = Trainer(tiny_train_config(char_data, out, max_steps=40, max_seconds=3600.0, eval_interval=1000))
+    trainer.fit()
+    trainer.close()
+    return out, trainer
+
+
+def test_a_budgeted_run_evaluates_often_enough_to_draw_a_curve(budget_run):
+    out, _ = budget_run
+    assert [r["step"] for r in read_metrics(out, "eval")] == list(range(0, 40, 2)) + [40]
+
+
+def test_schedule_figure_draws_the_logged_learning_rate_and_clip(budget_run):
+    from nbgpt.plots import schedule_figure
+
+    out, _ = budget_run
+    train = read_metrics(out, "train")
+    lr_axes, norm_axes = schedule_figure(out, grad_clip=1.0).axes
+    assert list(lr_axes.get_lines()[0].get_ydata()) == [r["lr"] for r in train]
+    assert list(norm_axes.get_lines()[0].get_ydata()) == [r["grad_norm"] for r in train]
+    assert norm_axes.get_lines()[1].get_ydata()[0] == 1.0
+
+
+def test_evaluation_figure_has_no_empty_hellaswag_chart(budget_run):
+    from nbgpt.plots import evaluation_figure
+
+    out, _ = budget_run
+    skipped = evaluation_figure(out, {"skipped": "no HellaSwag data offline"})
+    assert len(skipped.axes) == 1
+    assert any("no HellaSwag data offline" in t.get_text() for t in skipped.texts)
+    assert len(evaluation_figure(out, {"acc_norm": 0.3, "count": 20}).axes) == 2
+
+
+def test_param_groups_decay_matrices_only(budget_run):
+    _, trainer = budget_run
+    rows = param_groups(trainer.model, trainer.optimizers)
+    assert [(r["dims"], r["weight_decay"]) for r in rows] == [("2-D", 0.1), ("1-D", 0.0)]
+    assert sum(r["parameters"] for r in rows) == trainer.model.num_params()
+
+
+def test_attention_weights_are_the_layers_own():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(0, 50, (1, 12))
+    caught = {}
+    model.h[1].attn.c_proj.register_forward_pre_hook(lambda m, args: caught.update(y=args[0]))
+    weights = attention_weights(model, idx, layer=1)  # (H, T, T)
+    assert weights.shape == (2, 12, 12)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 12))
+    assert (weights[:, ~causal_mask(12)] == 0).all()  # nothing from the future
+    # Re-weighting the layer's values with these weights gives exactly what the layer produced.
+    x = model.h[0](model.wte(idx) + model.wpe(torch.arange(12)), None, None)
+    v = model.h[1].attn.c_attn(model.h[1].ln_1(x)).split(16, dim=2)[2].view(1, 12, 2, 8).transpose(1, 2)
+    y = (weights[None] @ v).transpose(1, 2).reshape(1, 12, 16)
+    assert torch.allclose(y, caught["y"], atol=1e-5)
+    # A Generator's inference copy (transposed fp32 weights) gives the same map.
+    from nbgpt.tokenizer import CharTokenizer
+
+    copy = Generator(model, CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz"), precision="fp32").model
+    assert torch.allclose(attention_weights(copy, idx, layer=1), weights, atol=1e-5)
+
+
+def test_speedup_table_times_what_this_machine_can_show(budget_run):
+    from nbgpt.speedups import speedup_table
+
+    out, trainer = budget_run
+    rows = {r["speed-up"]: r for r in speedup_table(trainer.config)}
+    assert set(rows) >= {"TF32 matmuls", "torch.compile", "flash attention", "fused AdamW", "vocab 50257 → 50304"}
+    for name in ("flash attention", "fused AdamW", "vocab 50257 → 50304"):
+        assert float(rows[name]["baseline ms"]) > 0 and float(rows[name]["speed-up ×"]) > 0
+    if not torch.cuda.is_available():
+        assert rows["TF32 matmuls"]["speed-up ×"].startswith("needs a GPU")
