@@ -68,7 +68,7 @@ def test_progress_streams_live_and_executed_notebooks_keep_final_bars(char_run):
 
     def streams(name):
         cells = json.loads((run_dir / name).read_text())["cells"]
-        return "".join(o.get("text", "") for c in cells for o in c.get("outputs", []) if o["output_type"] == "stream")
+        return "".join("".join(o["text"]) for c in cells for o in c.get("outputs", []) if o["output_type"] == "stream")
 
     def last_frame(name, desc):  # a text bar redraws after "\r"; the notebook shows the last frame
         return [f for f in re.split(r"[\r\n]", streams(name)) if f.startswith(desc)][-1]
