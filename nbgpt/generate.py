@@ -211,6 +211,11 @@ class Generator:
         self.decoder = Decoder(model, device, precision, use_cache)
         self.last_stats: dict = {}
 
+    @property
+    def model(self) -> nn.Module:
+        """The snapshot that generates (in the decoding precision): inspect it, e.g. its attention maps."""
+        return self.decoder.model
+
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt -> ids; an empty prompt starts from end-of-text, an overlong one keeps its tail."""
         ids = self.tokenizer.encode(prompt) if prompt else []
