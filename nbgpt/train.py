@@ -27,7 +27,8 @@ from .device import (autocast, choose_precision, configure_backends, peak_flops,
 from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
 from .loader import DataLoader
 from .metrics import MetricsLog
-from .model import GPT, ConfigError, GPTConfig, build_adamw, build_muon, flops_per_token
+from .model import GPT, ConfigError, GPTConfig, flops_per_token
+from .optim import build_adamw, build_muon
 from .shards import DataError, TokenStore
 from .tokenizer import tokenizer_spec
 
@@ -441,7 +442,7 @@ def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len:
     Vocabularies above `max_table_vocab` (GPT-2's BPE) get a table factorised through `rank` dimensions."""
     from tqdm.auto import tqdm
 
-    from .model import BigramLM, build_adamw
+    from .model import BigramLM
 
     torch.manual_seed(seed)
     target = resolve_device(device)
