@@ -9,6 +9,7 @@ import torch
 from nbgpt.device import choose_precision, fast_dtype
 from nbgpt.model import GPT, GPTConfig
 from nbgpt.optim import Muon, build_adamw, build_muon, orthogonalise
+from nbgpt.presets import CPU_BATCH, cpu_recipe, get_preset
 
 CPU = torch.device("cpu")
 
@@ -108,7 +109,18 @@ def test_avx2_cpu_measures_slow_bf16_and_stays_fp32():
               "cpu = torch.device('cpu')\n"
               "muon, _ = build_muon(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=5)),"
               " 0.1, 1e-3, (0.9, 0.95), 'cpu')\n"
+              "from nbgpt.presets import get_preset; demo = get_preset('cpu-demo')\n"
               "print(cpu_bf16_speedup() < 1.0, choose_precision(cpu, 'auto'), muon.ns_dtype,"
-              " choose_precision(cpu, 'bf16'))")
+              " choose_precision(cpu, 'bf16'), demo['precision'], demo['micro_batch'])")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "fp32", "torch.float32", "bf16"]  # an explicit choice still wins
+    # an explicit choice still wins; the demo recipe trains in fp32 with its fp32 batch
+    assert out.stdout.split() == ["True", "fp32", "torch.float32", "bf16", "fp32", str(CPU_BATCH["fp32"])]
+
+
+def test_cpu_demo_recipe_follows_the_precision():
+    demo = get_preset("cpu-demo")
+    assert demo["precision"] == choose_precision(CPU, "auto")
+    assert demo["micro_batch"] == CPU_BATCH[demo["precision"]] and demo["total_batch_tokens"] == demo["micro_batch"] * 64
+    assert cpu_recipe("fp32") == dict(precision="fp32", micro_batch=CPU_BATCH["fp32"],
+                                      total_batch_tokens=CPU_BATCH["fp32"] * 64)
+    assert cpu_recipe("bf16")["micro_batch"] == CPU_BATCH["bf16"] != CPU_BATCH["fp32"]
