@@ -38,7 +38,8 @@ def orthogonalise(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         A = X @ X.T  # (m, m), m = the smaller side
-        X = a * X + (b * A + c * A @ A) @ X
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A², one fused call
+        X = torch.addmm(X, B, X, beta=a)  # a X + (b A + c A²) X
     return X.T if tall else X
 
 
