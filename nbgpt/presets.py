@@ -52,9 +52,11 @@ RUN_PRESETS: dict[str, dict] = {
 }
 
 
-# Batch per optimizer step for the CPU demo model (context 64), by the precision the CPU runs fastest. The
-# time-to-quality runs (bench/RESULTS.md) found: with fast bf16 (~50 k tokens/s) 32 sequences per step;
-# in fp32 (~15-25 k tokens/s) a step of half the tokens, since twice as many updates beat a less noisy one.
+# Sequences of 64 tokens per optimizer step for the CPU demo model, by the precision the CPU runs fastest.
+# bf16 (~50 k tokens/s on 2 AVX-512 cores): 32, the winner of the time-to-quality sweep (bench/RESULTS.md).
+# fp32 (~15-25 k tokens/s): half that, so a slower CPU still makes about as many updates in its budget; at
+# 32 × 64 an AVX2 CPU made 610 steps and ended 0.12 nats ahead of nanoGPT (issue 15). Not yet confirmed by a
+# time-to-quality run on an AVX2 CPU (bench/RESULTS.md, "Every CPU").
 CPU_BATCH = {"bf16": 32, "fp32": 16}
 
 
