@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -26,9 +27,36 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times), times
 
 
+def machine() -> dict:
+    """The CPU facts every figure is recorded with: its instruction set as torch uses it, whether oneDNN
+    reports native bf16, how much faster a bf16 matmul measured than fp32, and any emulation variables."""
+    import torch
+
+    from nbgpt.device import cpu_bf16_speedup, cpu_has_native_bf16
+
+    emulation = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
+            "bf16_speedup": round(cpu_bf16_speedup(), 3), "emulation": emulation, "threads": torch.get_num_threads(),
+            "load": os.getloadavg()[0]}
+
+
+def cpu_precisions() -> list[str]:
+    """The precisions worth timing on this CPU: fp32, and bf16 where it is measured faster (where it is
+    emulated, a bf16 run would take hours and show only what `auto` already avoids)."""
+    import torch
+
+    from nbgpt.device import choose_precision
+
+    return ["fp32", "bf16"] if choose_precision(torch.device("cpu")) == "bf16" else ["fp32"]
+
+
 def report(name: str, rows: list[dict], extra: dict | None = None) -> None:
-    """Print rows as JSON (one object) and as a table, and keep the JSON under bench/out/."""
-    payload = {"bench": name, "rows": rows, **(extra or {})}
+    """Print rows as JSON (one object) and as a table, and keep the JSON under bench/out/ (named after the
+    CPU capability, so AVX-512 and AVX2 figures are kept side by side)."""
+    facts = machine()
+    print(f"machine: {facts}")
+    payload = {"bench": name, "machine": facts, "rows": rows, **(extra or {})}
+    name = f"{name}-{facts['cpu_capability'].lower()}"
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(payload, indent=2))
     print(json.dumps(payload))

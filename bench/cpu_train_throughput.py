@@ -11,7 +11,7 @@ import tempfile
 import time
 
 import torch
-from common import ROOT, report
+from common import ROOT, cpu_precisions, report
 
 from nbgpt.device import measured_matmul_flops
 from nbgpt.shards import prepare
@@ -55,15 +55,14 @@ def main() -> None:
     prepare(args.data, "char", f"{work}/ds", val_fraction=0.1, progress=False)
     rows = []
     for name, shape in SHAPES.items():
-        for precision in ("fp32", "bf16"):
+        for precision in cpu_precisions():
             for compiled in (False, True):
                 start = time.perf_counter()
                 result = measure(f"{work}/ds", shape, precision, compiled, args.batch, args.steps)
                 rows.append({"model": name, "precision": precision, "compile": compiled,
                              "params": result["params"], "tokens_per_s": result["tokens_per_s"],
                              "mfu": result["mfu"], "bench_s": time.perf_counter() - start})
-    report("cpu_train_throughput", rows, {"peak_fp32": measured_matmul_flops("cpu", "fp32"),
-                                          "peak_bf16": measured_matmul_flops("cpu", "bf16")})
+    report("cpu_train_throughput", rows, {f"peak_{p}": measured_matmul_flops("cpu", p) for p in cpu_precisions()})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import tempfile
 import torch
 from common import median_time, report
 
+from nbgpt.device import choose_precision
 from nbgpt.generate import Generator, SamplingConfig
 from nbgpt.hf import export_hf
 from nbgpt.model import GPT, GPTConfig
@@ -24,8 +25,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 rows")
+    parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                        help="the bf16 rows: auto runs them where bf16 is measured faster than fp32")
     args = parser.parse_args()
+    args.bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and choose_precision(torch.device("cpu")) == "bf16")
     import transformers
 
     torch.manual_seed(0)
@@ -65,7 +68,7 @@ def main() -> None:
             ("fp32 loop without cache, logits at every position", naive_run),
             ("transformers fp32 generate, cache", hf_run("hf-fp32", reference))]
     if args.bf16:
-        runs += [("nbgpt bf16 weights, KV cache (default here)", nbgpt_run("bf16", True, "bf16")),
+        runs += [("nbgpt bf16 weights, KV cache (auto's choice here)", nbgpt_run("bf16", True, "bf16")),
                  ("transformers bf16 generate, cache", hf_run("hf-bf16", copy.deepcopy(reference).to(torch.bfloat16)))]
     rows = []
     for name, fn in runs:

@@ -11,7 +11,7 @@ import statistics
 import time
 
 import torch
-from common import report
+from common import cpu_precisions, report
 
 from nbgpt.device import autocast, measured_matmul_flops
 from nbgpt.model import GPT, GPTConfig, flops_per_token
@@ -20,7 +20,7 @@ from nbgpt.model import GPT, GPTConfig, flops_per_token
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=cpu_precisions())
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=1024)

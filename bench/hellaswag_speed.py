@@ -10,6 +10,7 @@ import argparse
 import torch
 from common import ROOT, median_time, report
 
+from nbgpt.device import choose_precision
 from nbgpt.hellaswag import evaluate_hellaswag, read_examples
 from nbgpt.model import GPT, GPTConfig
 from nbgpt.tokenizer import GPT2Tokenizer
@@ -19,9 +20,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--copies", type=int, default=5)
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
-    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--precision", default="auto", help="auto: what nbgpt picks for this CPU (measured)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    args.precision = choose_precision(torch.device("cpu"), args.precision)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2", vocab_multiple=64)).eval()
     tokenizer = GPT2Tokenizer()

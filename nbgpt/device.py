@@ -4,7 +4,10 @@ Precision rules (overridable with precision="fp32"|"bf16"|"fp16"):
 - CUDA with compute capability >= 8.0 (A100, H100, RTX 30xx+): bf16 autocast, TF32 for fp32 matmuls.
 - older CUDA (T4, V100): fp16 autocast with a GradScaler. `torch.cuda.is_bf16_supported()` answers True on a
   T4 because bf16 can be emulated, but emulated bf16 is far slower than fp16, so capability decides.
-- CPU: bf16 autocast when the CPU has native bf16 matmuls (AVX512-BF16 or AMX), else fp32.
+- CPU: bf16 autocast when a short measured bf16 matmul is faster than the same fp32 one (CPUs with
+  AVX512-BF16 or AMX: ~4x faster), else fp32. CPU flags alone can mislead: without native support bf16 is
+  emulated and runs 10-600x slower than fp32, and a build or an environment (ONEDNN_MAX_CPU_ISA) can
+  withhold an instruction set the CPU has.
 """
 
 from __future__ import annotations
@@ -55,6 +58,37 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(size: int = 256) -> float:
+    """How many times faster a (size × size) bf16 matmul runs than an fp32 one on one core of this CPU,
+    measured once per process: ~3.6 with AVX512-BF16, ~0.005 where bf16 is emulated (AVX2). Takes ~20 ms on
+    the former, a few tenths of a second on the latter.
+
+    One thread, the two dtypes in alternation, and each one's fastest run: a busy machine that takes the
+    core away for a moment slows single runs, not the best of several. The operands are deterministic (no
+    random draws), so measuring never disturbs a seeded run.
+    """
+    operands = {dtype: (torch.arange(size * size, dtype=torch.float32).reshape(size, size) % 7 / 7).to(dtype)
+                for dtype in (torch.float32, torch.bfloat16)}
+    best = {dtype: float("inf") for dtype in operands}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype, a in operands.items():
+            torch.mm(a, a)  # warm-up: oneDNN picks and caches its kernel on the first call
+        started = time.perf_counter()
+        for rounds in range(1, 21):
+            for dtype, a in operands.items():
+                start = time.perf_counter()
+                torch.mm(a, a)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+            if rounds >= 3 and time.perf_counter() - started > 0.02:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
 def choose_precision(device: torch.device, requested: str = "auto") -> str:
     if requested not in PRECISIONS + ("auto",):
         raise DeviceError(f"precision must be one of {PRECISIONS + ('auto',)}, got {requested!r}")
@@ -67,8 +101,15 @@ def choose_precision(device: torch.device, requested: str = "auto") -> str:
                               f"bf16; use precision='fp16' (with a GradScaler) or 'fp32'")
         return requested
     if requested == "auto":
-        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_bf16_speedup() > 1.0 else "fp32"
     return requested
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for internal matmuls that need no more precision (Muon's orthogonalisation): bf16 where
+    "auto" picks bf16 for this device (CPUs with fast bf16, CUDA >= 8.0), fp32 elsewhere, the T4 included
+    (Muon is published and tested with bf16 or fp32; the optimizer step is a small share of a GPU step)."""
+    return torch.bfloat16 if choose_precision(device, "auto") == "bf16" else torch.float32
 
 
 def configure_backends(device: torch.device) -> None:

@@ -5,7 +5,6 @@ Shapes in comments use B = batch, T = time (tokens), C = n_embd, H = n_head, D =
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -354,10 +353,6 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.ln_f(x)
 
-    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                            device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
-        return build_adamw(self, weight_decay, learning_rate, betas, device_type, fused)
-
 
 # ---------------------------------------------------------------------------------------------- bigram
 
@@ -401,46 +396,8 @@ class BigramLM(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                            device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
-        return build_adamw(self, weight_decay, learning_rate, betas, device_type, fused)
-
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def build_adamw(model: nn.Module | list[nn.Parameter], weight_decay: float, learning_rate: float,
-                betas: tuple[float, float], device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over a model's (or a list of) parameters that decays only matrices (>= 2-D: weights,
-    embeddings), never biases or LayerNorm gains.
-
-    Decay pulls weights toward zero; for gains and biases that only shifts or rescales features, which
-    hurts rather than regularises. `fused` (one kernel for all parameters) is used where the device has it.
-    """
-    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if fused is None:
-        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=1e-8,
-                             fused=fused)
-
-
-def build_muon(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-               device_type: str) -> list[torch.optim.Optimizer]:
-    """Muon for the matrices inside the transformer blocks, AdamW for everything else.
-
-    Muon (Jordan et al., 2024) replaces each matrix's momentum-averaged gradient by the nearest orthogonal
-    matrix (a few Newton-Schulz iterations), so every direction of the update moves at the same rate instead
-    of a few dominant ones; small models learn more per token with it. It is defined for 2-D weights only:
-    embeddings, the tied LM head, biases and LayerNorm gains stay with AdamW. The "match_rms_adamw" scaling
-    makes its updates the size AdamW's would be, so both share one learning rate and schedule.
-    """
-    matrices = [p for p in model.get_submodule("h").parameters() if p.requires_grad and p.dim() == 2]
-    chosen = {id(p) for p in matrices}
-    rest = [p for p in model.parameters() if id(p) not in chosen]
-    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return [muon, build_adamw(rest, weight_decay, learning_rate, betas, device_type)]
 
 
 def flops_per_token(config: GPTConfig, seq_len: int | None = None, non_embedding_params: int | None = None) -> float:

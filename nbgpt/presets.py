@@ -6,6 +6,12 @@ anything a preset leaves out keeps its dataclass default.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+
+from .device import choose_precision
+
 RUN_PRESETS: dict[str, dict] = {
     # Seconds, not minutes: every notebook end to end on a tiny model (used by the test suite).
     "tiny": dict(
@@ -15,14 +21,14 @@ RUN_PRESETS: dict[str, dict] = {
         hellaswag_limit=20, prompt="ROMEO:", max_new_tokens=60, num_return_sequences=2,
     ),
     # The laptop demo: Shakespeare's complete works, character level, the small GPT and schedule that won the
-    # CPU time-to-quality sweep (bench/RESULTS.md): 4 layers x 128, context 64, batch 32 x 64, Muon + AdamW at
-    # peak LR 1e-2, bf16 where the CPU has it, and a cosine to zero fitted to a 180-second training budget.
+    # CPU time-to-quality sweep (bench/RESULTS.md): 4 layers x 128, context 64, Muon + AdamW at peak LR 1e-2
+    # and a cosine to zero fitted to a 180-second training budget; precision and batch from `cpu_recipe`.
     "cpu-demo": dict(
         source="shakespeare", tokenizer="char", shard_tokens=10_000_000, val_fraction=0.1,
-        model="cpu-char", bigram_steps=200, total_batch_tokens=32 * 64, micro_batch=32, max_steps=100_000,
-        max_seconds=180.0, optimizer="muon", max_lr=1e-2, min_lr_ratio=0.0, warmup_steps=30, eval_interval=500,
-        eval_batches=8, final_eval_batches=0, checkpoint_interval=1000, weight_decay=0.1, precision="auto",
-        prompt="ROMEO:\n", max_new_tokens=400, num_return_sequences=2, temperature=0.8, top_k=40,
+        model="cpu-char", bigram_steps=200, max_steps=100_000, max_seconds=180.0, optimizer="muon", max_lr=1e-2,
+        min_lr_ratio=0.0, warmup_steps=30, eval_interval=500, eval_batches=8, final_eval_batches=0,
+        checkpoint_interval=1000, weight_decay=0.1, prompt="ROMEO:\n", max_new_tokens=400, num_return_sequences=2,
+        temperature=0.8, top_k=40,
     ),
     # build-nanogpt's GPT-2 (124M) recipe on FineWeb-Edu 10B tokens, one 8×A100/H100 node.
     "gpt2-124m": dict(
@@ -45,3 +51,29 @@ RUN_PRESETS: dict[str, dict] = {
     ),
 }
 
+
+# Sequences of 64 tokens per optimizer step for the CPU demo model, by the precision the CPU runs fastest.
+# bf16 (~50 k tokens/s on 2 AVX-512 cores): 32, the winner of the time-to-quality sweep (bench/RESULTS.md).
+# fp32 (~15-25 k tokens/s): half that, so a slower CPU still makes about as many updates in its budget; at
+# 32 × 64 an AVX2 CPU made 610 steps and ended 0.12 nats ahead of nanoGPT (issue 15). Not yet confirmed by a
+# time-to-quality run on an AVX2 CPU (bench/RESULTS.md, "Every CPU").
+CPU_BATCH = {"bf16": 32, "fp32": 16}
+
+
+def cpu_recipe(precision: str = "auto") -> dict:
+    """The CPU demo's precision and batch for this machine: "auto" resolves to what a measured matmul says
+    the CPU is fast at (see `nbgpt.device.choose_precision`), and the batch follows that precision."""
+    precision = choose_precision(torch.device("cpu"), precision)
+    micro_batch = CPU_BATCH[precision if precision in CPU_BATCH else "fp32"]
+    return dict(precision=precision, micro_batch=micro_batch, total_batch_tokens=micro_batch * 64)
+
+
+# Presets completed at lookup time by a function of this machine's measured speed.
+MEASURED_PRESETS: dict[str, Callable[[], dict]] = {"cpu-demo": cpu_recipe}
+
+
+def get_preset(name: str) -> dict:
+    if name not in RUN_PRESETS:
+        raise KeyError(f"unknown run preset {name!r}; choose one of {sorted(RUN_PRESETS)}")
+    measured = MEASURED_PRESETS.get(name)
+    return {**RUN_PRESETS[name], **(measured() if measured else {})}

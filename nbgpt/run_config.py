@@ -22,7 +22,7 @@ from pathlib import Path
 from .config import ConfigError, check_fields, check_known, coerce, did_you_mean, field_types
 from .generate import SamplingConfig
 from .model import GPTConfig
-from .presets import RUN_PRESETS
+from .presets import RUN_PRESETS, get_preset
 from .train import TrainConfig
 
 
@@ -158,7 +158,7 @@ def preset_values(preset: str | None) -> dict:
     if preset not in RUN_PRESETS:
         raise ConfigError(f"unknown run preset {preset!r}{did_you_mean(preset, RUN_PRESETS)}; choose one of "
                           f"{sorted(RUN_PRESETS)}")
-    return dict(RUN_PRESETS[preset])
+    return get_preset(preset)  # the table's values, completed by this machine's measurements
 
 
 def typed_values(values: dict) -> dict:

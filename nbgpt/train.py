@@ -33,7 +33,8 @@ from .metrics import MetricsLog
 from .progress import ProgressLog, progress_bar
 from .runlock import RunLock
 from .stop import StopSignals, TrainingStopped, signal_name
-from .model import GPT, ConfigError, GPTConfig, build_adamw, build_muon, flops_per_token
+from .model import GPT, ConfigError, GPTConfig, flops_per_token
+from .optim import build_adamw, build_muon
 from .shards import DataError, TokenStore
 from .tokenizer import tokenizer_spec
 
@@ -562,7 +563,7 @@ def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len:
     """Train the bigram baseline briefly; returns the model and its final train and validation losses.
 
     Vocabularies above `max_table_vocab` (GPT-2's BPE) get a table factorised through `rank` dimensions."""
-    from .model import BigramLM, build_adamw
+    from .model import BigramLM
 
     torch.manual_seed(seed)
     target = resolve_device(device)
