@@ -148,7 +148,7 @@ def nbgpt_training(ctx: Context, precision: str, compiled: bool) -> dict:
     """nbgpt as users train it: the Trainer, one micro-batch per step, fused AdamW, clipping, scaler."""
     s = ctx.shapes
     config = TrainConfig(data_dir=str(ctx.train_data), out_dir=str(ctx.work / f"nbgpt-{precision}-{compiled}"),
-                         model=s.model, vocab_multiple=64, micro_batch=s.micro_batch,
+                         model=s.model, model_overrides={"vocab_multiple": 64}, micro_batch=s.micro_batch,
                          total_batch_tokens=s.micro_batch * ctx.seq_len, max_steps=s.warmup_steps + s.timed_steps,
                          warmup_steps=s.warmup_steps, eval_interval=0, checkpoint_interval=0, precision=precision,
                          compile=compiled, device=ctx.device.type, progress=False)
@@ -264,7 +264,8 @@ def compiled_run(ctx: Context) -> dict:
 
     s, every = ctx.shapes, max(1, ctx.shapes.run_steps // 3)
     config = TrainConfig(data_dir=str(ctx.eval_data), out_dir=str(ctx.work / "compiled-run"), model=s.model,
-                         vocab_multiple=64, micro_batch=s.micro_batch, total_batch_tokens=s.micro_batch * ctx.seq_len,
+                         model_overrides={"vocab_multiple": 64}, micro_batch=s.micro_batch,
+                         total_batch_tokens=s.micro_batch * ctx.seq_len,
                          max_steps=s.run_steps, warmup_steps=2, eval_interval=every, eval_batches=4,
                          hellaswag_interval=every, hellaswag_path=str(FIXTURE), sample_interval=every,
                          sample_prompt="Hello, I'm a language model,", sample_tokens=32, checkpoint_interval=0,

@@ -8,6 +8,7 @@ Tracebacks are for bugs, or for `nbgpt --debug ...`.
 from __future__ import annotations
 
 import sys
+import warnings
 
 from .cli import build_parser
 
@@ -31,9 +32,20 @@ def expected_errors() -> tuple[type[BaseException], ...]:
             TrainingDiverged, WriteError)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Settings that contradict each other are a line for the user, not a pointer into nbgpt's source."""
+    from .config import ConfigWarning
+
+    if issubclass(category, ConfigWarning):
+        print(f"nbgpt: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     from .stop import TrainingStopped
 
+    warnings.showwarning = _show_warning
     parser = build_parser()
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     args = parser.parse_args(argv)

@@ -113,7 +113,8 @@ def verify(asset: Asset, data: bytes, origin: str) -> None:
 
 def _given(asset: Asset, path: Path, origin: str | None) -> Path:
     if not path.is_file():
-        raise asset.error(f"{asset.name} file {path} does not exist (from {origin})")
+        raise asset.error(f"{asset.name} file {path} does not exist (from {origin}): check the path, or "
+                          f"{asset.how_to_provide()}")
     if asset.verify_given:
         verify(asset, path.read_bytes(), str(path))
     return path

@@ -43,13 +43,17 @@ def given(args: argparse.Namespace, *classes) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .model import GPTConfig
     from .train import TrainConfig, Trainer
 
     base = {}
     if args.config_json:
         with open(args.config_json) as f:
-            base = json.load(f)
+            try:
+                base = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{args.config_json} is not valid JSON ({exc}); fix the file or pass flags") from None
     trainer = Trainer(TrainConfig.from_dict({**base, **given(args, TrainConfig, GPTConfig)}))
     try:
         summary = trainer.fit()
@@ -64,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .device import choose_precision, resolve_device
     from .distributed import init_distributed, shutdown
-    from .hellaswag import evaluate_hellaswag, load_examples
+    from .hellaswag import HellaSwagUnavailable, evaluate_hellaswag, load_examples
     from .loading import load_model
     from .run_config import EvalConfig
 
@@ -78,6 +82,9 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(args.checkpoint, device=str(device))
         model, tokenizer = loaded.model, loaded.tokenizer
+        if tokenizer.name != "gpt2":  # scores from another tokenizer's model would mean nothing
+            raise HellaSwagUnavailable(f"HellaSwag is English text in GPT-2 BPE; {args.checkpoint} uses the "
+                                       f"{tokenizer.name} tokenizer: evaluate a model trained on gpt2 tokens")
         examples = load_examples(config.hellaswag_path, limit=config.hellaswag_limit)
         result = evaluate_hellaswag(model, tokenizer, examples, device=device,
                                     precision=choose_precision(device, config.precision),

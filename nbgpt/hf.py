@@ -30,8 +30,14 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
     path = Path(path_or_name)
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_name).startswith((".", "/", "~")):
+    if path.exists():
         raise HFFormatError(f"{path_or_name} is not a directory with config.json and model weights")
+    if str(path_or_name).startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
+        # a path (runs/mine with a typo), not a hub name: say what is there instead of asking the hub
+        there = (f" (in {path.parent}: {', '.join(sorted(p.name for p in path.parent.iterdir())[:8]) or 'nothing'})"
+                 if path.parent.is_dir() else "")
+        raise HFFormatError(f"{path_or_name} does not exist{there}: pass a run directory, checkpoint file or HF "
+                            f"folder")
     from huggingface_hub import snapshot_download
 
     name = str(path_or_name)
@@ -40,7 +46,7 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
                                       local_files_only=offline()))
     except Exception as exc:
         reason = ("it is not in the Hugging Face cache and NBGPT_OFFLINE/HF_HUB_OFFLINE is set" if offline() else
-                  f"the Hugging Face hub did not provide it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+                  f"it is neither in the Hugging Face cache nor downloadable now ({type(exc).__name__})")
         raise HFFormatError(f"{name!r} is no local path, and as a hub model name {reason}; fetch it where the hub is "
                             f"reachable (`hf download {name}`) or pass a local run, checkpoint or HF folder") from exc
 

@@ -129,3 +129,11 @@ def test_old_checkpoint_train_configs_load():
     config = TrainConfig.from_dict(old)
     assert config.model_overrides == {"n_head": 4, "block_size": 32, "dropout": 0.1, "vocab_multiple": 1}
     assert config.model_config(vocab_size=65).n_head == 4
+
+
+def test_a_malformed_config_json_is_one_line(tmp_path):
+    broken = tmp_path / "config.json"
+    broken.write_text('{"max_steps": 5,')
+    result = nbgpt("train", "--config-json", str(broken))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{broken} is not valid JSON" in result.stderr and result.stderr.strip().count("\n") == 0

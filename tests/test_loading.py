@@ -88,3 +88,13 @@ def test_prompt_panel_loads_a_model_source(tmp_path, gpt2_tokenizer):
     expected = Generator(load_hf(tmp_path / "hf"), gpt2_tokenizer).complete(
         "Hello", SamplingConfig(max_new_tokens=6, temperature=0.0))
     assert panel.text == expected and "done:" in panel.status.value
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path):
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    with pytest.raises(HFFormatError, match=r"runs/mnie does not exist \(in .*runs: mine\): pass a run directory"):
+        load_model(tmp_path / "runs" / "mnie")
+    relative = subprocess.run([sys.executable, "-m", "nbgpt", "sample", "--checkpoint", "runs/mnie"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    assert relative.returncode == 2 and "hf download" not in relative.stderr
+    assert relative.stderr.strip().count("\n") == 0 and "runs/mnie does not exist" in relative.stderr
