@@ -10,33 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, has_checkpoints, load_latest, save_checkpoint
+from . import train_state
+from .checkpoint import save_checkpoint
 from .config import ConfigWarning, check_fields, check_known, field_types, typed_mapping
+from .device import autocast, peak_flops, resolve_device, synchronize
+from .distributed import all_reduce_mean, shutdown
 from .divergence import DivergenceGuard, TrainingDiverged
-from .files import remove_stale_temp_files
-from .device import (autocast, choose_precision, configure_backends, peak_flops, resolve_device,
-                     synchronize)
-from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
 from .loader import DataLoader
 from .metrics import MetricsLog
+from .model import ConfigError, GPTConfig, flops_per_token
+from .optim import build_adamw
 from .progress import ProgressLog, progress_bar
 from .runlock import RunLock
-from .stop import StopSignals, TrainingStopped, signal_name
-from .model import GPT, ConfigError, GPTConfig, flops_per_token
-from .optim import build_adamw, build_muon
+from .schedule import Clock, Schedule, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
-from .tokenizer import tokenizer_spec
+from .stop import StopSignals, TrainingStopped, signal_name
+from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, open_store,
+                          start_runtime, wrap_model)
 
 
 @dataclass
@@ -55,7 +53,7 @@ class TrainConfig:
     seq_len: int | None = None  # defaults to the model's block_size
     # schedule
     max_steps: int = 200
-    max_seconds: float | None = None  # wall-clock budget: the cosine horizon is fitted to it (see _fit_budget)
+    max_seconds: float | None = None  # wall-clock budget: the cosine horizon is fitted to it (see schedule.fitted_max_steps)
     max_lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -65,7 +63,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # evaluation, samples, checkpoints
-    eval_interval: int = 50  # with max_seconds, an upper bound: see evaluation_interval
+    eval_interval: int = 50  # with max_seconds, an upper bound: see schedule.evaluation_interval
     eval_batches: int = 20
     final_eval_batches: int | None = None  # batches of the final evaluation (None: eval_batches; 0: whole split)
     sample_interval: int = 0
@@ -152,83 +150,15 @@ def contradictions(config: TrainConfig) -> list[str]:
     return found
 
 
-def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float:
-    """Linear warmup to max_lr, then cosine decay to min_lr_ratio * max_lr at max_steps.
-
-    Warmup keeps the first updates small while Adam's second-moment estimates are still noise; the cosine
-    spends most steps at high learning rate and anneals at the end, which is where loss drops fastest.
-    """
-    max_steps = max_steps or config.max_steps
-    min_lr = config.max_lr * config.min_lr_ratio
-    if step < config.warmup_steps:
-        return config.max_lr * (step + 1) / config.warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - min_lr)
-
-
-# Validation points over a time-budgeted run (see evaluation_interval).
-BUDGET_EVALS = 20
-
-
-def evaluation_interval(config: TrainConfig, max_steps: int) -> int:
-    """Steps between validation evaluations: eval_interval, or fewer under a time budget.
-
-    With max_seconds the run's length is only known as it goes (max_steps is re-fitted every step), so a fixed
-    eval_interval may leave two points, start and end. There it becomes an upper bound: the interval is the
-    round number (1, 2, 5, 10, 20, 50, ...) giving about BUDGET_EVALS points over the fitted run. Round numbers
-    keep it steady while the estimate drifts, so evaluations neither skip nor bunch up.
-    """
-    if config.max_seconds is None or config.eval_interval <= 0:
-        return config.eval_interval
-    target = max(1, max_steps // BUDGET_EVALS)
-    decade = 10 ** int(math.log10(target))
-    return min(config.eval_interval, max(m * decade for m in (1, 2, 5) if m * decade <= target))
-
-
-def build_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
-    """The optimizer(s) that `config.optimizer` names; every one of them follows the same LR schedule."""
-    betas = (config.beta1, config.beta2)
-    if config.optimizer == "adamw":
-        return [build_adamw(model, config.weight_decay, config.max_lr, betas, device_type)]
-    if config.optimizer == "muon":
-        return build_muon(model, config.weight_decay, config.max_lr, betas, device_type)
-    raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {config.optimizer!r}")
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                      "gauss": gauss}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
+    """Trains a GPT as a TrainConfig describes: built by train_setup, resumed and checkpointed by train_state,
+    its extras timed by schedule. What stays here is the loop itself: train_step, evaluate and fit."""
+
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print):
         self.config = config
         self.echo = echo
-        self.device = resolve_device(config.device)
-        self.dist: DistInfo = init_distributed(self.device.type)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        configure_backends(self.device)
-        self.precision = choose_precision(self.device, config.precision)
+        runtime = start_runtime(config)
+        self.device, self.dist, self.precision = runtime.device, runtime.dist, runtime.precision
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.progress = ProgressLog(self.out_dir / "train.log", echo, config.log_interval)
@@ -236,66 +166,48 @@ class Trainer:
         try:
             # Two trainers writing one run directory would interleave checkpoints and logs: refuse the second.
             self.lock = RunLock(self.out_dir).acquire() if self.dist.is_main else None
-            self._build()
+            self._build(runtime)
+            self._resume()
         except BaseException:
             self.close()  # a trainer that never came to be holds nothing: the next attempt may start
             raise
 
-    def _build(self) -> None:
-        """Data, model, optimizers, loss scaling, DDP, then the state of the newest checkpoint if resuming."""
+    def _build(self, runtime: Runtime) -> None:
+        """Data, model, batch layout, optimizers, loss scaling, compilation and DDP, and a fresh schedule."""
         config = self.config
-        # data
-        if not config.data_dir:
-            raise ConfigError("TrainConfig.data_dir is empty: point it at a dataset made by prepare()")
-        self.store = TokenStore(config.data_dir)
+        self.store = open_store(config)
         self.tokenizer = self.store.tokenizer()
-        # model
-        if config.init_from == "scratch":
-            torch.manual_seed(config.seed)
-            self.model_config = config.model_config(self.tokenizer.vocab_size)
-            self.model = GPT(self.model_config)
-        else:
-            from .hf import load_hf
-
-            self.model = load_hf(config.init_from, vocab_multiple=config.model_overrides.get("vocab_multiple", 1))
-            self.model_config = self.model.config
-            if self.model_config.vocab_size != self.tokenizer.vocab_size:
-                raise ConfigError(f"{config.init_from} has vocab_size {self.model_config.vocab_size}, the "
-                                  f"dataset's tokenizer {self.tokenizer.vocab_size}")
-        self.model.to(self.device)
+        self.model, self.model_config = build_model(config, self.tokenizer.vocab_size, self.device)
         self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size)
-        loader_args = dict(batch_size=config.micro_batch, seq_len=self.seq_len, rank=self.dist.rank,
-                           world_size=self.dist.world_size)
-        self.train_loader = DataLoader(self.store, "train", shuffle=config.shuffle, seed=config.seed,
-                                       align_documents=config.align_documents, **loader_args)
-        try:
-            self.val_loader = DataLoader(self.store, "val", **loader_args)
-        except DataError:
-            self.val_loader = None  # no (or too little) validation data: evaluation is skipped
-            self.log_event("no validation batches: the val split is empty or smaller than one batch")
-        # optimizer, loss scaling, compilation, DDP
+        self.train_loader, self.val_loader = build_loaders(config, self.store, self.seq_len, self.dist,
+                                                           self.log_event)
         self.optimizers = build_optimizers(self.model, config, self.device.type)
-        # fp16 has a narrow exponent range: small gradients underflow to zero unless the loss is scaled up
-        # first. The scaler does that, and skips any step whose gradients overflowed to inf/NaN.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
-        self.train_model = (DistributedDataParallel(self.forward_model,
-                                                    device_ids=[self.dist.local_rank] if self.device.type == "cuda"
-                                                    else None)
-                            if self.dist.enabled else self.forward_model)
+        self.scaler = grad_scaler(self.device, self.precision)
+        self.forward_model, self.train_model = wrap_model(self.model, config, runtime)
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len,
                                                non_embedding_params=self.model.num_params(non_embedding=True))
-        self.peak = None
+        self.peak = None  # the device's peak FLOP/s, measured at the first step (for MFU)
+        self.schedule = Schedule(config)
         self.step = 0
         self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
         self.elapsed = 0.0  # seconds this run has trained, over all its processes (a resume continues it)
-        self.divergence = DivergenceGuard(config.max_bad_steps, self.checkpoint_dir)
         self.last_val_loss: float | None = None
+        self.divergence = DivergenceGuard(config.max_bad_steps, self.checkpoint_dir)
         self._hellaswag_examples = None
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
-        self._resume()
 
-    # ------------------------------------------------------------------------------------------- helpers
+    def _resume(self) -> None:
+        """Continue from the newest good checkpoint, if any; the metrics log keeps only the steps it covers."""
+        payload = train_state.load_resumable(self)
+        if payload is None:
+            if self.dist.is_main:
+                self.metrics.truncate_from(0)  # records of an attempt that never checkpointed are void
+            return
+        train_state.check_compatible(self, payload)
+        train_state.restore(self, payload)
+        if self.dist.is_main:
+            self.metrics.truncate_from(self.step)  # the steps after the checkpoint are about to be redone
+        self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})")
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -304,49 +216,6 @@ class Trainer:
     def log_event(self, message: str) -> None:
         if self.dist.is_main:
             self.progress.line(message)
-
-    def _resume(self) -> None:
-        if self.dist.is_main:
-            remove_stale_temp_files(self.checkpoint_dir)
-        payload = None
-        if not self.config.resume and has_checkpoints(self.checkpoint_dir):
-            raise ConfigError(f"{self.out_dir} holds checkpoints of a run and resume=False would overwrite them; "
-                              f"resume it, choose another out_dir, or delete {self.checkpoint_dir} to start over")
-        if self.config.resume:
-            try:
-                payload = load_latest(self.checkpoint_dir, on_skip=self.log_event)
-            except CheckpointError as exc:
-                raise CheckpointError(f"{exc}\nMove {self.checkpoint_dir} away to start over.") from exc
-        if payload is None:
-            if self.dist.is_main:
-                self.metrics.truncate_from(0)  # records of an attempt that never checkpointed are void
-            return
-        if payload["tokenizer"]["identity"] != self.tokenizer.identity():
-            raise CheckpointError(
-                f"the checkpoint in {self.checkpoint_dir} was trained with tokenizer {payload['tokenizer']['identity']} "
-                f"but the dataset {self.config.data_dir} uses {self.tokenizer.identity()}; resume with the same data")
-        if payload["model_config"] != self.model_config.to_dict():
-            raise CheckpointError(f"the checkpoint in {self.checkpoint_dir} is of a different model "
-                                  f"({payload['model_config']}); use another out_dir or resume=False")
-        self.model.load_state_dict(payload["model"])
-        states = payload["optimizer"]
-        if len(states) != len(self.optimizers):
-            raise CheckpointError(f"the checkpoint in {self.checkpoint_dir} was trained with another optimizer "
-                                  f"({len(states)} state(s), this run has {len(self.optimizers)}); resume with "
-                                  f"the same optimizer setting, or use another out_dir")
-        for optimizer, state in zip(self.optimizers, states):
-            optimizer.load_state_dict(state)
-        self.scaler.load_state_dict(payload["scaler"])
-        self.train_loader.load_state_dict(payload["loader"])
-        _set_rng_state(payload["rng"])
-        self.step = payload["step"]
-        self.elapsed = payload.get("elapsed", 0.0)
-        if self.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's
-            self.max_steps = min(self.config.max_steps, payload["max_steps"])
-        self.last_val_loss = payload.get("val_loss")
-        if self.dist.is_main:
-            self.metrics.truncate_from(self.step)
-        self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})")
 
     def save(self) -> Path | None:
         """Checkpoint the current state (rank 0 writes; other ranks wait so nobody runs ahead).
@@ -357,20 +226,17 @@ class Trainer:
         if not finite:
             self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
         if self.dist.is_main and finite:
-            payload = {
-                "model": self.model.state_dict(), "optimizer": [o.state_dict() for o in self.optimizers],
-                "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(), "rng": _rng_state(),
-                "model_config": self.model_config.to_dict(), "train_config": asdict(self.config),
-                "tokenizer": tokenizer_spec(self.tokenizer), "max_steps": self.max_steps,
-                "elapsed": self.elapsed, "val_loss": self.last_val_loss, "precision": self.precision,
-            }
-            path = save_checkpoint(self.checkpoint_dir, self.step, payload, keep=self.config.keep_checkpoints)
+            path = save_checkpoint(self.checkpoint_dir, self.step, train_state.capture(self),
+                                   keep=self.config.keep_checkpoints)
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
 
-    def _due(self, interval: int, step: int) -> bool:
-        return interval > 0 and step % interval == 0
+    def close(self) -> None:
+        """Release the run directory and leave the process group; the trainer cannot train afterwards."""
+        if self.lock is not None:
+            self.lock.release()
+        shutdown(self.dist)
 
     # --------------------------------------------------------------------------------------------- steps
 
@@ -465,22 +331,15 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- fit
 
-    def close(self) -> None:
-        """Release the run directory and leave the process group; the trainer cannot train afterwards."""
-        if self.lock is not None:
-            self.lock.release()
-        shutdown(self.dist)
-
     def _periodic(self, emit: Callable[[dict], None], final: bool) -> None:
         """Evaluations and samples of the current step: on their intervals, and all of them at the end."""
-        config, step = self.config, self.step
-        batches = config.final_eval_batches if final else None
-        eval_due = final or self._due(evaluation_interval(config, self.max_steps), step)
-        if eval_due and (val := self.evaluate(batches)) is not None:
+        schedule, step = self.schedule, self.step
+        batches = self.config.final_eval_batches if final else None
+        if schedule.evaluation(step, self.max_steps, final) and (val := self.evaluate(batches)) is not None:
             emit({"kind": "eval", "step": step, "val_loss": val})
-        if config.hellaswag_interval > 0 and step > 0 and (final or self._due(config.hellaswag_interval, step)):
+        if schedule.hellaswag(step, final):
             emit({"kind": "hellaswag", "step": step, **self.hellaswag()})
-        if config.sample_interval > 0 and self.dist.is_main and (final or self._due(config.sample_interval, step)):
+        if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank
             emit({"kind": "sample", "step": step, "text": self.sample()})
 
     def fit(self, on_record: Callable[[dict], None] | None = None, until: int | None = None) -> dict:
@@ -490,7 +349,7 @@ class Trainer:
         SIGTERM/SIGINT stop it after the current step with a checkpoint (TrainingStopped), too many non-finite
         steps in a row stop it without one (TrainingDiverged); either way the trainer is closed."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        clock = _Clock(self.elapsed, self.step)
+        clock = Clock(self.elapsed, self.step)
 
         def emit(record: dict) -> None:
             self.log(record)
@@ -511,7 +370,8 @@ class Trainer:
                     self.divergence.observe(last_train)
                     self.elapsed = clock.elapsed()
                     if self.config.max_seconds is not None:
-                        self._fit_budget(clock.per_step(self.step))
+                        self.max_steps = fitted_max_steps(self.config, self.step, self.elapsed,
+                                                          clock.per_step(self.step))
                         bar.total = self.max_steps
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
@@ -529,32 +389,12 @@ class Trainer:
         if final:
             self._periodic(emit, final=True)
         signum = stop.agreed(self.dist, self.device)
-        if final or signum or self._due(self.config.checkpoint_interval, self.step) or self.step == until:
+        if signum or self.schedule.checkpoint(self.step, final, until):
             self.save()
         if signum:
             raise TrainingStopped(f"stopped by {signal_name(signum)} after step {self.step} with a checkpoint in "
                                   f"{self.checkpoint_dir}; run again with resume=True (the default) to continue",
                                   signum)
-
-    def _fit_budget(self, per_step: float) -> None:
-        """Fit max_steps to the wall-clock budget from the measured time per step, so the cosine schedule
-        ends just as the budget runs out (re-estimated every step; the first steps include compilation).
-        The budget is the run's: time spent before a resume counts."""
-        remaining = max(0.0, self.config.max_seconds - self.elapsed)
-        self.max_steps = min(self.config.max_steps, self.step + int(remaining / per_step))
-
-
-class _Clock:
-    """Training time of the run: what earlier processes spent plus this one's, and this process's step rate."""
-
-    def __init__(self, elapsed_before: float, first_step: int):
-        self.before, self.first_step, self.started = elapsed_before, first_step, time.perf_counter()
-
-    def elapsed(self) -> float:
-        return self.before + time.perf_counter() - self.started
-
-    def per_step(self, step: int) -> float:
-        return (time.perf_counter() - self.started) / max(1, step - self.first_step)
 
 
 def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len: int = 64, lr: float = 0.1,

@@ -10,7 +10,8 @@ from nbgpt.generate import Generator
 from nbgpt.introspect import attention_weights, causal_mask, param_groups
 from nbgpt.metrics import read_metrics
 from nbgpt.model import GPT, GPTConfig
-from nbgpt.train import TrainConfig, Trainer, evaluation_interval
+from nbgpt.schedule import evaluation_interval
+from nbgpt.train import TrainConfig, Trainer
 
 matplotlib.use("Agg")
 

@@ -1,0 +1,99 @@
+"""When things happen in a run: the learning rate at a step, which evaluations, samples and checkpoints a step
+owes, and how a wall-clock budget becomes a number of steps.
+
+Everything here is a pure function of the configuration, the step and measured time, so the training loop
+only asks "is it due?" and never does interval arithmetic itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+
+def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float:
+    """Linear warmup to max_lr, then cosine decay to min_lr_ratio * max_lr at max_steps.
+
+    Warmup keeps the first updates small while Adam's second-moment estimates are still noise; the cosine
+    spends most steps at high learning rate and anneals at the end, which is where loss drops fastest.
+    """
+    max_steps = max_steps or config.max_steps
+    min_lr = config.max_lr * config.min_lr_ratio
+    if step < config.warmup_steps:
+        return config.max_lr * (step + 1) / config.warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - min_lr)
+
+
+# Validation points over a time-budgeted run (see evaluation_interval).
+BUDGET_EVALS = 20
+
+
+def evaluation_interval(config: TrainConfig, max_steps: int) -> int:
+    """Steps between validation evaluations: eval_interval, or fewer under a time budget.
+
+    With max_seconds the run's length is only known as it goes (max_steps is re-fitted every step), so a fixed
+    eval_interval may leave two points, start and end. There it becomes an upper bound: the interval is the
+    round number (1, 2, 5, 10, 20, 50, ...) giving about BUDGET_EVALS points over the fitted run. Round numbers
+    keep it steady while the estimate drifts, so evaluations neither skip nor bunch up.
+    """
+    if config.max_seconds is None or config.eval_interval <= 0:
+        return config.eval_interval
+    target = max(1, max_steps // BUDGET_EVALS)
+    decade = 10 ** int(math.log10(target))
+    return min(config.eval_interval, max(m * decade for m in (1, 2, 5) if m * decade <= target))
+
+
+def _on_interval(interval: int, step: int) -> bool:
+    return interval > 0 and step % interval == 0  # an interval of 0 switches the thing off
+
+
+class Schedule:
+    """Which extras a step owes. Evaluations look at the model *before* step `step` trains, so step 0 gives the
+    untrained baseline; `final` is the end of the run, where every enabled extra happens once more."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def evaluation(self, step: int, max_steps: int, final: bool) -> bool:
+        return final or _on_interval(evaluation_interval(self.config, max_steps), step)
+
+    def hellaswag(self, step: int, final: bool) -> bool:
+        # Not at step 0: an untrained model scores chance, which costs a full pass to learn nothing.
+        interval = self.config.hellaswag_interval
+        return interval > 0 and step > 0 and (final or _on_interval(interval, step))
+
+    def sample(self, step: int, final: bool) -> bool:
+        interval = self.config.sample_interval
+        return interval > 0 and (final or _on_interval(interval, step))
+
+    def checkpoint(self, step: int, final: bool, until: int | None) -> bool:
+        # `until` is a planned stop (a notebook training in slices): it leaves a checkpoint as a signal would.
+        return final or _on_interval(self.config.checkpoint_interval, step) or step == until
+
+
+def fitted_max_steps(config: TrainConfig, step: int, elapsed: float, per_step: float) -> int:
+    """max_steps fitted to the wall-clock budget from the measured time per step, so the cosine schedule ends
+    just as the budget runs out (re-estimated every step; the first steps include compilation). The budget is
+    the run's: `elapsed` counts time spent before a resume."""
+    remaining = max(0.0, config.max_seconds - elapsed)
+    return min(config.max_steps, step + int(remaining / per_step))
+
+
+class Clock:
+    """Training time of the run: what earlier processes spent plus this one's, and this process's step rate."""
+
+    def __init__(self, elapsed_before: float, first_step: int):
+        self.before, self.first_step, self.started = elapsed_before, first_step, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def per_step(self, step: int) -> float:
+        return (time.perf_counter() - self.started) / max(1, step - self.first_step)

@@ -1,0 +1,104 @@
+"""The pieces a Trainer is built from: the process's device and precision, the model, the data loaders, the
+optimizers and the forms of the model that run forward and backward.
+
+Each builder takes the configuration and what came before it and returns plain objects; the Trainer calls
+them in order, so its constructor reads as a list of what training needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .device import choose_precision, configure_backends, resolve_device
+from .distributed import DistInfo, init_distributed
+from .loader import DataLoader
+from .model import GPT, ConfigError, GPTConfig
+from .optim import build_adamw, build_muon
+from .shards import DataError, TokenStore
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dist: DistInfo
+    precision: str  # fp32 | bf16 | fp16, what "auto" became on this device
+
+
+def start_runtime(config: TrainConfig) -> Runtime:
+    """Join the process group (if launched by torchrun), pick this rank's device and its precision."""
+    device = resolve_device(config.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)  # one GPU per rank
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    configure_backends(device)
+    return Runtime(device, dist, choose_precision(device, config.precision))
+
+
+def open_store(config: TrainConfig) -> TokenStore:
+    if not config.data_dir:
+        raise ConfigError("TrainConfig.data_dir is empty: point it at a dataset made by prepare()")
+    return TokenStore(config.data_dir)
+
+
+def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> tuple[GPT, GPTConfig]:
+    """A fresh GPT (seeded, so every rank starts from the same weights) or pretrained weights to fine-tune."""
+    if config.init_from == "scratch":
+        torch.manual_seed(config.seed)
+        model = GPT(config.model_config(vocab_size))
+    else:
+        from .hf import load_hf
+
+        model = load_hf(config.init_from, vocab_multiple=config.model_overrides.get("vocab_multiple", 1))
+        if model.config.vocab_size != vocab_size:
+            raise ConfigError(f"{config.init_from} has vocab_size {model.config.vocab_size}, the "
+                              f"dataset's tokenizer {vocab_size}")
+    return model.to(device), model.config
+
+
+def build_loaders(config: TrainConfig, store: TokenStore, seq_len: int, dist: DistInfo,
+                  log_event: Callable[[str], None]) -> tuple[DataLoader, DataLoader | None]:
+    """This rank's share of the train split, and of the val split when it holds at least one batch."""
+    shard = dict(batch_size=config.micro_batch, seq_len=seq_len, rank=dist.rank, world_size=dist.world_size)
+    train = DataLoader(store, "train", shuffle=config.shuffle, seed=config.seed,
+                       align_documents=config.align_documents, **shard)
+    try:
+        return train, DataLoader(store, "val", **shard)
+    except DataError:
+        log_event("no validation batches: the val split is empty or smaller than one batch")
+        return train, None  # evaluation is skipped
+
+
+def build_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
+    """The optimizer(s) that `config.optimizer` names; every one of them follows the same LR schedule."""
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "adamw":
+        return [build_adamw(model, config.weight_decay, config.max_lr, betas, device_type)]
+    if config.optimizer == "muon":
+        return build_muon(model, config.weight_decay, config.max_lr, betas, device_type)
+    raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {config.optimizer!r}")
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    # fp16 has a narrow exponent range: small gradients underflow to zero unless the loss is scaled up first.
+    # The scaler does that, and skips any step whose gradients overflowed to inf/NaN. Elsewhere it is a no-op.
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(forward_model, train_model): the model compiled if asked, and that wrapped in DDP across ranks.
+
+    Evaluation uses forward_model: DDP's wrapper would only add gradient hooks and rank synchronisation."""
+    forward_model = torch.compile(model) if config.compile else model
+    if not runtime.dist.enabled:
+        return forward_model, forward_model
+    device_ids = [runtime.dist.local_rank] if runtime.device.type == "cuda" else None
+    return forward_model, DistributedDataParallel(forward_model, device_ids=device_ids)

@@ -1,0 +1,107 @@
+"""What a training checkpoint holds, and how a trainer takes it back.
+
+A resumed run must continue as if it had never stopped: the same weights and optimizer moments, the same loss
+scale, the data loader at the same batch, the same random streams, and the same schedule (step, the horizon
+fitted to a time budget, the training time spent). The payload keys below are a file format: checkpoints
+written by earlier versions must keep loading, so keys are only ever added, and read with defaults.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, has_checkpoints, load_latest
+from .files import remove_stale_temp_files
+from .model import ConfigError
+from .tokenizer import tokenizer_spec
+
+if TYPE_CHECKING:
+    from .train import Trainer
+
+
+def rng_state() -> dict:
+    """Every random stream training draws from. numpy's key array is kept as a tensor: a checkpoint loads with
+    weights_only=True, which accepts tensors but not numpy arrays."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "gauss": gauss}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():  # a run may move from a GPU box to a CPU one
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture(trainer: Trainer) -> dict:
+    """The checkpoint payload of the trainer's current state."""
+    return {
+        "model": trainer.model.state_dict(), "optimizer": [o.state_dict() for o in trainer.optimizers],
+        "scaler": trainer.scaler.state_dict(), "loader": trainer.train_loader.state_dict(), "rng": rng_state(),
+        "model_config": trainer.model_config.to_dict(), "train_config": asdict(trainer.config),
+        "tokenizer": tokenizer_spec(trainer.tokenizer), "max_steps": trainer.max_steps,
+        "elapsed": trainer.elapsed, "val_loss": trainer.last_val_loss, "precision": trainer.precision,
+    }
+
+
+def load_resumable(trainer: Trainer) -> dict | None:
+    """The newest good checkpoint of the run directory when resuming, else None.
+
+    resume=False over existing checkpoints is refused rather than obeyed: the new run's checkpoints would
+    replace the old ones, and a user's run is never overwritten silently."""
+    config, directory = trainer.config, trainer.checkpoint_dir
+    if trainer.dist.is_main:
+        remove_stale_temp_files(directory)  # the halves of a save a kill interrupted
+    if not config.resume and has_checkpoints(directory):
+        raise ConfigError(f"{trainer.out_dir} holds checkpoints of a run and resume=False would overwrite them; "
+                          f"resume it, choose another out_dir, or delete {directory} to start over")
+    if not config.resume:
+        return None
+    try:
+        return load_latest(directory, on_skip=trainer.log_event)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}\nMove {directory} away to start over.") from exc
+
+
+def check_compatible(trainer: Trainer, payload: dict) -> None:
+    """Refuse a checkpoint this trainer cannot continue: other token ids, another model shape, another optimizer."""
+    directory, tokenizer = trainer.checkpoint_dir, trainer.tokenizer
+    if payload["tokenizer"]["identity"] != tokenizer.identity():
+        raise CheckpointError(
+            f"the checkpoint in {directory} was trained with tokenizer {payload['tokenizer']['identity']} "
+            f"but the dataset {trainer.config.data_dir} uses {tokenizer.identity()}; resume with the same data")
+    if payload["model_config"] != trainer.model_config.to_dict():
+        raise CheckpointError(f"the checkpoint in {directory} is of a different model "
+                              f"({payload['model_config']}); use another out_dir or resume=False")
+    if len(payload["optimizer"]) != len(trainer.optimizers):
+        raise CheckpointError(f"the checkpoint in {directory} was trained with another optimizer "
+                              f"({len(payload['optimizer'])} state(s), this run has {len(trainer.optimizers)}); "
+                              f"resume with the same optimizer setting, or use another out_dir")
+
+
+def restore(trainer: Trainer, payload: dict) -> None:
+    """Put a compatible checkpoint's state back into the trainer (see check_compatible)."""
+    trainer.model.load_state_dict(payload["model"])
+    for optimizer, state in zip(trainer.optimizers, payload["optimizer"]):
+        optimizer.load_state_dict(state)
+    trainer.scaler.load_state_dict(payload["scaler"])
+    trainer.train_loader.load_state_dict(payload["loader"])
+    set_rng_state(payload["rng"])
+    trainer.step = payload["step"]
+    trainer.elapsed = payload.get("elapsed", 0.0)  # absent before time budgets existed
+    if trainer.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's
+        trainer.max_steps = min(trainer.config.max_steps, payload["max_steps"])
+    trainer.last_val_loss = payload.get("val_loss")
