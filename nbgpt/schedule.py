@@ -79,21 +79,32 @@ class Schedule:
 
 
 def fitted_max_steps(config: TrainConfig, step: int, elapsed: float, per_step: float) -> int:
-    """max_steps fitted to the wall-clock budget from the measured time per step, so the cosine schedule ends
-    just as the budget runs out (re-estimated every step; the first steps include compilation). The budget is
-    the run's: `elapsed` counts time spent before a resume."""
+    """max_steps fitted to the wall-clock budget from the measured time per training step, so the cosine
+    schedule ends just as the budget runs out. The budget is the run's: `elapsed` counts time spent before a
+    resume, and the evaluations so far; those still to come (about BUDGET_EVALS of them) come on top."""
     remaining = max(0.0, config.max_seconds - elapsed)
     return min(config.max_steps, step + int(remaining / per_step))
 
 
 class Clock:
-    """Training time of the run: what earlier processes spent plus this one's, and this process's step rate."""
+    """Training time of the run (what earlier processes spent plus this one's) and the time per training step.
 
-    def __init__(self, elapsed_before: float, first_step: int):
-        self.before, self.first_step, self.started = elapsed_before, first_step, time.perf_counter()
+    The step rate counts training steps only: were evaluations in it, an estimate that shrinks the run would
+    make evaluations more frequent, which would shrink it further. A process's first step is left out too
+    (lazy initialisation, compilation): until a second one is measured the rate is unknown, and a resumed run
+    keeps the horizon it saved."""
+
+    def __init__(self, elapsed_before: float):
+        self.before, self.started = elapsed_before, time.perf_counter()
+        self.step_seconds: list[float] = []
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.started
 
-    def per_step(self, step: int) -> float:
-        return (time.perf_counter() - self.started) / max(1, step - self.first_step)
+    def add_step(self, seconds: float) -> None:
+        self.step_seconds.append(seconds)
+
+    def per_step(self) -> float | None:
+        """Mean seconds per training step after this process's first; None until there is one."""
+        settled = self.step_seconds[1:]
+        return sum(settled) / len(settled) if settled else None

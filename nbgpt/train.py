@@ -22,7 +22,7 @@ from . import train_state
 from .checkpoint import save_checkpoint
 from .config import ConfigWarning, check_fields, check_known, field_types, typed_mapping
 from .device import autocast, peak_flops, resolve_device, synchronize
-from .distributed import all_reduce_mean, shutdown
+from .distributed import all_reduce_max, all_reduce_mean, shutdown
 from .divergence import DivergenceGuard, TrainingDiverged
 from .loader import DataLoader
 from .metrics import MetricsLog
@@ -321,11 +321,22 @@ class Trainer:
         return generator.complete(self.config.sample_prompt,
                                   SamplingConfig(max_new_tokens=self.config.sample_tokens, top_k=50, seed=self.step))
 
-    def hellaswag(self) -> dict:
-        from .hellaswag import evaluate_hellaswag, load_examples
+    def hellaswag(self) -> dict | None:
+        """HellaSwag accuracy now; None when it cannot be scored (said once: the run goes on without it)."""
+        from .hellaswag import HellaSwagUnavailable, evaluate_hellaswag, load_examples
 
         if self._hellaswag_examples is None:  # read and validated once, scored every interval
-            self._hellaswag_examples = load_examples(self.config.hellaswag_path, limit=self.config.hellaswag_limit)
+            try:
+                if self.tokenizer.name != "gpt2":
+                    raise HellaSwagUnavailable(f"it is English text in GPT-2 BPE, and this run uses the "
+                                               f"{self.tokenizer.name} tokenizer")
+                self._hellaswag_examples = load_examples(self.config.hellaswag_path,
+                                                         limit=self.config.hellaswag_limit)
+            except HellaSwagUnavailable as reason:
+                self._hellaswag_examples = []
+                self.log_event(f"HellaSwag skipped for this run: {reason}")
+        if not self._hellaswag_examples:
+            return None
         return evaluate_hellaswag(self.model, self.tokenizer, self._hellaswag_examples, device=self.device,
                                   precision=self.precision, dist_info=self.dist)
 
@@ -337,8 +348,8 @@ class Trainer:
         batches = self.config.final_eval_batches if final else None
         if schedule.evaluation(step, self.max_steps, final) and (val := self.evaluate(batches)) is not None:
             emit({"kind": "eval", "step": step, "val_loss": val})
-        if schedule.hellaswag(step, final):
-            emit({"kind": "hellaswag", "step": step, **self.hellaswag()})
+        if schedule.hellaswag(step, final) and (scores := self.hellaswag()) is not None:
+            emit({"kind": "hellaswag", "step": step, **scores})
         if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank
             emit({"kind": "sample", "step": step, "text": self.sample()})
 
@@ -349,12 +360,13 @@ class Trainer:
         SIGTERM/SIGINT stop it after the current step with a checkpoint (TrainingStopped), too many non-finite
         steps in a row stop it without one (TrainingDiverged); either way the trainer is closed."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        clock = Clock(self.elapsed, self.step)
+        clock = Clock(self.elapsed)
 
         def emit(record: dict) -> None:
             self.log(record)
             if self.dist.is_main:
-                self.progress.record(record, self.max_steps, clock.elapsed(), clock.per_step(self.step))
+                per_step = clock.per_step() or (clock.step_seconds or [0.0])[-1]
+                self.progress.record(record, self.max_steps, clock.elapsed(), per_step)
                 if on_record is not None:
                     on_record(record)
 
@@ -366,13 +378,13 @@ class Trainer:
                 while self.step < min(self.max_steps, until if until is not None else self.max_steps):
                     self._periodic(emit, final=False)
                     last_train = self.train_step()
-                    emit(last_train)
-                    self.divergence.observe(last_train)
+                    clock.add_step(last_train["dt"])
                     self.elapsed = clock.elapsed()
                     if self.config.max_seconds is not None:
-                        self.max_steps = fitted_max_steps(self.config, self.step, self.elapsed,
-                                                          clock.per_step(self.step))
+                        self._fit_budget(clock)
                         bar.total = self.max_steps
+                    emit(last_train)
+                    self.divergence.observe(last_train)
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
                     self._end_of_step(emit, stop, until)
@@ -383,10 +395,24 @@ class Trainer:
             bar.close()
         return {"step": self.step, "train": last_train, "val_loss": self.last_val_loss}
 
+    def _fit_budget(self, clock: Clock) -> None:
+        """Refit the schedule's horizon to the time left; every rank takes the shortest estimate, so that all
+        of them stop at the same step."""
+        per_step = clock.per_step()
+        if per_step is None and self.elapsed < self.config.max_seconds:
+            return  # no rate yet: keep the horizon (a resumed run's saved one), unless no time is left at all
+        fitted = torch.tensor(fitted_max_steps(self.config, self.step, self.elapsed, per_step or 1.0),
+                              device=self.device)
+        self.max_steps = int(-all_reduce_max(-fitted, self.dist).item())
+
     def _end_of_step(self, emit: Callable[[dict], None], stop: StopSignals, until: int | None) -> None:
         """The final evaluations, checkpoints on their interval, at `until` and on a stop signal."""
         final = self.step >= self.max_steps
         if final:
+            if self.config.max_seconds is not None and self.max_steps <= self.config.warmup_steps:
+                self.log_event(f"warning: the {self.config.max_seconds:g}-second budget allowed {self.max_steps} steps, "
+                               f"no more than warmup_steps={self.config.warmup_steps}: the learning rate never "
+                               f"peaked; raise max_seconds or lower warmup_steps")
             self._periodic(emit, final=True)
         signum = stop.agreed(self.dist, self.device)
         if signum or self.schedule.checkpoint(self.step, final, until):

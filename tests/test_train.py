@@ -228,3 +228,15 @@ def test_kill9_mid_run_then_resume_matches_uninterrupted(char_data, tmp_path):
     final = lambda d: load_latest(d / "checkpoints")["model"]
     for name, tensor in final(tmp_path / "ref").items():
         assert torch.equal(tensor, final(tmp_path / "victim")[name]), name
+
+
+def test_hellaswag_that_cannot_be_scored_is_said_once_and_training_goes_on(char_data, tmp_path):
+    lines = []
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=6, hellaswag_interval=2,
+                                        eval_interval=0), echo=lines.append)
+    trainer.fit()
+    trainer.close()
+    assert trainer.step == 6 and load_latest(tmp_path / "run" / "checkpoints")["step"] == 6
+    skipped = [line for line in lines if line.startswith("HellaSwag skipped for this run")]
+    assert len(skipped) == 1 and "char tokenizer" in skipped[0]
+    assert read_metrics(tmp_path / "run", "hellaswag") == []
