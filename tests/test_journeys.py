@@ -193,10 +193,12 @@ def test_budget_and_schedule_horizon_belong_to_the_run(char_data, tmp_path):
     assert saved["elapsed"] > 0 and 5 < saved["max_steps"] < 10**9
     resumed = Trainer(config)
     assert (resumed.step, resumed.elapsed, resumed.max_steps) == (5, saved["elapsed"], saved["max_steps"])
+    resumed.fit(until=6)  # the resumed process's first step has no rate of its own: the saved horizon holds
+    assert resumed.max_steps == saved["max_steps"]
     resumed.close()
     # The same run with a budget its first process already spent ends after one step instead of starting over.
     spent = Trainer(replace(config, max_seconds=saved["elapsed"]))
-    assert spent.fit()["step"] == 6
+    assert spent.step == 6 and spent.fit()["step"] == 7
     spent.close()
 
 
