@@ -36,8 +36,8 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
         # a path (runs/mine with a typo), not a hub name: say what is there instead of asking the hub
         there = (f" (in {path.parent}: {', '.join(sorted(p.name for p in path.parent.iterdir())[:8]) or 'nothing'})"
                  if path.parent.is_dir() else "")
-        raise HFFormatError(f"{path_or_name} does not exist{there}: pass a run directory, checkpoint file or HF "
-                            f"folder")
+        raise HFFormatError(f"{path_or_name} does not exist{there}, so it is not a directory with config.json "
+                            f"and weights: pass a run directory, checkpoint file or HF folder")
     from huggingface_hub import snapshot_download
 
     name = str(path_or_name)

@@ -92,7 +92,7 @@ def test_prompt_panel_loads_a_model_source(tmp_path, gpt2_tokenizer):
 
 def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path):
     (tmp_path / "runs" / "mine").mkdir(parents=True)
-    with pytest.raises(HFFormatError, match=r"runs/mnie does not exist \(in .*runs: mine\): pass a run directory"):
+    with pytest.raises(HFFormatError, match=r"runs/mnie does not exist \(in .*runs: mine\), so it is not a directory"):
         load_model(tmp_path / "runs" / "mnie")
     relative = subprocess.run([sys.executable, "-m", "nbgpt", "sample", "--checkpoint", "runs/mnie"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
