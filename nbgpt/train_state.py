@@ -83,9 +83,12 @@ def check_compatible(trainer: Trainer, payload: dict) -> None:
         raise CheckpointError(
             f"the checkpoint in {directory} was trained with tokenizer {payload['tokenizer']['identity']} "
             f"but the dataset {trainer.config.data_dir} uses {tokenizer.identity()}; resume with the same data")
-    if payload["model_config"] != trainer.model_config.to_dict():
-        raise CheckpointError(f"the checkpoint in {directory} is of a different model "
-                              f"({payload['model_config']}); use another out_dir or resume=False")
+    saved, current = payload["model_config"], trainer.model_config.to_dict()
+    if saved != current:
+        differ = ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} here"
+                           for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name))
+        raise CheckpointError(f"the checkpoint in {directory} is of a different model ({differ}); resume with "
+                              f"the checkpoint's model settings, or use another out_dir")
     if len(payload["optimizer"]) != len(trainer.optimizers):
         raise CheckpointError(f"the checkpoint in {directory} was trained with another optimizer "
                               f"({len(payload['optimizer'])} state(s), this run has {len(trainer.optimizers)}); "

@@ -240,3 +240,13 @@ def test_hellaswag_that_cannot_be_scored_is_said_once_and_training_goes_on(char_
     skipped = [line for line in lines if line.startswith("HellaSwag skipped for this run")]
     assert len(skipped) == 1 and "char tokenizer" in skipped[0]
     assert read_metrics(tmp_path / "run", "hellaswag") == []
+
+
+def test_resuming_with_another_model_names_what_differs(char_data, tmp_path):
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=2, checkpoint_interval=2))
+    trainer.fit()
+    trainer.close()
+    with pytest.raises(CheckpointError, match=r"different model \(n_layer 2 there, 1 here\); resume with the "
+                                              r"checkpoint's model settings, or use another out_dir"):
+        Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4, n_layer=1))
+    assert not (tmp_path / "run" / ".lock").exists()
