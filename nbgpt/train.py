@@ -399,11 +399,12 @@ class Trainer:
         """Refit the schedule's horizon to the time left; every rank takes the shortest estimate, so that all
         of them stop at the same step."""
         per_step = clock.per_step()
-        if per_step is None and self.elapsed < self.config.max_seconds:
-            return  # no rate yet: keep the horizon (a resumed run's saved one), unless no time is left at all
-        fitted = torch.tensor(fitted_max_steps(self.config, self.step, self.elapsed, per_step or 1.0),
-                              device=self.device)
-        self.max_steps = int(-all_reduce_max(-fitted, self.dist).item())
+        if per_step is not None:
+            fitted = fitted_max_steps(self.config, self.step, self.elapsed, per_step)
+        else:  # no rate yet: keep the horizon (a resumed run's saved one), unless no time is left at all
+            fitted = self.max_steps if self.elapsed < self.config.max_seconds else self.step
+        # every rank joins this all-reduce on every step, whatever its own clock says, so none waits alone
+        self.max_steps = int(-all_reduce_max(-torch.tensor(fitted, device=self.device), self.dist).item())
 
     def _end_of_step(self, emit: Callable[[dict], None], stop: StopSignals, until: int | None) -> None:
         """The final evaluations, checkpoints on their interval, at `until` and on a stop signal."""
