@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from .config import coerce, field_types
+from .config import coerce, did_you_mean, field_types
 
 
 def _flag_type(annotation, name: str):
@@ -147,6 +147,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, plus a did-you-mean for a misspelt flag: `--max-stepz` names `--max-steps`."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            hints = [did_you_mean(token.split("=")[0], self.option_names())
+                     for token in message.split(":", 1)[1].split() if token.startswith("--")]
+            message += "".join(hint for hint in hints if hint)
+        super().error(message)
+
+    def option_names(self) -> set[str]:
+        """Every --flag of this parser and of its commands (unknown flags reach the top-level parser)."""
+        names = set()
+        for action in self._actions:
+            names.update(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                for command in action.choices.values():
+                    names.update(command.option_names())
+        return names
+
+
 MODEL_SOURCES = "run directory, checkpoint file, HF GPT-2 directory, or hub name such as gpt2 (see nbgpt.loading)"
 
 
@@ -156,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .run_config import EvalConfig, PrepareConfig, SampleConfig
     from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
+    parser = Parser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
     commands = parser.add_subparsers(title="commands")
     run = commands.add_parser("run", help="execute the five notebooks with papermill into runs/<name>")
     run.add_argument("--preset", required=True, choices=sorted(RUN_PRESETS))

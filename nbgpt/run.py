@@ -24,6 +24,9 @@ from .runlock import RunLock
 from .stop import StopSignals, signal_name
 
 RUN_FILE = "run.json"  # the preset and -p values the run was started with
+# The kernel's own start-up notices (e.g. that its sockets are local TCP without encryption) say nothing
+# about the run; its errors still reach the terminal.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 NOTEBOOKS = ("01_tokenize.ipynb", "02_model.ipynb", "03_train.ipynb", "04_evaluate_hellaswag.ipynb",
              "05_sample.ipynb")
 
@@ -103,7 +106,7 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
             try:
                 papermill.execute_notebook(str(source / notebook), str(output), parameters=parameters,
                                            kernel_name="python3", cwd=str(run_dir), progress_bar=False,
-                                           log_output=False)
+                                           log_output=False, extra_arguments=KERNEL_ARGUMENTS)
             except Exception as exc:
                 if stop.signum is not None:
                     raise RunStopped(f"stopped by {signal_name(stop.signum)} in {notebook}; the partial notebook "

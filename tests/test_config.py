@@ -89,6 +89,9 @@ def test_unknown_names_get_a_suggestion(tmp_path):
         TrainConfig(model_overrides={"n_layers": 2})
     with pytest.raises(ConfigError, match="unknown run preset 'cpu_demo' \\(did you mean 'cpu-demo'\\?\\)"):
         RunConfig.from_preset("cpu_demo")
+    result = nbgpt("train", "--data-dir", str(tmp_path), "--max-stepz", "5")  # argparse's own flags too
+    assert result.returncode == 2
+    assert "unrecognized arguments: --max-stepz 5 (did you mean '--max-steps'?)" in result.stderr
 
 
 def test_bad_configuration_stops_before_any_notebook(tmp_path):
