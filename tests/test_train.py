@@ -78,10 +78,11 @@ def test_batch_not_divisible_is_named(char_data, tmp_path):
         Trainer(tiny_train_config(char_data, tmp_path / "r", total_batch_tokens=1000))
 
 
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_paths_on_cpu(char_data, tmp_path, precision):
+def test_reduced_precision_paths_on_cpu(char_data, tmp_path, precision, recipe):
     trainer = Trainer(tiny_train_config(char_data, tmp_path / "r", precision=precision, max_steps=30,
-                                        eval_interval=30))
+                                        eval_interval=30, recipe=recipe, max_lr=1e-2 if recipe == "speedrun" else 3e-3))
     assert trainer.scaler.is_enabled() == (precision == "fp16")
     trainer.fit()
     records = read_metrics(tmp_path / "r", "train")
