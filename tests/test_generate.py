@@ -40,6 +40,22 @@ def test_cached_decoding_equals_full_recompute_every_step(char_tok, position):
     assert generator.generate_ids([prompt], config)[0] == tokens[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_decoding_snapshot_packs_the_same_weights_side_by_side(char_tok, precision):
+    model = tiny_model(char_tok.vocab_size)
+    snapshot = Generator(model, char_tok, precision=precision).model
+    params = list(snapshot.parameters())
+    for dtype in {p.dtype for p in params}:  # one buffer per dtype (bf16: the Linear weights; fp32: the rest)
+        assert len({p.untyped_storage().data_ptr() for p in params if p.dtype == dtype}) == 1
+    assert torch.equal(snapshot.wte.weight, model.wte.weight)
+    linear = snapshot.h[1].mlp.c_fc
+    expected = model.h[1].mlp.c_fc.weight
+    if precision == "fp32":  # stored transposed for fast matrix-vector products
+        assert torch.equal(linear.weight_t, expected.t())
+    else:
+        assert torch.equal(linear.weight, expected.to(torch.bfloat16))
+
+
 def test_greedy_matches_transformers_generate(tmp_path):
     from nbgpt.hf import load_hf
 
