@@ -171,6 +171,10 @@ def contradictions(config: TrainConfig) -> list[str]:
         if config.max_seconds is None and interval > config.max_steps:
             found.append(f"{name}={interval} > max_steps={config.max_steps}: it happens only at the end of "
                          f"the run; lower {name} to see it during training")
+    model = {**MODEL_PRESETS.get(config.model, {}), **config.model_overrides}
+    if "rope_base" in config.model_overrides and model.get("position", GPTConfig.position) != "rope":
+        found.append(f"rope_base={config.model_overrides['rope_base']} has no effect with learned absolute "
+                     f"positions; set position='rope' to use rotary positions")
     if config.recipe != TrainConfig.recipe and not recipe_in_effect(config):
         found.append(f"recipe={config.recipe!r} but none of its settings is in effect (TrainConfig(...) does not "
                      f"apply a recipe): build the config with TrainConfig.from_dict, the CLI or a preset")

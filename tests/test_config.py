@@ -58,11 +58,12 @@ def test_cli_flags_use_the_same_parser():
     config = SampleConfig(**given(args, SampleConfig))
     assert (config.top_k, config.stop_at_eot, config.prompt, config.num_return_sequences) == (None, False,
                                                                                               "ROMEO:", 3)
-    train = parser.parse_args(["train", "--bias", "false", "--compile", "0", "--rope-base", "500",
-                               "--max-seconds", "null"])
+    train = parser.parse_args(["train", "--bias", "false", "--compile", "0", "--position", "rope",
+                               "--rope-base", "500", "--max-seconds", "null"])
     assert given(train, TrainConfig) == {"compile": False, "max_seconds": None}
     config = TrainConfig.from_dict(given(train, TrainConfig, GPTConfig))
-    assert config.compile is False and config.model_overrides == {"bias": False, "rope_base": 500.0}
+    assert config.compile is False
+    assert config.model_overrides == {"bias": False, "position": "rope", "rope_base": 500.0}
 
 
 def test_cli_rejects_a_bad_flag_naming_it(tmp_path):
@@ -113,6 +114,11 @@ def test_contradictions_warn(tmp_path):
         TrainConfig(max_steps=500, warmup_steps=715)
     with pytest.warns(ConfigWarning, match="eval_interval=250 > max_steps=100"):
         TrainConfig(max_steps=100, eval_interval=250)
+    with pytest.warns(ConfigWarning, match="rope_base=500.0 has no effect with learned absolute positions"):
+        TrainConfig(model="tiny", model_overrides={"rope_base": 500.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(model="small-char", model_overrides={"rope_base": 500.0})  # rotary by its preset
     lines = []
     check_run("tiny", {"warmup_steps": "40"}, tmp_path, echo=lines.append)
     assert lines == ["[nbgpt] warning: warmup_steps=40 >= max_steps=30: the learning rate never reaches max_lr; "
