@@ -6,6 +6,7 @@ Read-only views for the notebooks; nothing here changes a model or an optimizer.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .model import GPT, apply_rotary
 
@@ -37,6 +38,8 @@ def attention_weights(model: GPT, idx: torch.Tensor, layer: int = 0) -> torch.Te
         hook.remove()
     B, T, C = q.shape
     q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))  # (1, H, T, D)
+    if attn.qk_norm:
+        q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
     if caught["rope"] is not None:
         q, k = apply_rotary(q, *caught["rope"]), apply_rotary(k, *caught["rope"])
     scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5  # (1, H, T, T): how well each query matches each key
@@ -56,5 +59,6 @@ def param_groups(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
                          "parameters": sum(p.numel() for p in params),
                          "dims": "/".join(sorted({f"{p.dim()}-D" for p in params})),
                          "weight_decay": group.get("weight_decay", 0.0),
+                         "lr_scale": group.get("lr_scale", 1.0),
                          "e.g.": ", ".join(listed[:3]) + (", …" if len(listed) > 3 else "")})
     return rows

@@ -29,6 +29,12 @@ class GPTConfig:
     # Round the embedding/LM-head rows up to a multiple of this: 50257 -> 50304 with 64 makes matmuls use
     # friendlier shapes. The extra rows are sliced off the logits, so outputs over real tokens are unchanged.
     vocab_multiple: int = 1
+    # The speedrun recipe's architecture (nbgpt.recipes); every default is GPT-2's, so parity with it holds.
+    activation: str = "gelu"  # the MLP's nonlinearity: "gelu" (tanh-approximated, GPT-2) or "relu2" (relu(x)²)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys, so attention logits stay within ±√D
+    zero_init_proj: bool = False  # the blocks' output projections start at zero: every block starts as identity
+    tie_embeddings: bool = True  # the LM head is the token embedding (GPT-2); False gives it a matrix of its own
+    logit_softcap: float = 0.0  # c > 0 squashes logits smoothly into (-c, c): c·tanh(logits / c); 0 = off
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -45,6 +51,11 @@ class GPTConfig:
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"rotary embeddings need an even head size, got n_embd/n_head="
                               f"{self.n_embd // self.n_head}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"GPTConfig.activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got "
+                              f"{self.activation!r}")
+        if not (self.logit_softcap == 0 or self.logit_softcap > 0):  # also refuses NaN
+            raise ConfigError(f"GPTConfig.logit_softcap must be 0 (off) or positive (e.g. 30), got {self.logit_softcap}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -147,6 +158,20 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------- layers
 
 
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)²: as cheap as ReLU, smooth at 0 (its slope is 2x), and sparse: about half the hidden units
+    are exactly zero for any token. In the modded-nanogpt speedrun it trained faster than GELU (record 5)."""
+    return F.relu(x).square()
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, as GPT-2 was trained with (HF: "gelu_new")."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": gelu_tanh, "relu2": relu_squared}
+
+
 def rotary_tables(config: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (block_size, D/2): channel pair i rotates by angle pos * base^(-2i/D)."""
     half = config.head_size // 2
@@ -203,12 +228,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scale = True  # its init shrinks with depth, see GPT._init_weights
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B,H,T,D)
+        if self.qk_norm:
+            # Every q and k gets RMS 1, i.e. length √D, so a logit q·k/√D lies within ±√D (±8 at D = 64):
+            # bounded, so no head can saturate its softmax by growing its weights, yet wide enough (e^16
+            # between two keys) for sharp attention, so the usual 1/√D scale stays. Before the rotation or
+            # after makes no difference, as a rotation keeps lengths; the keys are cached normalised.
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         dropout = self.dropout if self.training else 0.0
@@ -221,16 +253,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, tanh-approximated GELU (as GPT-2 used), project back."""
+    """Position-wise feed-forward: widen 4x, the nonlinearity (GPT-2: tanh-approximated GELU), project back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scale = True
+        self.activation = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(self.activation(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -268,14 +301,19 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Weight tying: the matrix that maps token -> vector also scores vector -> token. Tokens that are
-        # used alike get similar rows in both roles, and it saves V*C parameters (38.6M at GPT-2 size).
-        self.lm_head.weight = self.wte.weight
+        if config.tie_embeddings:
+            # Weight tying: the matrix that maps token -> vector also scores vector -> token. Tokens that are
+            # used alike get similar rows in both roles, and it saves V*C parameters (38.6M at GPT-2 size).
+            self.lm_head.weight = self.wte.weight
         if config.position == "rope":
             cos, sin = rotary_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        if not config.tie_embeddings:
+            # An untied head starts at zero (as in the speedrun): the first prediction is uniform (loss ln V)
+            # rather than noise, and the input embedding is free to learn what inputs need.
+            nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -283,7 +321,9 @@ class GPT(nn.Module):
             if getattr(module, "residual_scale", False):
                 # Each block adds two outputs to the residual stream; scaling their init by 1/sqrt(2 L)
                 # keeps the stream's variance from growing with depth (GPT-2 paper, section 2.3).
-                std *= (2 * self.config.n_layer) ** -0.5
+                # zero_init_proj goes all the way: every block starts as the identity, the stream is the
+                # embedding alone, and each block's first gradients reach its output projection only.
+                std = 0.0 if self.config.zero_init_proj else std * (2 * self.config.n_layer) ** -0.5
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -295,11 +335,18 @@ class GPT(nn.Module):
         return self.config.block_size
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, counting the tied embedding once; `non_embedding` leaves out wte and wpe."""
-        total = sum(p.numel() for p in self.parameters())
+        """Parameters, counting a tied embedding once; `non_embedding` leaves out wte, wpe and the LM head
+        (tied or not): what remains is the blocks and the final LayerNorm."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
         if non_embedding:
-            total -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+            total -= sum(p.numel() for p in self.embedding_parameters())
+            total -= 0 if self.config.tie_embeddings else self.lm_head.weight.numel()
         return total
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The input embeddings, tables indexed by token (wte) and position (wpe): the optimizers may give
+        them a learning rate of their own (TrainConfig.embedding_lr_scale). A tied LM head is wte itself."""
+        return [self.wte.weight] + ([self.wpe.weight] if self.wpe is not None else [])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 keep_logits: int | None = None):
@@ -325,6 +372,11 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (..., V')
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padding rows are not tokens
+        if cap := self.config.logit_softcap:
+            # Soft-capping (Gemma 2): about the identity for |logit| << c, and never beyond ±c. A confident
+            # wrong prediction then costs at most ~2c nats, so no single token can produce a huge gradient,
+            # and the head cannot buy loss by inflating all logits. In fp32: tanh saturates early in bf16.
+            logits = cap * torch.tanh(logits.float() / cap)
         return logits
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

@@ -93,15 +93,21 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_adamw(model: nn.Module | list[nn.Parameter], weight_decay: float, learning_rate: float,
-                betas: tuple[float, float], device_type: str, fused: bool | None = None) -> torch.optim.AdamW:
+                betas: tuple[float, float], device_type: str, fused: bool | None = None,
+                embeddings: list[nn.Parameter] = (), embedding_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over a model's (or a list of) parameters that decays only matrices (>= 2-D: weights,
     embeddings), never biases or LayerNorm gains.
 
     Decay pulls weights toward zero; for gains and biases that only shifts or rescales features, which
     hurts rather than regularises. `fused` (one kernel for all parameters) is used where the device has it.
+    The `embeddings` get a group of their own, at `embedding_lr_scale` times the learning rate, when that
+    differs from 1 (every group's "lr_scale" is what the trainer multiplies the schedule's rate by).
     """
     params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+    own = {id(p) for p in embeddings} if embedding_lr_scale != 1.0 else set()
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in own], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in own], "weight_decay": weight_decay,
+               "lr_scale": embedding_lr_scale},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if fused is None:
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
@@ -110,14 +116,16 @@ def build_adamw(model: nn.Module | list[nn.Parameter], weight_decay: float, lear
 
 
 def build_muon(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-               device_type: str) -> list[torch.optim.Optimizer]:
+               device_type: str, embedding_lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
     """Muon for the matrices inside the transformer blocks, AdamW for everything else.
 
-    Muon is defined for 2-D weights that map features to features: embeddings, the tied LM head, biases and
-    LayerNorm gains stay with AdamW. Both share one learning rate and schedule (see Muon's RMS scale).
+    Muon is defined for 2-D weights that map features to features: embeddings, the LM head (tied or not),
+    biases and LayerNorm gains stay with AdamW. Both share one learning rate and schedule (see Muon's RMS
+    scale); the embeddings may have a multiple of it (`embedding_lr_scale`).
     """
     matrices = [p for p in model.get_submodule("h").parameters() if p.requires_grad and p.dim() == 2]
     chosen = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in chosen]
     muon = Muon(matrices, lr=learning_rate, weight_decay=weight_decay, ns_dtype=fast_dtype(torch.device(device_type)))
-    return [muon, build_adamw(rest, weight_decay, learning_rate, betas, device_type)]
+    return [muon, build_adamw(rest, weight_decay, learning_rate, betas, device_type,
+                              embeddings=model.embedding_parameters(), embedding_lr_scale=embedding_lr_scale)]

@@ -6,7 +6,7 @@ and one default, in the dataclass of the step that reads it:
     nproc                                    RunConfig       processes training runs on
     source, tokenizer, shard_tokens, ...     PrepareConfig   notebook 01 and `nbgpt prepare`
     bigram_steps, load_openai_weights, ...   BaselineConfig  notebook 02
-    model, max_steps, max_lr, ...            TrainConfig     notebooks 02-03 and `nbgpt train`
+    recipe, model, max_steps, max_lr, ...    TrainConfig     notebooks 02-03 and `nbgpt train`
     n_layer, bias, rope_base, ...            GPTConfig       reached through TrainConfig.model_overrides
     hellaswag_path, hellaswag_limit, ...     EvalConfig      notebook 04 and `nbgpt eval`
     prompt, temperature, top_k, ...          SampleConfig    notebook 05 and `nbgpt sample`
@@ -23,6 +23,7 @@ from .config import ConfigError, check_fields, check_known, coerce, did_you_mean
 from .generate import SamplingConfig
 from .model import GPTConfig
 from .presets import RUN_PRESETS, get_preset
+from .recipes import with_recipe
 from .train import TrainConfig
 
 
@@ -148,8 +149,9 @@ class RunConfig:
     @classmethod
     def from_preset(cls, preset: str | None, overrides: dict | None = None,
                     run_dir: str | Path | None = None) -> "RunConfig":
-        """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed."""
-        return cls.from_flat({**preset_values(preset), **(overrides or {})}, run_dir)
+        """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed: a recipe
+        named by either one fills in its bundle over the preset's values, under the overrides."""
+        return cls.from_flat(with_recipe(preset_values(preset), overrides or {}), run_dir)
 
 
 def preset_values(preset: str | None) -> dict:

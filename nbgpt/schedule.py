@@ -16,10 +16,16 @@ if TYPE_CHECKING:
 
 
 def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float:
-    """Linear warmup to max_lr, then cosine decay to min_lr_ratio * max_lr at max_steps.
+    """Linear warmup to max_lr, then down to min_lr_ratio * max_lr at max_steps, by `config.schedule`:
 
-    Warmup keeps the first updates small while Adam's second-moment estimates are still noise; the cosine
-    spends most steps at high learning rate and anneals at the end, which is where loss drops fastest.
+    cosine     the decay starts at once and follows half a cosine (GPT-2, build-nanogpt).
+    trapezoid  max_lr until the last `cooldown_fraction` of the steps, then a straight line down.
+
+    Warmup keeps the first updates small while Adam's second-moment estimates are still noise. The cosine
+    anneals at the end, where loss drops fastest, but it starts lowering the rate from the first step. The
+    trapezoid trains longer at the peak and gets the annealing's drop from its cooldown (the speedrun records
+    and Hägele et al., 2024, find it as good or better); and as nothing before the cooldown depends on the
+    horizon, a horizon fitted to a time budget (`max_steps` here) can move without changing the past.
     """
     max_steps = max_steps or config.max_steps
     min_lr = config.max_lr * config.min_lr_ratio
@@ -27,6 +33,12 @@ def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float
         return config.max_lr * (step + 1) / config.warmup_steps
     if step >= max_steps:
         return min_lr
+    if config.schedule == "trapezoid":
+        cooldown_start = round(max_steps * (1 - config.cooldown_fraction))
+        if step < cooldown_start:
+            return config.max_lr
+        progress = (step - cooldown_start) / max(1, max_steps - cooldown_start)
+        return config.max_lr + progress * (min_lr - config.max_lr)
     progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - min_lr)
 
@@ -79,8 +91,8 @@ class Schedule:
 
 
 def fitted_max_steps(config: TrainConfig, step: int, elapsed: float, per_step: float) -> int:
-    """max_steps fitted to the wall-clock budget from the measured time per training step, so the cosine
-    schedule ends just as the budget runs out. The budget is the run's: `elapsed` counts time spent before a
+    """max_steps fitted to the wall-clock budget from the measured time per training step, so the schedule
+    (the cosine, or the trapezoid's cooldown) ends just as the budget runs out. The budget is the run's: `elapsed` counts time spent before a
     resume, and the evaluations so far; those still to come (about BUDGET_EVALS of them) come on top."""
     remaining = max(0.0, config.max_seconds - elapsed)
     return min(config.max_steps, step + int(remaining / per_step))

@@ -3,7 +3,8 @@
 A step accumulates gradients over `grad_accum_steps` micro-batches of (micro_batch × seq_len) tokens on each of
 `world_size` processes, so that every optimizer step sees `total_batch_tokens` tokens (0.5 M for GPT-2),
 whatever the hardware. The learning rate warms up linearly, then follows a cosine down to `min_lr_ratio` of its
-peak.
+peak, or (schedule="trapezoid") stays at its peak until a linear cooldown. `recipe` names a bundle of these
+settings and of the model's (nbgpt.recipes).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +27,10 @@ from .distributed import all_reduce_max, all_reduce_mean, shutdown
 from .divergence import DivergenceGuard, TrainingDiverged
 from .loader import DataLoader
 from .metrics import MetricsLog
-from .model import ConfigError, GPTConfig, flops_per_token
+from .model import MODEL_PRESETS, ConfigError, GPTConfig, flops_per_token
 from .optim import build_adamw
 from .progress import ProgressLog, progress_bar
+from .recipes import RECIPES, check_recipe, with_recipe
 from .runlock import RunLock
 from .schedule import Clock, Schedule, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
@@ -51,14 +53,19 @@ class TrainConfig:
     total_batch_tokens: int = 8192  # tokens per optimizer step, all ranks and micro-steps together
     micro_batch: int = 32  # sequences per forward pass per rank
     seq_len: int | None = None  # defaults to the model's block_size
+    # recipe: "gpt2" or "speedrun", a named bundle of the fields below and the model's (nbgpt.recipes)
+    recipe: str = "gpt2"
     # schedule
     max_steps: int = 200
-    max_seconds: float | None = None  # wall-clock budget: the cosine horizon is fitted to it (see schedule.fitted_max_steps)
+    max_seconds: float | None = None  # wall-clock budget: the schedule's horizon is fitted to it (see schedule.fitted_max_steps)
     max_lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
+    schedule: str = "cosine"  # after warmup: "cosine" decay, or "trapezoid": constant, then a linear cooldown
+    cooldown_fraction: float = 0.4  # trapezoid: the last 40 % of the steps cool down to min_lr_ratio * max_lr
     weight_decay: float = 0.1
     optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest
+    embedding_lr_scale: float = 1.0  # the input embeddings' (wte, wpe) learning rate, in multiples of the rest's
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -91,8 +98,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         self.model_overrides = typed_mapping(GPTConfig, self.model_overrides, exclude=("vocab_size",))
+        check_recipe(self.recipe)
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "trapezoid"):
+            raise ConfigError(f"TrainConfig.schedule must be 'cosine' or 'trapezoid', got {self.schedule!r}")
+        if not 0.0 < self.cooldown_fraction <= 1.0:
+            raise ConfigError(f"cooldown_fraction must be in (0, 1], the share of the steps spent cooling down "
+                              f"(e.g. 0.4), got {self.cooldown_fraction}")
+        if not self.embedding_lr_scale > 0.0:
+            raise ConfigError(f"embedding_lr_scale must be positive (1 = the same learning rate as the rest), "
+                              f"got {self.embedding_lr_scale}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("total_batch_tokens", "micro_batch", "max_steps"):
@@ -103,20 +119,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        """TrainConfig from flat names: GPTConfig fields (n_layer, bias, ...) go into model_overrides.
+        """TrainConfig from flat names: GPTConfig fields (n_layer, bias, ...) go into model_overrides, and a
+        named `recipe` fills in its bundle under the values given (nbgpt.recipes.with_recipe).
 
         Checkpoints written before model_overrides existed stored those fields flat, None meaning "the
         preset's": they load too.
         """
         model_fields = set(field_types(GPTConfig)) - {"vocab_size"}
-        values = dict(values)
-        overrides = dict(values.pop("model_overrides", None) or {})
-        for name in model_fields & set(values):
-            value = values.pop(name)
-            if value is not None:
-                overrides[name] = value
-        check_known(values, set(field_types(cls)) | model_fields, "TrainConfig field")
-        return cls(**values, model_overrides=overrides)
+        nested = dict(values.get("model_overrides") or {})
+        check_known(nested, model_fields, "GPTConfig field")
+        flat = {name: value for name, value in values.items()
+                if name != "model_overrides" and not (name in model_fields and value is None)}
+        check_known(flat, set(field_types(cls)) | model_fields, "TrainConfig field")
+        flat = with_recipe({}, {**nested, **flat})
+        overrides = {name: flat.pop(name) for name in model_fields & set(flat)}
+        return cls(**flat, model_overrides=overrides)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size})
@@ -142,12 +159,31 @@ def contradictions(config: TrainConfig) -> list[str]:
     if config.warmup_steps >= config.max_steps:
         found.append(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the learning rate "
                      f"never reaches max_lr; lower warmup_steps (e.g. to {max(1, config.max_steps // 20)})")
+    if config.schedule == "cosine" and config.cooldown_fraction != TrainConfig.cooldown_fraction:
+        found.append(f"cooldown_fraction={config.cooldown_fraction} has no effect with schedule='cosine'; "
+                     f"set schedule='trapezoid' to use it")
+    elif config.schedule == "trapezoid" and config.warmup_steps > config.max_steps * (1 - config.cooldown_fraction):
+        found.append(f"warmup_steps={config.warmup_steps} runs into the cooldown, which starts at step "
+                     f"{round(config.max_steps * (1 - config.cooldown_fraction))}: the rate never stays at max_lr; "
+                     f"lower warmup_steps or cooldown_fraction")
     for name in ("eval_interval", "sample_interval", "hellaswag_interval"):
         interval = getattr(config, name)
         if config.max_seconds is None and interval > config.max_steps:
             found.append(f"{name}={interval} > max_steps={config.max_steps}: it happens only at the end of "
                          f"the run; lower {name} to see it during training")
+    if config.recipe != TrainConfig.recipe and not recipe_in_effect(config):
+        found.append(f"recipe={config.recipe!r} but none of its settings is in effect (TrainConfig(...) does not "
+                     f"apply a recipe): build the config with TrainConfig.from_dict, the CLI or a preset")
     return found
+
+
+def recipe_in_effect(config: TrainConfig) -> bool:
+    """Whether any setting by which config.recipe's bundle differs from the defaults (which are the gpt2
+    recipe's architecture and optimizer) holds: a recipe applied and then ablated does, a bare name does not."""
+    defaults = {**asdict(GPTConfig()), **{f.name: f.default for f in fields(TrainConfig)}}
+    values = {**defaults, **asdict(config), **MODEL_PRESETS.get(config.model, {}), **config.model_overrides}
+    distinctive = {name: value for name, value in RECIPES[config.recipe].items() if defaults[name] != value}
+    return any(values[name] == value for name, value in distinctive.items())
 
 
 class Trainer:
@@ -248,7 +284,7 @@ class Trainer:
         lr = lr_at(self.step, config, self.max_steps)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # groups with a rate of their own (embeddings)
             optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.grad_accum_steps):

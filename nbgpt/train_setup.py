@@ -80,10 +80,12 @@ def build_loaders(config: TrainConfig, store: TokenStore, seq_len: int, dist: Di
 def build_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
     """The optimizer(s) that `config.optimizer` names; every one of them follows the same LR schedule."""
     betas = (config.beta1, config.beta2)
+    scale = config.embedding_lr_scale
     if config.optimizer == "adamw":
-        return [build_adamw(model, config.weight_decay, config.max_lr, betas, device_type)]
+        return [build_adamw(model, config.weight_decay, config.max_lr, betas, device_type,
+                            embeddings=model.embedding_parameters(), embedding_lr_scale=scale)]
     if config.optimizer == "muon":
-        return build_muon(model, config.weight_decay, config.max_lr, betas, device_type)
+        return build_muon(model, config.weight_decay, config.max_lr, betas, device_type, embedding_lr_scale=scale)
     raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {config.optimizer!r}")
 
 

@@ -77,12 +77,17 @@ def load_resumable(trainer: Trainer) -> dict | None:
 
 
 def check_compatible(trainer: Trainer, payload: dict) -> None:
-    """Refuse a checkpoint this trainer cannot continue: other token ids, another model shape, another optimizer."""
+    """Refuse a checkpoint this trainer cannot continue: other token ids, another recipe, another model shape,
+    another optimizer."""
     directory, tokenizer = trainer.checkpoint_dir, trainer.tokenizer
     if payload["tokenizer"]["identity"] != tokenizer.identity():
         raise CheckpointError(
             f"the checkpoint in {directory} was trained with tokenizer {payload['tokenizer']['identity']} "
             f"but the dataset {trainer.config.data_dir} uses {tokenizer.identity()}; resume with the same data")
+    recipe = payload["train_config"].get("recipe", "gpt2")  # checkpoints from before recipes were gpt2's
+    if recipe != trainer.config.recipe:
+        raise CheckpointError(f"the checkpoint in {directory} was trained with recipe={recipe!r}, this run asks for "
+                              f"recipe={trainer.config.recipe!r}; resume with recipe={recipe!r}, or use another out_dir")
     saved, current = payload["model_config"], trainer.model_config.to_dict()
     if saved != current:
         differ = ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} here"

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 
 import pytest
 
@@ -12,6 +13,7 @@ from nbgpt.cli import build_parser, given
 from nbgpt.config import ConfigWarning
 from nbgpt.model import ConfigError, GPTConfig
 from nbgpt.presets import RUN_PRESETS
+from nbgpt.recipes import RECIPES
 from nbgpt.run import RunError, check_run
 from nbgpt.run_config import RunConfig, SampleConfig
 from nbgpt.train import TrainConfig
@@ -120,6 +122,65 @@ def test_presets_and_defaults_are_coherent(preset):
         warnings.simplefilter("error")
         RunConfig.from_preset(preset)
         RunConfig()
+
+
+def recipe_values(config: TrainConfig) -> dict:
+    """The values of every field a recipe bundle sets, as this TrainConfig holds them (model fields included)."""
+
+    model = config.model_config(vocab_size=256).to_dict()
+    return {name: model[name] if name in model else getattr(config, name) for name in RECIPES["speedrun"]}
+
+
+def test_recipe_overrides_the_preset_and_explicit_values_override_the_recipe(tmp_path):
+
+    plain = RunConfig.from_preset("gpt2-124m").train
+    assert plain.recipe == "gpt2" and recipe_values(plain) == RECIPES["gpt2"]
+    speedrun = RunConfig.from_preset("gpt2-124m", check_run("gpt2-124m", {"recipe": "speedrun"}, tmp_path / "a")).train
+    assert recipe_values(speedrun) == RECIPES["speedrun"] and speedrun.max_lr != 6e-4  # not the 2019 rate
+    assert (speedrun.micro_batch, speedrun.warmup_steps, speedrun.model_overrides["vocab_multiple"]) == (64, 715, 64)
+    typed = check_run("gpt2-124m", {"recipe": "speedrun", "qk_norm": "False", "max_lr": "0.02"}, tmp_path / "b")
+    ablated = RunConfig.from_preset("gpt2-124m", typed).train
+    assert recipe_values(ablated) == {**RECIPES["speedrun"], "qk_norm": False, "max_lr": 0.02}
+    back = RunConfig.from_preset("gpt2-124m-speedrun", {"recipe": "gpt2"}).train
+    assert back.recipe == "gpt2" and recipe_values(back) == RECIPES["gpt2"]  # switching back is symmetric
+    assert RunConfig.from_preset("cpu-demo").train.optimizer == "muon"  # no recipe named: the preset stands
+    code = TrainConfig.from_dict({"recipe": "speedrun", "qk_norm": False, "model": "gpt2"})
+    assert recipe_values(code) == {**RECIPES["speedrun"], "qk_norm": False}
+    assert TrainConfig.from_dict(asdict(code)) == code  # a checkpoint's train_config means the same run
+
+
+def test_cli_train_applies_the_recipe_under_its_flags(char_data, tmp_path):
+    parser = build_parser()
+    args = parser.parse_args(["train", "--recipe", "speedrun", "--logit-softcap", "0", "--max-lr", "3e-3"])
+    config = TrainConfig.from_dict(given(args, TrainConfig, GPTConfig))
+    assert recipe_values(config) == {**RECIPES["speedrun"],
+                                     "logit_softcap": 0.0, "max_lr": 3e-3}
+    out = tmp_path / "run"
+    result = nbgpt("train", "--data-dir", str(char_data), "--out-dir", str(out), "--recipe", "speedrun",
+                   "--qk-norm", "false", "--block-size", "32", "--total-batch-tokens", "256", "--micro-batch", "8",
+                   "--max-steps", "2", "--warmup-steps", "0", "--eval-batches", "1", "--precision", "fp32",
+                   "--progress", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = resolve_checkpoint(out)
+    assert checkpoint["train_config"]["recipe"] == "speedrun" and checkpoint["train_config"]["optimizer"] == "muon"
+    assert checkpoint["model_config"]["qk_norm"] is False and checkpoint["model_config"]["position"] == "rope"
+    assert "lm_head.weight" in checkpoint["model"]  # untied: the head is saved as a tensor of its own
+
+
+def test_recipe_and_schedule_values_are_checked(tmp_path):
+    for name, value, message in [("recipe", "modded", "unknown recipe 'modded'; choose one of"),
+                                 ("schedule", "linear", "TrainConfig.schedule must be 'cosine' or 'trapezoid'"),
+                                 ("cooldown_fraction", "0", r"cooldown_fraction must be in \(0, 1\]"),
+                                 ("embedding_lr_scale", "-1", "embedding_lr_scale must be positive"),
+                                 ("activation", "swish", "GPTConfig.activation must be one of 'gelu', 'relu2'")]:
+        with pytest.raises(RunError, match="invalid configuration: " + message):
+            check_run("tiny", {name: value}, tmp_path)
+    with pytest.warns(ConfigWarning, match="cooldown_fraction=0.2 has no effect with schedule='cosine'"):
+        TrainConfig(cooldown_fraction=0.2)
+    with pytest.warns(ConfigWarning, match="warmup_steps=80 runs into the cooldown, which starts at step 60"):
+        TrainConfig(schedule="trapezoid", max_steps=100, warmup_steps=80)
+    with pytest.warns(ConfigWarning, match="recipe='speedrun' but none of its settings is in effect"):
+        TrainConfig(recipe="speedrun")
 
 
 def test_old_checkpoint_train_configs_load():

@@ -83,6 +83,8 @@ def test_init_std_and_weight_tying():
     (dict(block_size=-4), "block_size must be a positive integer"),
     (dict(position="alibi"), "position must be 'absolute' or 'rope'"),
     (dict(dropout=1.5), "dropout"),
+    (dict(activation="swiglu"), "activation must be one of 'gelu', 'relu2'"),
+    (dict(logit_softcap=-1.0), "logit_softcap must be 0 .off. or positive"),
 ])
 def test_bad_config(overrides, field):
     with pytest.raises(ConfigError, match=field):
@@ -102,10 +104,24 @@ def test_input_longer_than_context():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-@pytest.mark.parametrize("position", ["absolute", "rope"])
-def test_kv_cache_matches_full_forward(position):
+# The speedrun recipe's architecture (nbgpt.recipes), with its zero-initialised matrices made random, as
+# after training: otherwise the head's zero logits would make any two computations agree.
+SPEEDRUN = dict(position="rope", activation="relu2", qk_norm=True, zero_init_proj=True, tie_embeddings=False,
+                logit_softcap=30.0)
+
+
+def trained_like(model: GPT) -> GPT:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(std=0.02)
+    return model
+
+
+@pytest.mark.parametrize("architecture", [dict(position="absolute"), dict(position="rope"), SPEEDRUN])
+def test_kv_cache_matches_full_forward(architecture):
     torch.manual_seed(0)
-    model = GPT(tiny(position=position)).eval()
+    model = trained_like(GPT(tiny(**architecture))).eval()
     idx = torch.randint(0, 97, (2, 30))
     full = model(idx)[0]
     cache = KVCache(model.config, 2, 30, "cpu", torch.float32)
@@ -116,10 +132,10 @@ def test_kv_cache_matches_full_forward(position):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("position", ["absolute", "rope"])
-def test_left_padded_rows_match_unpadded(position):
+@pytest.mark.parametrize("architecture", [dict(position="absolute"), dict(position="rope"), SPEEDRUN])
+def test_left_padded_rows_match_unpadded(architecture):
     torch.manual_seed(0)
-    model = GPT(tiny(position=position)).eval()
+    model = trained_like(GPT(tiny(**architecture))).eval()
     short = torch.randint(0, 97, (1, 5))
     long = torch.randint(0, 97, (1, 9))
     batch = torch.cat([torch.cat([torch.full((1, 4), 96), short], 1), long])
@@ -129,6 +145,73 @@ def test_left_padded_rows_match_unpadded(position):
         alone = model(short)[0]
     torch.testing.assert_close(logits[0, 4:], alone[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(logits[1], model(long)[0][0], atol=1e-4, rtol=0)
+
+
+def test_relu2_is_relu_squared_and_gelu_is_gpt2s():
+    x = torch.linspace(-3, 3, 13)
+    relu2, gelu = GPT(tiny(activation="relu2")).h[0].mlp.activation, GPT(tiny()).h[0].mlp.activation
+    torch.testing.assert_close(relu2(x), torch.where(x > 0, x * x, torch.zeros_like(x)))
+    tanh_gelu = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    torch.testing.assert_close(gelu(x), tanh_gelu)
+
+
+def test_zero_init_proj_makes_every_block_the_identity():
+    torch.manual_seed(0)
+    model = GPT(tiny(zero_init_proj=True, n_layer=3))
+    x = torch.randn(2, 10, 64)
+    rope = None
+    for block in model.h:
+        torch.testing.assert_close(block(x, rope, None), x, atol=0, rtol=0)
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+        assert block.attn.c_attn.weight.std() > 0.01  # only the output projections start at zero
+    default = GPT(tiny(n_layer=3)).h[0]
+    assert not torch.allclose(default(x, rope, None), x)
+
+
+def test_untied_head_is_its_own_zero_matrix_and_counted():
+    torch.manual_seed(0)
+    tied, untied = GPT(tiny()), GPT(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.lm_head.weight is not untied.wte.weight and not untied.lm_head.weight.any()
+    assert untied.wte.weight.std() > 0.01
+    head = untied.lm_head.weight.numel()
+    assert untied.num_params() == tied.num_params() + head
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True)  # blocks + final LN
+    idx = torch.randint(0, 97, (2, 8))
+    logits, loss = untied(idx, idx)
+    assert not logits.any() and loss.item() == pytest.approx(math.log(97))  # a zero head: uniform at first
+    assert untied.state_dict()["lm_head.weight"].data_ptr() != untied.state_dict()["wte.weight"].data_ptr()
+
+
+def test_logit_softcap_bounds_logits_and_keeps_small_ones():
+    torch.manual_seed(0)
+    plain, capped = GPT(tiny()), GPT(tiny(logit_softcap=5.0))
+    capped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for model in (plain, capped):
+            model.wte.weight.mul_(30)  # large tied-head logits
+    idx = torch.randint(0, 97, (2, 8))
+    raw, soft = plain(idx)[0], capped(idx)[0]
+    assert raw.abs().max() > 20 and soft.abs().max() <= 5.0
+    torch.testing.assert_close(soft, 5.0 * torch.tanh(raw / 5.0), atol=1e-4, rtol=1e-4)
+    x = torch.randn(3, 64) * 1e-3  # near zero the cap is the identity
+    torch.testing.assert_close(capped.head(x), plain.head(x), atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k(qk_norm):
+    """QK-norm gives every query and key length √D, so a logit stays within ±√D however large the q/k
+    weights grow: scaling them 1000× changes nothing. Without it, the softmax saturates."""
+    torch.manual_seed(0)
+    model = trained_like(GPT(tiny(qk_norm=qk_norm, position="rope"))).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    before = model(idx)[0]
+    with torch.no_grad():
+        for block in model.h:
+            block.attn.c_attn.weight[:128].mul_(1000)  # the q and k rows of (q, k, v), C = 64 each
+            block.attn.c_attn.bias[:128].mul_(1000)
+    after = model(idx)[0]
+    assert torch.allclose(before, after, atol=1e-4) == qk_norm
 
 
 def test_bigram_baseline_learns():

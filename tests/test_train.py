@@ -48,6 +48,19 @@ def test_lr_schedule():
     assert lr_at(100, config) == pytest.approx(6e-5) == lr_at(500, config)
 
 
+def test_trapezoid_schedule_warms_up_holds_then_cools_down():
+    config = TrainConfig(max_lr=1e-2, warmup_steps=10, max_steps=100, min_lr_ratio=0.0, schedule="trapezoid",
+                         cooldown_fraction=0.4)
+    assert lr_at(0, config) == pytest.approx(1e-3) and lr_at(9, config) == pytest.approx(1e-2)
+    assert [lr_at(step, config) for step in (10, 35, 60)] == pytest.approx([1e-2] * 3)  # flat until step 60
+    assert lr_at(80, config) == pytest.approx(5e-3)  # half way down the last 40 steps
+    assert lr_at(99, config) == pytest.approx(1e-2 / 40) and lr_at(100, config) == 0.0
+    # a horizon fitted to a time budget moves the cooldown with it: 50 steps cool down from step 30
+    assert lr_at(29, config, max_steps=50) == pytest.approx(1e-2) and lr_at(40, config, max_steps=50) == pytest.approx(5e-3)
+    cosine = TrainConfig(max_lr=1e-2, warmup_steps=10, max_steps=100, min_lr_ratio=0.0)
+    assert lr_at(35, cosine) < 1e-2 * 0.9  # the cosine is already decaying there
+
+
 def test_gradient_accumulation_equals_one_big_batch(char_data, tmp_path):
     grads = []
     for micro in (8, 2):
@@ -250,3 +263,50 @@ def test_resuming_with_another_model_names_what_differs(char_data, tmp_path):
                                               r"checkpoint's model settings, or use another out_dir"):
         Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4, n_layer=1))
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_speedrun_recipe_trains_and_its_checkpoint_decodes_with_the_kv_cache(char_data, tmp_path):
+    from nbgpt.generate import Generator, SamplingConfig
+    from nbgpt.loading import load_model
+    from nbgpt.optim import Muon
+    from nbgpt.recipes import RECIPES
+
+    config = tiny_train_config(char_data, tmp_path / "run", recipe="speedrun", max_lr=RECIPES["speedrun"]["max_lr"],
+                               max_steps=40, eval_interval=40, checkpoint_interval=40)
+    trainer = Trainer(config)
+    model_config = trainer.model_config
+    assert (model_config.position, model_config.activation, model_config.qk_norm, model_config.zero_init_proj,
+            model_config.tie_embeddings, model_config.logit_softcap) == ("rope", "relu2", True, True, False, 30.0)
+    assert isinstance(trainer.optimizers[0], Muon) and config.schedule == "trapezoid"
+    summary = trainer.fit()
+    trainer.close()
+    evals = read_metrics(tmp_path / "run", "eval")
+    assert evals[0]["val_loss"] > 4.0 and summary["val_loss"] < evals[0]["val_loss"] - 1.0  # ln 65 = 4.17
+    loaded = load_model(tmp_path / "run")
+    assert loaded.model.config == model_config
+    prompts, sampling = ["ROMEO:", "To be"], SamplingConfig(max_new_tokens=20, temperature=0.0, stop_at_eot=False)
+    cached = Generator(loaded.model, loaded.tokenizer).generate(prompts, sampling)
+    uncached = [Generator(loaded.model, loaded.tokenizer, use_cache=False).complete(p, sampling) for p in prompts]
+    assert cached == uncached and all(len(text) == 20 for text in cached)
+
+
+def test_embedding_lr_scale_gives_the_embeddings_their_own_rate(char_data, tmp_path):
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", optimizer="muon", embedding_lr_scale=5.0))
+    record = trainer.train_step()
+    trainer.close()
+    rates = {id(p): group["lr"] for o in trainer.optimizers for group in o.param_groups for p in group["params"]}
+    assert rates[id(trainer.model.wte.weight)] == pytest.approx(5 * record["lr"])
+    assert rates[id(trainer.model.h[0].attn.c_attn.weight)] == pytest.approx(record["lr"])
+    assert rates[id(trainer.model.ln_f.weight)] == pytest.approx(record["lr"])
+
+
+def test_resuming_with_another_recipe_is_refused(char_data, tmp_path):
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=2, checkpoint_interval=2))
+    trainer.fit()
+    trainer.close()
+    with pytest.raises(CheckpointError, match=r"trained with recipe='gpt2', this run asks for recipe='speedrun'; "
+                                              r"resume with recipe='gpt2', or use another out_dir"):
+        Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4, recipe="speedrun"))
+    resumed = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4))
+    assert resumed.step == 2
+    resumed.close()

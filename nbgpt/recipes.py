@@ -1,0 +1,50 @@
+"""Recipes: named bundles of settings that together make one way of training a GPT.
+
+    gpt2       GPT-2 as OpenAI trained it (2019), as build-nanogpt reproduces it: learned positions, GELU, tied
+               embeddings, AdamW, warmup + cosine to 10 % at GPT-3's 124M learning rate.
+    speedrun   the early modded-nanogpt speedrun records (2024), which reached GPT-2 124M's FineWeb loss in a
+               fraction of the tokens: rotary positions, QK-norm, ReLU², zero-initialised output projections,
+               an untied, soft-capped LM head, Muon for the blocks' matrices, and a trapezoidal schedule.
+
+A recipe is chosen with `recipe` (a TrainConfig field) and is one row of RECIPES: nothing else in nbgpt asks
+which recipe is in use, every technique is a field of its own. `with_recipe` decides what wins, the same way
+for every entry point (presets and `-p`, `nbgpt train` flags, TrainConfig.from_dict):
+
+    dataclass defaults  <  the preset's values  <  the named recipe's bundle  <  values given explicitly
+
+so `-p recipe speedrun` on the gpt2-124m preset replaces the preset's 2019 learning rate too, and
+`-p recipe speedrun -p qk_norm false` is the speedrun without QK-norm: how an ablation is spelled. A recipe
+that nobody names applies no bundle: the preset's values stand (cpu-demo's Muon stays).
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError, did_you_mean
+
+RECIPES: dict[str, dict] = {
+    "gpt2": dict(
+        position="absolute", activation="gelu", qk_norm=False, zero_init_proj=False, tie_embeddings=True,
+        logit_softcap=0.0, optimizer="adamw", schedule="cosine", max_lr=6e-4, min_lr_ratio=0.1,
+        embedding_lr_scale=1.0, weight_decay=0.1,
+    ),
+    "speedrun": dict(
+        position="rope", activation="relu2", qk_norm=True, zero_init_proj=True, tie_embeddings=False,
+        logit_softcap=30.0, optimizer="muon", schedule="trapezoid", max_lr=1e-2, min_lr_ratio=0.0,
+        embedding_lr_scale=1.0, weight_decay=0.1,
+    ),
+}
+
+
+def check_recipe(name: str) -> None:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}{did_you_mean(name, RECIPES)}; choose one of {sorted(RECIPES)}")
+
+
+def with_recipe(preset: dict, given: dict) -> dict:
+    """The flat values of a run: `preset` < the bundle of the recipe that `given` or else `preset` names <
+    `given`. Without a named recipe, `given` over `preset`."""
+    name = given.get("recipe", preset.get("recipe"))
+    if name is None:
+        return {**preset, **given}
+    check_recipe(name)
+    return {**preset, **RECIPES[name], **given, "recipe": name}
