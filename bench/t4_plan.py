@@ -25,6 +25,7 @@ from common import OUT, report
 SESSION_H = 12.0  # Kaggle's limit on one notebook session (README, "Kaggle 2×T4", for the sources)
 WEEKLY_H = 30.0  # Kaggle's weekly GPU quota, as the issue and Kaggle users report it
 SESSION_OVERHEAD_H = 0.25  # assumed: start-up, pip install, copying checkpoints back in, evaluations
+GPU_PEAK = 65e12  # T4 fp16 tensor-core peak (NVIDIA's datasheet; nbgpt.device.GPU_PEAK_FLOPS["T4"])
 SHARD_TOKENS = 100_000_000  # the FineWeb-Edu presets' shard size
 VAL_TOKENS = 100_000_000  # the FineWeb-Edu presets' validation split (build-nanogpt's first shard)
 # Tokens to 3.28 validation loss on FineWeb in the modded-nanogpt speedrun, for the records whose techniques
@@ -58,10 +59,8 @@ def model_bytes(train) -> dict:
     n_muon = sum(p.numel() for p in params if id(p) in muon)
     n_all = sum(p.numel() for p in params)
     state = n_muon + 2 * (n_all - n_muon)
-    # the blocks and the final norm: what flops_per_token calls N before it adds the LM head (tied or not)
-    body = sum(p.numel() for name, p in model.named_parameters() if name.split(".")[0] in ("h", "ln_f"))
     return {"params": n_all, "muon_params": n_muon, "weights_gb": 4 * n_all / 1e9, "optimizer_gb": 4 * state / 1e9,
-            "checkpoint_gb": 4 * (n_all + state) / 1e9, "non_embedding": body}
+            "checkpoint_gb": 4 * (n_all + state) / 1e9, "non_embedding": model.num_params(non_embedding=True)}
 
 
 def throughput(args, flops: float, nproc: int) -> tuple[float, str]:
@@ -78,9 +77,7 @@ def throughput(args, flops: float, nproc: int) -> tuple[float, str]:
             return (one * nproc * (1 - args.ddp_loss),
                     f"PROJECTION from a MEASURED {one:,.0f} tokens/s on one {device} ({payload['environment']['date']}) "
                     f"× {nproc} GPUs − {args.ddp_loss:.0%} for DDP")
-    from nbgpt.device import GPU_PEAK_FLOPS
-
-    peak = GPU_PEAK_FLOPS["T4"]["fp16"]
+    peak = GPU_PEAK
     return (peak * args.mfu * nproc / flops,
             f"PROJECTION: T4 fp16 peak {peak / 1e12:.0f} TFLOP/s × assumed MFU {args.mfu:.0%} × {nproc} GPUs "
             f"/ {flops / 1e6:.0f} MFLOP per token (no T4 measurement yet)")
@@ -129,6 +126,9 @@ def main() -> None:
     print(f"model: {sizes['params']:,} parameters; one checkpoint {sizes['checkpoint_gb']:.2f} GB "
           f"(weights {sizes['weights_gb']:.2f} + optimizer {sizes['optimizer_gb']:.2f}); "
           f"{train.keep_checkpoints} kept: {disk['checkpoints_gb']:.1f} GB")
+    one_session = rows[0]["tokens"] / (3600 * (SESSION_H - SESSION_OVERHEAD_H))
+    print(f"to fit the preset's budget in one session: {one_session:,.0f} tokens/s, an MFU of "
+          f"{one_session * flops / (GPU_PEAK * nproc):.0%} on {nproc} T4s")
     print(f"shards for the preset's budget: {shards} × 100 M tokens + 100 M validation = {disk['shards_gb']:.1f} GB "
           f"(the whole 10 B-token sample: {disk['full_sample_10bt_gb']:.0f} GB)")
 
