@@ -2,7 +2,8 @@
 
 `nbgpt train` takes TrainConfig's fields and GPTConfig's (which go into TrainConfig.model_overrides), `prepare`
 PrepareConfig's, `eval` EvalConfig's, `sample` SampleConfig's; `run -p NAME VALUE` takes any of them by flat
-name. Values are read by nbgpt.config.coerce, the same parser for flags, `-p`, JSON and presets.
+name. Values are read by nbgpt.config.coerce, the same parser for flags, `-p`, JSON and presets. `nbgpt export`
+(a source and a folder) writes a model in HF's GPT-2 format or nbgpt's own (nbgpt.export).
 """
 
 from __future__ import annotations
@@ -121,6 +122,16 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_model
+    from .loading import load_model
+
+    loaded = load_model(args.checkpoint)
+    out, written = export_model(loaded.model, loaded.tokenizer, args.out, args.format)
+    print(json.dumps({"out": str(out), "format": written}))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from .run import RunError, RunStopped, run_pipeline
 
@@ -147,10 +158,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_SOURCES = "run directory, checkpoint file, HF GPT-2 directory, or hub name such as gpt2 (see nbgpt.loading)"
+MODEL_SOURCES = ("run directory, checkpoint file, exported folder (HF GPT-2 or nbgpt format), or hub name such as "
+                 "gpt2 (see nbgpt.loading)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export import FORMATS
     from .model import GPTConfig
     from .presets import RUN_PRESETS
     from .run_config import EvalConfig, PrepareConfig, SampleConfig
@@ -191,4 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--checkpoint", required=True, help=MODEL_SOURCES)
     add_dataclass_arguments(sample, SampleConfig)
     sample.set_defaults(handler=_sample)
+
+    export = commands.add_parser("export", help="write a model for others: HF GPT-2 format where it can express "
+                                                "the model, else nbgpt's own (see nbgpt.export)")
+    export.add_argument("--checkpoint", required=True, help=MODEL_SOURCES)
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--format", choices=FORMATS, default="auto",
+                        help="auto (default): hf when HF's GPT-2 can express the model, else nbgpt")
+    export.set_defaults(handler=_export)
     return parser

@@ -2,6 +2,10 @@
 
 HF's GPT-2 stores its Linear layers as `Conv1D` modules whose weight is (in, out), the transpose of
 `nn.Linear`'s (out, in); that, the vocabulary padding and the tied LM head are all that differ.
+
+HF's GPT-2 also takes ReLU² (activation_function="relu2") and an untied head (tie_word_embeddings=false), so
+those speedrun techniques export too. Rotary positions, QK-norm and logit soft-capping it cannot express: such
+models are saved in nbgpt's own format (nbgpt.export), which nbgpt.loading reads back.
 """
 
 from __future__ import annotations
@@ -51,15 +55,31 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
                             f"reachable (`hf download {name}`) or pass a local run, checkpoint or HF folder") from exc
 
 
+# HF's activation_function names for GPTConfig.activation (HF's "gelu_pytorch_tanh" is the same function).
+HF_ACTIVATIONS = {"gelu": "gelu_new", "relu2": "relu2"}
+FROM_HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2"}
+
+
+def hf_unrepresentable(config: GPTConfig) -> list[str]:
+    """The settings of `config` that HF's GPT2LMHeadModel has no way to express ([] when it exports)."""
+    found = [f"position={config.position!r}"] if config.position != "absolute" else []
+    found += ["bias=False"] if not config.bias else []
+    found += ["qk_norm=True"] if config.qk_norm else []
+    return found + ([f"logit_softcap={config.logit_softcap:g}"] if config.logit_softcap else [])
+
+
 def _config_from_hf(hf: dict, vocab_multiple: int) -> GPTConfig:
     if hf.get("model_type", "gpt2") != "gpt2":
         raise HFFormatError(f"model_type {hf.get('model_type')!r} is not gpt2")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise HFFormatError(f"activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in FROM_HF_ACTIVATIONS:
+        raise HFFormatError(f"activation {activation!r} is neither GPT-2's tanh GELU nor ReLU²")
     if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         raise HFFormatError(f"layer_norm_epsilon={hf['layer_norm_epsilon']} differs from GPT-2's 1e-5")
     return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_multiple=vocab_multiple)
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_multiple=vocab_multiple,
+                     activation=FROM_HF_ACTIVATIONS[activation],
+                     tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
 def _read_state(directory: Path) -> dict[str, torch.Tensor]:
@@ -91,19 +111,19 @@ def load_hf(path_or_name: str | os.PathLike, vocab_multiple: int = 1) -> GPT:
     ours = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers of old checkpoints; the tied head is wte itself
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or (name == "lm_head.weight" and config.tie_embeddings):
+            continue  # causal-mask buffers of old checkpoints; a tied head is wte itself
         if name not in ours:
             raise HFFormatError(f"unexpected tensor {name!r} in {directory}")
         if name.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
-        if name == "wte.weight" and tensor.shape[0] < ours[name].shape[0]:
-            tensor = torch.cat([tensor, ours[name][tensor.shape[0]:]])  # keep the random padding rows
+        if name in ("wte.weight", "lm_head.weight") and tensor.shape[0] < ours[name].shape[0]:
+            tensor = torch.cat([tensor, ours[name][tensor.shape[0]:]])  # keep the padding rows as initialised
         if tensor.shape != ours[name].shape:
             raise HFFormatError(f"{name}: shape {tuple(tensor.shape)} in the checkpoint, {tuple(ours[name].shape)} "
                                 f"expected from its config.json")
         loaded[name] = tensor
-    missing = sorted(set(ours) - set(loaded) - {"lm_head.weight"})
+    missing = sorted(set(ours) - set(loaded) - ({"lm_head.weight"} if config.tie_embeddings else set()))
     if missing:
         raise HFFormatError(f"{directory} lacks tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
     with torch.no_grad():
@@ -113,32 +133,34 @@ def load_hf(path_or_name: str | os.PathLike, vocab_multiple: int = 1) -> GPT:
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
-    """Write `model` as an HF GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads."""
+    """Write `model` as an HF GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads.
+
+    Refused, naming the settings, for a model HF's GPT-2 cannot express (see hf_unrepresentable)."""
     config = model.config
-    if config.position != "absolute":
-        raise ConfigError("only absolute-position models map onto HF's GPT-2; this one uses rotary embeddings")
-    if not config.bias:
-        raise ConfigError("HF's GPT-2 has biases everywhere; export a model built with bias=True")
+    if unrepresentable := hf_unrepresentable(config):
+        raise ConfigError(f"HF's GPT-2 cannot represent {', '.join(unrepresentable)}; save this model in nbgpt's "
+                          f"own format instead (nbgpt.export.export_nbgpt, or `nbgpt export --format nbgpt`)")
     from safetensors.torch import save
 
     out = Path(out_dir)
     state = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # HF ties it to wte on load
         tensor = tensor.detach().to("cpu", torch.float32)
-        if name == "wte.weight":
+        if name in ("wte.weight", "lm_head.weight"):
             tensor = tensor[: config.vocab_size]
         if name.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
-        state["transformer." + name] = tensor.contiguous()
+        state[name if name == "lm_head.weight" else "transformer." + name] = tensor.contiguous()
     hf_config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "activation_function": HF_ACTIVATIONS[config.activation],
         "n_positions": config.block_size, "n_ctx": config.block_size, "vocab_size": config.vocab_size,
         "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd, "n_inner": None,
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": config.vocab_size - 1,
         "eos_token_id": config.vocab_size - 1, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "tie_word_embeddings": True, "torch_dtype": "float32",
+        "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32",
     }
     atomic_write(out / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "pt"})))
     atomic_write_json(out / "config.json", hf_config)

@@ -2,11 +2,12 @@
 
     runs/mine                        the newest good checkpoint of a run (its checkpoints.json)
     runs/mine/checkpoints/ckpt_0000500.pt   one nbgpt checkpoint file
+    path/to/export                   a folder in nbgpt's own format (nbgpt_model.json + model.safetensors)
     path/to/folder                   an HF-format GPT-2 folder (config.json + model.safetensors)
     gpt2, openai-community/gpt2      OpenAI's weights: the Hugging Face cache, else the hub when online
 
 `nbgpt sample`, `nbgpt eval`, the notebooks and the prompt panel all load through `load_model`, so each of
-them accepts all four.
+them accepts all five (nbgpt.export writes the two folder formats).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from .checkpoint import resolve_checkpoint
 from .device import resolve_device
+from .export import NBGPT_FILE, load_nbgpt
 from .hf import HFFormatError, load_hf
 from .model import GPT, GPTConfig
 from .tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
@@ -31,18 +33,21 @@ class LoadedModel:
     source: str  # what was asked for
     step: int | None = None  # the training step, for nbgpt checkpoints
     val_loss: float | None = None  # the validation loss recorded with that checkpoint
+    format: str = "GPT-2"  # of weights that are no checkpoint: "GPT-2" (HF folders, hub names) or "nbgpt"
 
     def describe(self) -> str:
         if self.step is None:
-            return f"GPT-2-format weights from {self.source}"
+            return f"{self.format}-format weights from {self.source}"
         loss = "not measured" if self.val_loss is None else f"{self.val_loss:.4f}"
         return f"nbgpt checkpoint of step {self.step} from {self.source} (validation loss {loss})"
 
 
 def load_model(source: str | os.PathLike, device: str = "cpu") -> LoadedModel:
-    """The model and tokenizer of a run, checkpoint file, HF folder or hub name (see the module docstring)."""
+    """The model and tokenizer of a run, checkpoint file, exported folder or hub name (see the module docstring)."""
     path = Path(source)
-    if path.is_file() or (path.is_dir() and not (path / "config.json").is_file()):
+    if (path / NBGPT_FILE).is_file():
+        loaded = LoadedModel(*load_nbgpt(path), str(path), format="nbgpt")
+    elif path.is_file() or (path.is_dir() and not (path / "config.json").is_file()):
         loaded = _from_checkpoint(path)
     else:
         loaded = _from_hf(source)

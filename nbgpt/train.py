@@ -65,7 +65,7 @@ class TrainConfig:
     cooldown_fraction: float = 0.4  # trapezoid: the last 40 % of the steps cool down to min_lr_ratio * max_lr
     weight_decay: float = 0.1
     optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest
-    embedding_lr_scale: float = 1.0  # the input embeddings' (wte, wpe) learning rate, in multiples of the rest's
+    embedding_lr_scale: float = 1.0  # the input embeddings' (wte, wpe; a tied head is wte) rate, in multiples of max_lr
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0

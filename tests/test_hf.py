@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nbgpt.hf import HFFormatError, export_hf, load_hf
-from nbgpt.model import GPT, GPTConfig
+from nbgpt.model import GPT, ConfigError, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,10 +71,33 @@ def test_round_trip_is_exact(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_rope_model_cannot_be_exported(tmp_path):
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, position="rope"))
-    with pytest.raises(ValueError, match="rotary"):
+def test_speedrun_architecture_is_refused_naming_what_hf_cannot_represent(tmp_path):
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, position="rope",
+                          qk_norm=True, logit_softcap=30.0, activation="relu2", tie_embeddings=False))
+    with pytest.raises(ConfigError) as refused:
         export_hf(model, tmp_path / "out")
+    assert str(refused.value) == ("HF's GPT-2 cannot represent position='rope', qk_norm=True, logit_softcap=30; "
+                                  "save this model in nbgpt's own format instead (nbgpt.export.export_nbgpt, or "
+                                  "`nbgpt export --format nbgpt`)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_relu2_and_an_untied_head_export_to_transformers_and_back(tmp_path):
+    """The speedrun techniques HF's GPT-2 can express (ReLU², untied head, zero-initialised projections)."""
+    torch.manual_seed(3)
+    ours = GPT(GPTConfig(vocab_size=150, block_size=32, n_layer=2, n_head=2, n_embd=32, vocab_multiple=64,
+                         activation="relu2", tie_embeddings=False, zero_init_proj=True)).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # trained-like: no zero matrices, head unlike the embedding
+    export_hf(ours, tmp_path / "out")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(0, 150, (2, 32))
+    with torch.no_grad():
+        assert (ours(idx)[0] - theirs(idx).logits).abs().max().item() <= 1e-4
+        again = load_hf(tmp_path / "out", vocab_multiple=64).eval()
+        assert (again.config.activation, again.config.tie_embeddings) == ("relu2", False)
+        torch.testing.assert_close(again(idx)[0], ours(idx)[0], atol=0, rtol=0)
 
 
 class Payload:

@@ -98,3 +98,43 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path):
                               capture_output=True, text=True, timeout=300)
     assert relative.returncode == 2 and "hf download" not in relative.stderr
     assert relative.stderr.strip().count("\n") == 0 and "runs/mnie does not exist" in relative.stderr
+
+
+def test_nbgpt_format_round_trip_of_a_speedrun_model(tmp_path, gpt2_tokenizer):
+    """What HF's GPT-2 cannot express goes to nbgpt's own format; load_model reads it back exactly."""
+    from nbgpt.export import NBGPT_FILE, export_model
+    from nbgpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32, vocab_multiple=64,
+                       position="rope", activation="relu2", qk_norm=True, zero_init_proj=True,
+                       tie_embeddings=False, logit_softcap=30.0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out, written = export_model(model, gpt2_tokenizer, tmp_path / "export")
+    assert written == "nbgpt" and sorted(p.name for p in out.iterdir()) == ["model.safetensors", NBGPT_FILE]
+    loaded = load_model(out)
+    assert loaded.model.config == config and loaded.tokenizer.identity() == gpt2_tokenizer.identity()
+    assert loaded.describe() == f"nbgpt-format weights from {out}"
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(idx)[0], model(idx)[0], atol=0, rtol=0)
+    result = sample(out, tmp_path / "cache")  # `nbgpt sample` reads it too
+    expected = Generator(model, gpt2_tokenizer).complete("Hello", SamplingConfig(max_new_tokens=8, temperature=0.0))
+    assert result.returncode == 0 and result.stdout == expected + "\n", result.stderr[-2000:]
+
+
+def test_cli_export_picks_hf_for_gpt2_and_nbgpt_for_the_rest(tmp_path):
+    tiny_gpt2_folder(tmp_path / "hf")
+    hf = subprocess.run([sys.executable, "-m", "nbgpt", "export", "--checkpoint", str(tmp_path / "hf"), "--out",
+                         str(tmp_path / "again")], capture_output=True, text=True, timeout=300)
+    assert hf.returncode == 0 and '"format": "hf"' in hf.stdout, hf.stderr[-2000:]
+    assert (tmp_path / "again" / "config.json").is_file()
+    own = subprocess.run([sys.executable, "-m", "nbgpt", "export", "--checkpoint", str(tmp_path / "hf"), "--out",
+                          str(tmp_path / "own"), "--format", "nbgpt"], capture_output=True, text=True, timeout=300)
+    assert own.returncode == 0 and '"format": "nbgpt"' in own.stdout
+    with torch.no_grad():
+        idx = torch.randint(0, 50257, (1, 16))
+        torch.testing.assert_close(load_model(tmp_path / "own").model(idx)[0], load_model(tmp_path / "hf").model(idx)[0])

@@ -1,0 +1,71 @@
+"""Handing a trained model to others: HF's GPT-2 format where it can express the model, else nbgpt's own.
+
+    HF GPT-2        config.json + model.safetensors: `transformers.GPT2LMHeadModel.from_pretrained` loads it.
+                    For the gpt2 recipe, and any model without rotary positions, QK-norm or soft-capped logits.
+    nbgpt's own     nbgpt_model.json (the GPTConfig and the tokenizer) + model.safetensors (the state_dict):
+                    for everything else, the speedrun recipe included. `nbgpt.loading.load_model` (and so
+                    `nbgpt sample`, `nbgpt eval`, the notebooks) loads it; outside nbgpt, `GPT(GPTConfig(...))`
+                    and `safetensors.torch.load_file` are all it takes.
+
+Neither format is a pickle: loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .files import atomic_write, atomic_write_json, read_json
+from .hf import export_hf, hf_unrepresentable
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer, tokenizer_from_spec, tokenizer_spec
+
+NBGPT_FILE = "nbgpt_model.json"  # marks a folder in nbgpt's own format
+FORMATS = ("auto", "hf", "nbgpt")
+
+
+def export_nbgpt(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write `model` and what rebuilds it (its GPTConfig and tokenizer) into `out_dir`, atomically per file."""
+    from safetensors.torch import save
+
+    # safetensors stores no tensor twice: a tied head is left out and re-tied by GPT's constructor on load.
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()
+             if not (name == "lm_head.weight" and model.config.tie_embeddings)}
+    out = Path(out_dir)
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "nbgpt"})))
+    # written last: a folder with this file is complete
+    atomic_write_json(out / NBGPT_FILE, {"format": "nbgpt", "version": 1, "model_config": model.config.to_dict(),
+                                         "tokenizer": tokenizer_spec(tokenizer)})
+    return out
+
+
+def load_nbgpt(directory: str | os.PathLike) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a folder that export_nbgpt wrote."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_json(directory / NBGPT_FILE)
+    if meta.get("format") != "nbgpt" or meta.get("version") != 1:
+        raise ConfigError(f"{directory / NBGPT_FILE} is not version 1 of nbgpt's model format; export it again "
+                          f"with this version of nbgpt")
+    model = GPT(GPTConfig.from_dict(meta["model_config"]))
+    state = load_file(str(directory / "model.safetensors"))
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]  # the same tensor in the model
+    model.load_state_dict(state)
+    return model, tokenizer_from_spec(meta["tokenizer"])
+
+
+def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, format: str = "auto") -> tuple[Path, str]:
+    """Export in `format`; "auto" is HF's GPT-2 format when it can express the model, else nbgpt's own.
+    Returns the folder and the format written."""
+    if format not in FORMATS:
+        raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "auto":
+        format = "nbgpt" if hf_unrepresentable(model.config) or tokenizer.name != "gpt2" else "hf"
+    if format == "hf":
+        return export_hf(model, out_dir), "hf"
+    return export_nbgpt(model, tokenizer, out_dir), "nbgpt"
