@@ -4,6 +4,8 @@ Sections (each either figures or the reason it was skipped, all in one JSON and 
   environment   device, torch, CUDA, date, and measured matmul peaks beside the datasheet ones MFU divides by
   training      GPT-2 124M tokens/s and MFU in fp32+TF32, bf16 and fp16+GradScaler, eager and compiled, at one
                 micro-batch: nbgpt's Trainer beside transformers' GPT2LMHeadModel trained the same way
+  speedrun      the speedrun recipe's training tokens/s, step time and peak memory at the 2×T4 preset's
+                micro-batch and precision, one GPU: the figure bench/t4_plan.py turns into a Kaggle plan
   compiled_run  a compiled Trainer with periodic validation, HellaSwag and sampling in the same process
   decoding      nbgpt's KV-cached decoding against transformers' `generate`, greedy, batch 1
   hellaswag     examples/s of nbgpt's batched scorer
@@ -255,6 +257,46 @@ def training_goals(rows: list[dict]) -> dict:
     return {"goals": goals} if goals else {}
 
 
+# ---------------------------------------------------------------------------------------------- speedrun
+
+SPEEDRUN_PRESET = "gpt2-124m-speedrun-t4x2"
+SPEEDRUN_ACCUMULATION = 8  # micro-steps per timed step: the optimizer's share is 4x the preset's (32), a bound
+
+
+def speedrun(ctx: Context) -> dict:
+    """The 2×T4 speedrun preset's training as it runs there (recipe, micro-batch, precision, eager), on one GPU:
+    tokens/s, seconds per micro-step and peak memory, which bench/t4_plan.py turns into sessions and hours."""
+    from nbgpt.run_config import RunConfig
+
+    s = ctx.shapes
+    run_dir = ctx.work / "speedrun"
+    run_dir.mkdir()
+    (run_dir / "data").symlink_to(ctx.train_data)  # the run directory's dataset, as `nbgpt run` lays it out
+    preset = RunConfig.from_preset(SPEEDRUN_PRESET).train
+    micro = s.micro_batch if ctx.smoke else preset.micro_batch
+    overrides = dict(micro_batch=micro, total_batch_tokens=micro * ctx.seq_len * SPEEDRUN_ACCUMULATION,
+                     max_steps=s.warmup_steps + s.timed_steps, max_seconds=None, warmup_steps=1, eval_interval=0,
+                     hellaswag_interval=0, sample_interval=0, checkpoint_interval=0, device=ctx.device.type,
+                     progress=False, **({"model": s.model} if ctx.smoke else {}))
+    config = RunConfig.from_preset(SPEEDRUN_PRESET, overrides, run_dir).train
+    free_memory()
+    trainer = Trainer(config, echo=lambda _: None)
+    records: list[dict] = []
+    trainer.fit(on_record=records.append)
+    trainer.close()
+    train = [r for r in records if r["kind"] == "train"][s.warmup_steps:]
+    step_s = statistics.median(r["dt"] for r in train)
+    tokens_per_s = config.total_batch_tokens / step_s
+    flops = flops_per_token(trainer.model_config, ctx.seq_len)
+    row = {"preset": SPEEDRUN_PRESET, "recipe": config.recipe, "precision": trainer.precision, "micro_batch": micro,
+           "accumulation": trainer.grad_accum_steps, "step_s": step_s, "micro_step_s": step_s / trainer.grad_accum_steps,
+           "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak_flops(ctx.device, trainer.precision),
+           "finite": all(r["loss"] is not None and torch.isfinite(torch.tensor(r["loss"])).item() for r in train)}
+    if torch.cuda.is_available():
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return {"rows": [row], "ok": row["finite"]}
+
+
 # ------------------------------------------------------------------------------------------ compiled run
 
 
@@ -387,7 +429,7 @@ def notebook(ctx: Context) -> dict:
 
 TRAINING = ("training", training, 60)
 # (name, function, seconds it needs at least: a section starts only with that much of the budget left)
-SECTIONS = [TRAINING, ("compiled_run", compiled_run, 60), ("decoding", decoding, 15), ("hellaswag", hellaswag, 10),
+SECTIONS = [TRAINING, ("speedrun", speedrun, 30), ("compiled_run", compiled_run, 60), ("decoding", decoding, 15), ("hellaswag", hellaswag, 10),
             ("notebook", notebook, 60)]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("training", "compiled_run", "decoding", "hellaswag", "notebook")
+SECTIONS = ("training", "speedrun", "compiled_run", "decoding", "hellaswag", "notebook")
 FIGURES = ("tokens_per_s", "examples_per_s")
 
 
@@ -45,6 +45,8 @@ def test_smoke_mode_runs_every_section_on_the_cpu(tmp_path):
     run = payload["sections"]["compiled_run"]["rows"][0]
     assert run["evals"] >= 2 and run["hellaswag_runs"] >= 2 and run["samples"] >= 2
     assert payload["sections"]["notebook"]["rows"][0]["steps"] == 2
+    speedrun = payload["sections"]["speedrun"]["rows"][0]  # the figure bench/t4_plan.py reads on a T4
+    assert speedrun["recipe"] == "speedrun" and speedrun["accumulation"] == 8 and speedrun["finite"]
 
 
 def test_without_cuda_every_section_says_why(tmp_path):

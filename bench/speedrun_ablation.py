@@ -1,0 +1,157 @@
+"""The speedrun recipe on the CPU, technique by technique (issue 19).
+
+Shakespeare's complete works in GPT-2 tokens (the `shakespeare` source, last 5 % of tokens for validation), a
+small GPT (4 layers × 256, 4 heads, context 128), one seed, the same data order, and the same wall-clock
+training budget (`max_seconds`) for every row; each row is a fresh process (its start-up is counted in
+`wall_s`), run under the bench lock, and ends with an evaluation over the whole validation split.
+
+Rows: the GPT-2 recipe (AdamW, cosine, absolute positions, GELU, tied head) at each learning rate of
+--gpt2-lrs; the full speedrun recipe; the speedrun recipe with one technique switched back at a time. Then the
+token claim: the speedrun recipe with its own complete schedule on a fixed number of steps, --fractions of the
+best GPT-2 row's tokens, against that row's final validation loss (not a mid-run evaluation of the
+time-budgeted speedrun row, whose learning rate has not cooled down there).
+
+The GPT-2 tokenizer's 50,257-row LM head dominates a step at this width (a 128-wide model is only ~30 % faster
+per token), so the model is as wide as the budget comfortably allows.
+Usage: python bench/speedrun_ablation.py [--budget 100] [--gpt2-lrs 1e-3 3e-3 6e-3] [--fractions 0.4] [--log rows.jsonl]
+"""
+
+import os
+import time
+
+from cpu_time_to_quality import process_start_time
+
+STARTED = process_start_time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common import OUT, report  # noqa: E402
+
+LOCK = "/work/bench.lock"  # the shared benchmark lock of this project's machine (skipped where it is absent)
+MODEL = dict(model="gpt2", n_layer=4, n_head=4, n_embd=256, block_size=128, vocab_multiple=64)
+# Every row: 8 × 128 tokens per step, a warm-up of 10 steps (~5 % of a 100 s run), no evaluation until the
+# final one over the whole validation split, no checkpoints.
+COMMON = dict(micro_batch=8, total_batch_tokens=8 * 128, warmup_steps=10, eval_interval=0, final_eval_batches=0,
+              checkpoint_interval=0, progress=False, seed=1337, precision="auto", shuffle=False, **MODEL)
+# The recipe bundles live in nbgpt.recipes; the GPT-2 rows change only the peak learning rate (its 6e-4 is
+# 124M's, a 4 × 256 model trains faster higher up: hence a small sweep, and its best row is the reference).
+GPT2 = dict(recipe="gpt2")
+SPEEDRUN = dict(recipe="speedrun")
+# Each technique switched back to GPT-2's choice, one at a time (user values beat the recipe's bundle).
+WITHOUT = {  # in the order they are run: the ones expected to matter most first
+    "Muon (AdamW instead)": dict(optimizer="adamw"),
+    "untied head + softcap (tied, no cap)": dict(tie_embeddings=True, logit_softcap=0.0),
+    "trapezoid (cosine)": dict(schedule="cosine"),
+    "QK-norm": dict(qk_norm=False),
+    "ReLU² (GELU)": dict(activation="gelu"),
+    "rotary (absolute positions)": dict(position="absolute"),
+    "zero-init projections": dict(zero_init_proj=False),
+}
+
+
+def prepare_data(work: Path) -> Path:
+    from nbgpt.shards import prepare
+
+    data = work / "shakespeare-gpt2"
+    prepare("shakespeare", "gpt2", data, val_fraction=0.05, progress=False)  # reused when already built
+    return data
+
+
+def one_run(settings: dict, data: str, threads: int) -> dict:
+    """Train one row in this (fresh) process and return its figures."""
+    import tempfile
+
+    import torch
+
+    from nbgpt.metrics import read_metrics
+    from nbgpt.train import TrainConfig, Trainer
+
+    torch.set_num_threads(threads)
+    load_start = os.getloadavg()[0]
+    out = tempfile.mkdtemp(prefix="speedrun-ablation-")
+    config = TrainConfig.from_dict(dict(data_dir=data, out_dir=out, **settings))
+    trainer = Trainer(config, echo=lambda _: None)
+    summary = trainer.fit()
+    trainer.close()
+    train = read_metrics(out, "train")
+    shutil.rmtree(out, ignore_errors=True)
+    steps = summary["step"]
+    return {"steps": steps, "tokens": steps * config.total_batch_tokens, "max_lr": config.max_lr,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[1:] or train),
+            "train_s": sum(r["dt"] for r in train), "val_loss": summary["val_loss"], "wall_s": time.time() - STARTED,
+            "precision": trainer.precision, "load": f"{load_start:.1f} → {os.getloadavg()[0]:.1f}"}
+
+
+def run_row(name: str, settings: dict, args) -> dict:
+    """One row in a fresh process, under the bench lock so no other benchmark shares the cores. A row already
+    in --log (a JSON line per row, as this prints them) with the same name and settings is read back instead."""
+    for line in args.log.read_text().splitlines() if args.log and args.log.is_file() else []:
+        known = json.loads(line) if line.startswith('{"row"') else {}
+        if known.get("row") == name and known.get("settings") == settings:
+            return known
+    cmd = [sys.executable, __file__, "--child", json.dumps(settings), "--data", str(args.data),
+           "--threads", str(args.threads)]
+    if Path(LOCK).exists():
+        cmd = ["flock", LOCK, *cmd]
+    output = subprocess.run(cmd, capture_output=True, text=True)
+    if output.returncode:
+        raise SystemExit(f"row {name!r} failed:\n{output.stderr[-3000:]}")
+    row = {"row": name, **json.loads(next(line[7:] for line in output.stdout.splitlines() if line.startswith("RESULT "))),
+           "settings": settings}
+    print(json.dumps(row), flush=True)
+    if args.log:
+        with open(args.log, "a") as log:
+            log.write(json.dumps(row) + "\n")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", type=float, default=100.0, help="training seconds of every time-budgeted row")
+    parser.add_argument("--gpt2-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 6e-3])
+    parser.add_argument("--adamw-lr", type=float, default=None, help="the no-Muon row's LR (default: GPT-2's best)")
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.4], help="token budgets, of GPT-2's")
+    parser.add_argument("--skip-ablations", action="store_true", help="only the GPT-2 rows, full and token rows")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--log", type=Path, default=None, help="append each row here; rows found in it are reused")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print("RESULT " + json.dumps(one_run(json.loads(args.child), str(args.data), args.threads)))
+        return
+    args.data = args.data or prepare_data(OUT / "speedrun_ablation")
+    timed = dict(COMMON, max_steps=1_000_000, max_seconds=args.budget)
+    rows = [run_row(f"GPT-2 recipe, AdamW {lr:g}", dict(timed, **GPT2, max_lr=lr), args) for lr in args.gpt2_lrs]
+    gpt2 = min(rows, key=lambda r: r["val_loss"])
+    full = run_row("speedrun recipe (all techniques)", dict(timed, **SPEEDRUN), args)
+    rows.append(full)
+    claims = []
+    for fraction in args.fractions:
+        steps = max(1, round(fraction * gpt2["steps"]))
+        row = run_row(f"speedrun, complete schedule, {fraction:.0%} of GPT-2's tokens",
+                      dict(COMMON, **SPEEDRUN, max_steps=steps), args)
+        rows.append(row)
+        claims.append({"fraction": row["tokens"] / gpt2["tokens"], "speedrun_val_loss": row["val_loss"],
+                       "gpt2_val_loss": gpt2["val_loss"], "met": row["val_loss"] <= gpt2["val_loss"]})
+    if not args.skip_ablations:  # after the token claim: on a shared machine these may not all fit the time
+        adamw_lr = args.adamw_lr or gpt2["max_lr"]
+        for technique, switch in WITHOUT.items():
+            extra = dict(max_lr=adamw_lr) if switch.get("optimizer") == "adamw" else {}
+            rows.append(run_row(f"speedrun − {technique}", dict(timed, **SPEEDRUN, **switch, **extra), args))
+    for row in rows:
+        if "of GPT-2's tokens" not in row["row"]:
+            row["delta_vs_full"] = row["val_loss"] - full["val_loss"]
+    rows = [{k: v for k, v in row.items() if k != "settings"} for row in rows]
+    report("speedrun_ablation", rows, {"budget_s": args.budget, "model": MODEL, "common": COMMON,
+                                       "gpt2_reference": gpt2["row"], "token_claims": claims})
+
+
+if __name__ == "__main__":
+    main()
