@@ -89,10 +89,14 @@ def one_run(settings: dict, data: str, threads: int) -> dict:
 
 def run_row(name: str, settings: dict, args) -> dict:
     """One row in a fresh process (run the bench alone on the machine: other work skews the budget). A row already
-    in --log (a JSON line per row, as this prints them) with the same name and settings is read back instead."""
+    in --log (a JSON line per row, as this prints them) with the same name, settings and recipe bundle (the
+    values `recipe` expands to, which change as the recipe is tuned) is read back instead."""
+    from nbgpt.recipes import RECIPES
+
+    bundle = RECIPES[settings["recipe"]]
     for line in args.log.read_text().splitlines() if args.log and args.log.is_file() else []:
         known = json.loads(line) if line.startswith('{"row"') else {}
-        if known.get("row") == name and known.get("settings") == settings:
+        if (known.get("row"), known.get("settings"), known.get("bundle")) == (name, settings, bundle):
             return known
     cmd = [sys.executable, __file__, "--child", json.dumps(settings), "--data", str(args.data),
            "--threads", str(args.threads)]
@@ -100,7 +104,7 @@ def run_row(name: str, settings: dict, args) -> dict:
     if output.returncode:
         raise SystemExit(f"row {name!r} failed:\n{output.stderr[-3000:]}")
     row = {"row": name, **json.loads(next(line[7:] for line in output.stdout.splitlines() if line.startswith("RESULT "))),
-           "settings": settings}
+           "settings": settings, "bundle": bundle}
     print(json.dumps(row), flush=True)
     if args.log:
         with open(args.log, "a") as log:

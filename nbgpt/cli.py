@@ -127,8 +127,8 @@ def _export(args: argparse.Namespace) -> int:
     from .loading import load_model
 
     loaded = load_model(args.checkpoint)
-    out, written = export_model(loaded.model, loaded.tokenizer, args.out, args.format)
-    print(json.dumps({"out": str(out), "format": written}))
+    out, written, why = export_model(loaded.model, loaded.tokenizer, args.out, args.format)
+    print(json.dumps({"out": str(out), "format": written, "why": why}))
     return 0
 
 

@@ -59,13 +59,20 @@ def load_nbgpt(directory: str | os.PathLike) -> tuple[GPT, Tokenizer]:
     return model, tokenizer_from_spec(meta["tokenizer"])
 
 
-def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, format: str = "auto") -> tuple[Path, str]:
+def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike,
+                 format: str = "auto") -> tuple[Path, str, str]:
     """Export in `format`; "auto" is HF's GPT-2 format when it can express the model, else nbgpt's own.
-    Returns the folder and the format written."""
+    Returns the folder, the format written and why that format."""
     if format not in FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if format == "auto":
-        format = "nbgpt" if hf_unrepresentable(model.config) or tokenizer.name != "gpt2" else "hf"
-    if format == "hf":
-        return export_hf(model, out_dir), "hf"
-    return export_nbgpt(model, tokenizer, out_dir), "nbgpt"
+    # HF folders are read (by nbgpt and by transformers users) as GPT-2 BPE models: other token ids would load
+    # without complaint and decode to nonsense.
+    obstacles = hf_unrepresentable(model.config)
+    obstacles += [] if tokenizer.name == "gpt2" else [f"tokenizer {tokenizer.name!r} (HF GPT-2 means GPT-2's BPE)"]
+    if format == "hf" and obstacles:
+        raise ConfigError(f"HF's GPT-2 format cannot carry {', '.join(obstacles)}; export with --format nbgpt "
+                          f"(or auto), nbgpt's own format, which nbgpt.loading.load_model reads")
+    if format == "hf" or (format == "auto" and not obstacles):
+        return export_hf(model, out_dir), "hf", "HF's GPT-2 expresses this model"
+    reason = "asked for" if format == "nbgpt" else f"HF's GPT-2 cannot carry {', '.join(obstacles)}"
+    return export_nbgpt(model, tokenizer, out_dir), "nbgpt", reason

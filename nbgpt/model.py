@@ -51,6 +51,9 @@ class GPTConfig:
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"rotary embeddings need an even head size, got n_embd/n_head="
                               f"{self.n_embd // self.n_head}")
+        if not self.rope_base > 1:  # also refuses NaN
+            raise ConfigError(f"GPTConfig.rope_base must be greater than 1 (GPT-NeoX and Llama use 10000), got "
+                              f"{self.rope_base}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"GPTConfig.activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got "
                               f"{self.activation!r}")

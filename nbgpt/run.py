@@ -88,7 +88,9 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise RunError(f"{run_dir} already exists; pass --resume to continue it (training resumes from its last "
                        f"checkpoint) or --name to start a new run")
-    typed = check_run(preset, {**saved_overrides(run_dir, preset), **(overrides or {})}, run_dir, echo)
+    saved = saved_overrides(run_dir, preset)
+    typed = check_run(preset, {**saved, **(overrides or {})}, run_dir, echo)
+    check_same_model(preset, saved, typed, run_dir)
     source = notebooks_dir()
     chosen = notebooks or list(NOTEBOOKS)
     missing = [n for n in chosen if not (source / n).is_file()]
@@ -133,6 +135,27 @@ def saved_overrides(run_dir: Path, preset: str) -> dict:
         raise RunError(f"{run_dir} was started with --preset {saved['preset']}, not {preset}; resume it with "
                        f"--preset {saved['preset']}, or use --name for a new run")
     return saved["overrides"]
+
+
+def check_same_model(preset: str, saved: dict, typed: dict, run_dir: Path) -> None:
+    """A run with checkpoints continues only the model it trains: a -p that changes the recipe, the model or
+    the optimizer is refused here, before any notebook runs and before run.json records it."""
+    checkpoints = run_dir / "checkpoints"
+    if not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
+        return
+
+    def identity(values: dict) -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)  # check_run has shown them once
+            train = RunConfig.from_preset(preset, values, run_dir).train
+        return {"recipe": train.recipe, "optimizer": train.optimizer,
+                **train.model_config(vocab_size=256).to_dict()}  # vocab comes from the data either way
+
+    before, now = identity(saved), identity(typed)
+    differ = [f"{name}={before[name]!r}" for name in before if before[name] != now[name]]
+    if differ:
+        raise RunError(f"{run_dir} has checkpoints of a model trained with {', '.join(differ)}; resume with "
+                       f"those settings (drop the -p that changes them), or use --name for a new run")
 
 
 def _to_kernels(signum: int) -> None:

@@ -120,7 +120,10 @@ def _splits(total: int, val_fraction: float | None, val_tokens: int | None) -> d
     `val_fraction` takes the last fraction (nanoGPT's 90/10 split of a small corpus).
     """
     if val_tokens is not None:
-        boundary = min(val_tokens, total)
+        if val_tokens >= total:
+            raise DataError(f"val_tokens={val_tokens} takes all {total} tokens of the corpus for validation and "
+                            f"leaves none to train on; lower val_tokens (e.g. to {total // 10}) or use val_fraction")
+        boundary = val_tokens
         return {"val": [0, boundary], "train": [boundary, total]}
     boundary = total - int(round(total * (val_fraction or 0.0)))
     return {"train": [0, boundary], "val": [boundary, total]}
@@ -313,7 +316,7 @@ def check_manifest(data_dir: Path, manifest: dict, min_window: int = 2, verify_h
         if size < min_window and (split == "train" or size > 0):
             raise DataError(f"the {split} split has {end - start} tokens, fewer than one window of "
                             f"{min_window} (context + 1): use a longer corpus, a smaller block_size, or a "
-                            f"different val_fraction")
+                            f"different val_fraction or val_tokens")
 
 
 class TokenStore:

@@ -149,7 +149,7 @@ class TrainConfig:
             raise ConfigError(
                 f"total_batch_tokens={self.total_batch_tokens} is not a multiple of micro_batch × seq_len × "
                 f"world_size = {self.micro_batch} × {seq_len} × {world_size} = {tokens_per_micro_step}; "
-                f"change total_batch_tokens or micro_batch")
+                f"change total_batch_tokens, micro_batch or the number of processes (nproc)")
         return seq_len, self.total_batch_tokens // tokens_per_micro_step
 
 

@@ -113,7 +113,8 @@ def test_nbgpt_format_round_trip_of_a_speedrun_model(tmp_path, gpt2_tokenizer):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    out, written = export_model(model, gpt2_tokenizer, tmp_path / "export")
+    out, written, why = export_model(model, gpt2_tokenizer, tmp_path / "export")
+    assert why == "HF's GPT-2 cannot carry position='rope', qk_norm=True, logit_softcap=30"
     assert written == "nbgpt" and sorted(p.name for p in out.iterdir()) == ["model.safetensors", NBGPT_FILE]
     loaded = load_model(out)
     assert loaded.model.config == config and loaded.tokenizer.identity() == gpt2_tokenizer.identity()
@@ -138,3 +139,19 @@ def test_cli_export_picks_hf_for_gpt2_and_nbgpt_for_the_rest(tmp_path):
     with torch.no_grad():
         idx = torch.randint(0, 50257, (1, 16))
         torch.testing.assert_close(load_model(tmp_path / "own").model(idx)[0], load_model(tmp_path / "hf").model(idx)[0])
+
+
+def test_a_char_model_is_not_exported_as_hf_gpt2(tmp_path):
+    """HF folders are read as GPT-2 BPE models: a char model's ids would load and decode to nonsense."""
+    from nbgpt.config import ConfigError
+    from nbgpt.export import export_model
+    from nbgpt.model import GPT, GPTConfig
+    from nbgpt.tokenizer import CharTokenizer
+
+    char = CharTokenizer.from_text("to be or not to be")
+    model = GPT(GPTConfig(vocab_size=char.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ConfigError, match="cannot carry tokenizer 'char' .*export with --format nbgpt"):
+        export_model(model, char, tmp_path / "hf", "hf")
+    out, written, why = export_model(model, char, tmp_path / "auto")
+    assert (written, why) == ("nbgpt", "HF's GPT-2 cannot carry tokenizer 'char' (HF GPT-2 means GPT-2's BPE)")
+    assert load_model(out).tokenizer.identity() == char.identity()

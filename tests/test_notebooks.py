@@ -158,6 +158,11 @@ def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
     first = nbgpt_run("--preset", "tiny", "-p", "max_steps", "6", "-p", "checkpoint_interval", "3",
                       "--notebooks", *NOTEBOOKS[:3], runs_dir=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    saved = (tmp_path / "tiny" / "run.json").read_text()
+    other = nbgpt_run("--preset", "tiny", "--resume", "-p", "recipe", "speedrun", runs_dir=tmp_path)
+    assert other.returncode == 2 and "has checkpoints of a model trained with recipe='gpt2'" in other.stderr
+    assert "[nbgpt] 01_tokenize" not in other.stdout  # refused before any notebook
+    assert (tmp_path / "tiny" / "run.json").read_text() == saved  # and not recorded: --resume alone still works
     again = nbgpt_run("--preset", "tiny", "--resume", "-p", "max_steps", "9", "-p", "checkpoint_interval", "3",
                       runs_dir=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
