@@ -256,14 +256,22 @@ def test_hellaswag_that_cannot_be_scored_is_said_once_and_training_goes_on(char_
     assert read_metrics(tmp_path / "run", "hellaswag") == []
 
 
-def test_resuming_with_another_model_names_what_differs(char_data, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    (dict(n_layer=1), r"different model \(n_layer 2 there, 1 here\); resume with the checkpoint's model settings, "
+                      r"or use another out_dir"),
+    (dict(recipe="speedrun"), r"trained with recipe='gpt2', this run asks for recipe='speedrun'; resume with "
+                              r"recipe='gpt2', or use another out_dir"),
+])
+def test_resuming_with_another_model_or_recipe_is_refused(char_data, tmp_path, change, message):
     trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=2, checkpoint_interval=2))
     trainer.fit()
     trainer.close()
-    with pytest.raises(CheckpointError, match=r"different model \(n_layer 2 there, 1 here\); resume with the "
-                                              r"checkpoint's model settings, or use another out_dir"):
-        Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4, n_layer=1))
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4, **change))
     assert not (tmp_path / "run" / ".lock").exists()
+    resumed = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4))  # the same settings continue
+    assert resumed.step == 2
+    resumed.close()
 
 
 def test_speedrun_recipe_trains_and_its_checkpoint_decodes_with_the_kv_cache(char_data, tmp_path):
@@ -299,15 +307,3 @@ def test_embedding_lr_scale_gives_the_embeddings_their_own_rate(char_data, tmp_p
     assert rates[id(trainer.model.wte.weight)] == pytest.approx(5 * record["lr"])
     assert rates[id(trainer.model.h[0].attn.c_attn.weight)] == pytest.approx(record["lr"])
     assert rates[id(trainer.model.ln_f.weight)] == pytest.approx(record["lr"])
-
-
-def test_resuming_with_another_recipe_is_refused(char_data, tmp_path):
-    trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=2, checkpoint_interval=2))
-    trainer.fit()
-    trainer.close()
-    with pytest.raises(CheckpointError, match=r"trained with recipe='gpt2', this run asks for recipe='speedrun'; "
-                                              r"resume with recipe='gpt2', or use another out_dir"):
-        Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4, recipe="speedrun"))
-    resumed = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4))
-    assert resumed.step == 2
-    resumed.close()
