@@ -14,6 +14,7 @@ time-budgeted speedrun row, whose learning rate has not cooled down there).
 The GPT-2 tokenizer's 50,257-row LM head dominates a step at this width (a 128-wide model is only ~30 % faster
 per token), so the model is as wide as the budget comfortably allows.
 Usage: python bench/speedrun_ablation.py [--budget 100] [--gpt2-lrs 1e-3 3e-3 6e-3] [--fractions 0.4] [--log rows.jsonl]
+       [--seed 1337] [--techniques "QK-norm" "zero-init projections" ...]
 """
 
 import os
@@ -119,6 +120,9 @@ def main() -> None:
     parser.add_argument("--adamw-lr", type=float, default=None, help="the no-Muon row's LR (default: GPT-2's best)")
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.4], help="token budgets, of GPT-2's")
     parser.add_argument("--skip-ablations", action="store_true", help="only the GPT-2 rows, full and token rows")
+    parser.add_argument("--techniques", nargs="*", choices=sorted(WITHOUT), default=list(WITHOUT),
+                        help="which techniques to switch off, one row each (default: all)")
+    parser.add_argument("--seed", type=int, default=COMMON["seed"], help="initialisation seed of every row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--log", type=Path, default=None, help="append each row here; rows found in it are reused")
@@ -128,7 +132,8 @@ def main() -> None:
         print("RESULT " + json.dumps(one_run(json.loads(args.child), str(args.data), args.threads)))
         return
     args.data = args.data or prepare_data(OUT / "speedrun_ablation")
-    timed = dict(COMMON, max_steps=1_000_000, max_seconds=args.budget)
+    common = dict(COMMON, seed=args.seed)
+    timed = dict(common, max_steps=1_000_000, max_seconds=args.budget)
     rows = [run_row(f"GPT-2 recipe, AdamW {lr:g}", dict(timed, **GPT2, max_lr=lr), args) for lr in args.gpt2_lrs]
     gpt2 = min(rows, key=lambda r: r["val_loss"])
     full = run_row("speedrun recipe (all techniques)", dict(timed, **SPEEDRUN), args)
@@ -137,20 +142,21 @@ def main() -> None:
     for fraction in args.fractions:
         steps = max(1, round(fraction * gpt2["steps"]))
         row = run_row(f"speedrun, complete schedule, {fraction:.0%} of GPT-2's tokens",
-                      dict(COMMON, **SPEEDRUN, max_steps=steps), args)
+                      dict(common, **SPEEDRUN, max_steps=steps), args)
         rows.append(row)
         claims.append({"fraction": row["tokens"] / gpt2["tokens"], "speedrun_val_loss": row["val_loss"],
                        "gpt2_val_loss": gpt2["val_loss"], "met": row["val_loss"] <= gpt2["val_loss"]})
     if not args.skip_ablations:  # after the token claim: on a shared machine these may not all fit the time
         adamw_lr = args.adamw_lr or gpt2["max_lr"]
-        for technique, switch in WITHOUT.items():
+        for technique in args.techniques:
+            switch = WITHOUT[technique]
             extra = dict(max_lr=adamw_lr) if switch.get("optimizer") == "adamw" else {}
             rows.append(run_row(f"speedrun − {technique}", dict(timed, **SPEEDRUN, **switch, **extra), args))
     for row in rows:
         if "of GPT-2's tokens" not in row["row"]:
             row["delta_vs_full"] = row["val_loss"] - full["val_loss"]
-    rows = [{k: v for k, v in row.items() if k != "settings"} for row in rows]
-    report("speedrun_ablation", rows, {"budget_s": args.budget, "model": MODEL, "common": COMMON,
+    rows = [{**{k: v for k, v in row.items() if k != "settings"}, "seed": row["settings"]["seed"]} for row in rows]
+    report("speedrun_ablation", rows, {"budget_s": args.budget, "model": MODEL, "common": common,
                                        "gpt2_reference": gpt2["row"], "token_claims": claims})
 
 
