@@ -70,7 +70,8 @@ def losses(run: Path) -> list:
 
 
 @pytest.mark.parametrize("preset,precision,signum", [("gpt2-124m-t4x2", "fp16", signal.SIGTERM),
-                                                    ("gpt2-124m", "auto", signal.SIGINT)])
+                                                    ("gpt2-124m", "auto", signal.SIGINT),
+                                                    ("gpt2-124m-speedrun-t4x2", "fp16", signal.SIGTERM)])
 def test_preset_journey_signal_then_resume_is_bit_exact(preset, precision, signum, corpus, tmp_path):
     runs = tmp_path / "runs"
     straight = nbgpt(*run_args(preset, runs, "straight", corpus, ("01_tokenize.ipynb", "03_train.ipynb"),
