@@ -24,6 +24,7 @@ from .generate import SamplingConfig
 from .model import GPTConfig
 from .presets import RUN_PRESETS, get_preset
 from .recipes import with_recipe
+from .shards import check_cap, prepare
 from .train import TrainConfig
 
 
@@ -41,6 +42,7 @@ class PrepareConfig:
     prepare_workers: int = 1  # tokenizer processes; the output is identical whatever the count
     val_fraction: float | None = 0.1  # the last 10 % of tokens are the validation split (nanoGPT's split)...
     val_tokens: int | None = None  # ...or the first N tokens (build-nanogpt: the first FineWeb-Edu shard)
+    max_tokens: int | None = None  # stop once this many tokens (validation included) are in shards; None: all
     text_column: str = "text"  # the text field of jsonl/parquet/hub rows
     errors: str = "strict"  # "replace" turns bytes that are not UTF-8 into U+FFFD instead of stopping
 
@@ -48,15 +50,14 @@ class PrepareConfig:
         check_fields(self)
         _choice("tokenizer", self.tokenizer, ("gpt2", "char"))
         _choice("errors", self.errors, ("strict", "replace", "ignore"))
+        check_cap(self.max_tokens, self.val_tokens)  # now, so `nbgpt run` refuses before notebook 01
 
     def run(self, out_dir, progress: bool = True):
         """Tokenize the source into shards under out_dir (see nbgpt.shards.prepare)."""
-        from .shards import prepare
-
         return prepare(self.source, self.tokenizer, out_dir, shard_tokens=self.shard_tokens,
                        workers=self.prepare_workers, val_fraction=self.val_fraction, val_tokens=self.val_tokens,
-                       text_column=self.text_column, errors=self.errors, source_path=self.source_path,
-                       progress=progress)
+                       max_tokens=self.max_tokens, text_column=self.text_column, errors=self.errors,
+                       source_path=self.source_path, progress=progress)
 
 
 @dataclass

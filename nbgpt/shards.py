@@ -6,7 +6,9 @@ Layout of a dataset folder:
     vocab.json             the char vocabulary, for char-level datasets
     progress.json          only while building: where to resume after an interruption
 
-The manifest is written last, so its presence is what marks a dataset complete.
+The manifest is written last, so its presence is what marks a dataset complete. With `max_tokens` the
+dataset is the source's first N tokens exactly: the document that reaches the cap is cut there, and nothing
+after it is read, so the time and disk a build takes follow N, not the size of the corpus.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from .config import ConfigError
 from .files import atomic_write, atomic_write_json, read_json, remove_stale_temp_files, sha256_file
 from .sources import Source, SourceError, get_source
 from .tokenizer import CharTokenizer, Tokenizer, get_tokenizer
@@ -113,6 +117,18 @@ def _content_hash(shards: list[dict]) -> str:
     return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
 
 
+def check_cap(max_tokens: int | None, val_tokens: int | None) -> None:
+    """Refuse a token cap that leaves nothing to train on (ConfigError: it is a setting, known before any data)."""
+    if max_tokens is None:
+        return
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be positive (or none for the whole source), got {max_tokens}")
+    if val_tokens is not None and max_tokens <= val_tokens:
+        raise ConfigError(f"max_tokens={max_tokens} leaves no training tokens after val_tokens={val_tokens}; raise "
+                          f"max_tokens above val_tokens (e.g. to {10 * val_tokens}, a tenth for validation) or "
+                          f"lower val_tokens")
+
+
 def _splits(total: int, val_fraction: float | None, val_tokens: int | None) -> dict[str, list[int]]:
     """Token ranges of the splits over the concatenated shards.
 
@@ -131,17 +147,17 @@ def _splits(total: int, val_fraction: float | None, val_tokens: int | None) -> d
 
 def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.PathLike, *,
             shard_tokens: int = 100_000_000, workers: int = 1, val_fraction: float | None = 0.1,
-            val_tokens: int | None = None, min_window: int = 2, text_column: str = "text",
-            errors: str = "strict", source_path: str | None = None, batch_chars: int = 1 << 20,
-            progress: bool = True) -> PrepareResult:
+            val_tokens: int | None = None, max_tokens: int | None = None, min_window: int = 2,
+            text_column: str = "text", errors: str = "strict", source_path: str | None = None,
+            batch_chars: int = 1 << 20, progress: bool = True) -> PrepareResult:
     """Tokenize `source` into shards under `out_dir` (see the module docstring for the layout).
 
     A finished dataset with the same settings is detected and reused; an interrupted build resumes from
-    its last complete shard. `min_window` is the smallest number of tokens each split must hold (a model
-    with context T needs T + 1). Output is byte-identical whatever `workers` is.
+    its last complete shard. `max_tokens` keeps the first N tokens of the source (validation included) and
+    stops reading there; None takes the whole source. `min_window` is the smallest number of tokens each
+    split must hold (a model with context T needs T + 1). Output is byte-identical whatever `workers` is.
     """
-    from .progress import progress_bar
-
+    check_cap(max_tokens, val_tokens)
     if shard_tokens < 2:
         raise DataError(f"shard_tokens must be at least 2, got {shard_tokens}")
     if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
@@ -150,28 +166,23 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     src = get_source(source, text_column=text_column, errors=errors, path=source_path)
     settings = {"source": src.describe(), "tokenizer_kind": tokenizer if isinstance(tokenizer, str) else tokenizer.name,
                 "shard_tokens": shard_tokens, "val_fraction": None if val_tokens is not None else val_fraction,
-                "val_tokens": val_tokens}
+                "val_tokens": val_tokens, "max_tokens": max_tokens}
     finished = _finished_dataset(out, settings, min_window)
     if finished is not None:
         return PrepareResult(out, finished, built=False)
 
     out.mkdir(parents=True, exist_ok=True)
-    tok, vocab_path = _dataset_tokenizer(tokenizer, src, out)
-    writer = ShardWriter(out, shard_tokens, key={"settings": settings, "tokenizer": tok.identity()})
-    bar = progress_bar(desc=f"tokenizing {src.name}", unit=" docs", initial=writer.documents, disable=not progress)
-    for tokens, lengths in _tokenized(src, tok, vocab_path, workers, writer.documents, batch_chars):
-        if len(tokens) and int(tokens.max()) >= tok.vocab_size:
-            raise DataError(f"token id {int(tokens.max())} is outside the tokenizer's vocabulary")
-        writer.add(tokens, lengths)
-        bar.update(len(lengths))
-        bar.set_postfix(tokens=f"{writer.tokens:,}", refresh=False)
-    bar.close()
+    tok, vocab_path = _dataset_tokenizer(tokenizer, src, out, max_tokens)
+    writer = ShardWriter(out, shard_tokens, key={"settings": settings, "tokenizer": tok.identity()},
+                         max_tokens=max_tokens)
+    _write_source(writer, src, tok, vocab_path, workers, batch_chars, progress)
     shards = writer.finish()
     total = sum(s["tokens"] for s in shards)
-    if writer.documents == 0 or total == 0:
+    if writer.documents_in_shards == 0 or total == 0:
         raise DataError(f"source {src.name!r} produced no documents; check the path or dataset")
     manifest = {
-        "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(), "documents": writer.documents,
+        "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(),
+        "documents": writer.documents_in_shards,
         "total_tokens": total, "shards": shards, "splits": _splits(total, val_fraction, val_tokens),
         "content_sha256": _content_hash(shards), "dtype": "uint16",
     }
@@ -181,24 +192,50 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     return PrepareResult(out, manifest, built=True)
 
 
+def _write_source(writer: ShardWriter, src: Source, tok: Tokenizer, vocab_path: Path | None, workers: int,
+                  batch_chars: int, progress: bool) -> None:
+    """Tokenize the documents the writer has not consumed yet into it, until the source ends or the cap is met."""
+    from .progress import progress_bar
+
+    if writer.full:
+        return  # an interrupted build that had already reached its cap: nothing more to read
+    bar = progress_bar(desc=f"tokenizing {src.name}", unit=" docs", initial=writer.documents, disable=not progress)
+    # closing(): leaving the loop early ends the generator now, and with it the worker pool that feeds it
+    with closing(_tokenized(src, tok, vocab_path, workers, writer.documents, batch_chars)) as batches:
+        for tokens, lengths in batches:
+            if len(tokens) and int(tokens.max()) >= tok.vocab_size:
+                raise DataError(f"token id {int(tokens.max())} is outside the tokenizer's vocabulary")
+            writer.add(tokens, lengths)
+            bar.update(len(lengths))
+            bar.set_postfix(tokens=f"{writer.tokens:,}", refresh=False)
+            if writer.full:
+                break  # the cap: the rest of the source is never read
+    bar.close()
+
+
 def _finished_dataset(out: Path, settings: dict, min_window: int) -> dict | None:
     """The manifest of a finished dataset built with `settings`, None if there is none; another one is refused."""
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
         return None
     manifest = read_json(manifest_path)
-    if manifest.get("settings") == settings:
-        check_manifest(out, manifest, min_window)
-        return manifest
+    # A setting the manifest lacks is one added to nbgpt after the dataset was built: .get reads it as None,
+    # which is how such a dataset was built (e.g. max_tokens=None, the whole source).
     old = manifest.get("settings", {})
     differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    raise DataError(f"{out} already holds a dataset built with other settings (differing: {differ}); "
-                    f"choose another directory or delete {manifest_path} to rebuild")
+    if not differ:
+        check_manifest(out, manifest, min_window)
+        return manifest
+    values = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} asked" for k in differ)
+    raise DataError(f"{out} already holds a dataset built with other settings (differing: {values}); prepare "
+                    f"with its settings, choose another directory, or delete {manifest_path} to rebuild")
 
 
-def _dataset_tokenizer(tokenizer: str | Tokenizer, src: Source, out: Path) -> tuple[Tokenizer, Path | None]:
+def _dataset_tokenizer(tokenizer: str | Tokenizer, src: Source, out: Path,
+                       max_tokens: int | None = None) -> tuple[Tokenizer, Path | None]:
     """The tokenizer to build with, and for char-level data the vocabulary saved beside the shards (every
-    character of the corpus: one extra pass over it, unless an interrupted build already saved it)."""
+    character of the documents that reach the shards: one extra pass over them, unless an interrupted build
+    already saved it)."""
     kind = tokenizer if isinstance(tokenizer, str) else tokenizer.name
     vocab_path = None
     if kind != "char":
@@ -211,8 +248,12 @@ def _dataset_tokenizer(tokenizer: str | Tokenizer, src: Source, out: Path) -> tu
             tok = CharTokenizer.load(vocab_path)
         else:
             chars: set[str] = set()
+            tokens = 0
             for doc in src:
                 chars.update(doc)
+                tokens += 1 + len(doc)  # one token per character, after the end-of-text token
+                if max_tokens is not None and tokens >= max_tokens:
+                    break  # the cap cuts this document: no later one reaches the shards
             if not chars:
                 raise DataError(f"source {src.name!r} has no text")
             tok = CharTokenizer(sorted(chars))
@@ -229,10 +270,12 @@ class ShardWriter:
     progress.json records the complete shards, the documents they consumed and how far into the next
     document the last shard reached, under a key (settings and tokenizer): a rerun with the same key
     continues from there and leaves the complete shards as they are; anything else starts over.
+    With `max_tokens`, the writer takes no token past the N-th: the document that reaches it is cut there, and
+    (documents, skip_tokens) then point inside it, as after a shard boundary.
     """
 
-    def __init__(self, out: Path, shard_tokens: int, key: dict):
-        self.out, self.shard_tokens, self.key = out, shard_tokens, key
+    def __init__(self, out: Path, shard_tokens: int, key: dict, max_tokens: int | None = None):
+        self.out, self.shard_tokens, self.key, self.max_tokens = out, shard_tokens, key, max_tokens
         self.progress_path = out / PROGRESS
         state = self._resume_point()
         self.shards: list[dict] = list(state["shards"])
@@ -259,27 +302,47 @@ class ShardWriter:
         """Tokens written so far, the buffered ones included."""
         return sum(s["tokens"] for s in self.shards) + self.fill
 
+    @property
+    def full(self) -> bool:
+        """The cap is reached: no more documents are wanted."""
+        return self.max_tokens is not None and self.tokens >= self.max_tokens
+
+    @property
+    def documents_in_shards(self) -> int:
+        """Documents with tokens in the shards: the consumed ones, and one the cap cut short."""
+        return self.documents + (1 if self.skip_tokens else 0)
+
     def add(self, tokens: np.ndarray, lengths: list[int]) -> None:
-        """Append documents (concatenated in `tokens`, one length each), writing every shard they fill."""
+        """Append documents (concatenated in `tokens`, one length each), writing every shard they fill;
+        stop at the cap, in the middle of a document if that is where it falls."""
+        # a batch never holds more tokens than its own, so without a cap len(tokens) is no limit
+        room = len(tokens) if self.max_tokens is None else self.max_tokens - self.tokens
         offset = 0
         for length in lengths:
+            if room <= 0:
+                return
             position = self.skip_tokens  # tokens of this document that an earlier run already wrote
             self.skip_tokens = 0
-            while position < length:
-                take = min(self.shard_tokens - self.fill, length - position)
+            end = min(length, position + room)
+            room -= end - position
+            while position < end:
+                take = min(self.shard_tokens - self.fill, end - position)
                 self.buffer[self.fill: self.fill + take] = tokens[offset + position: offset + position + take]
                 self.fill += take
                 position += take
                 if self.fill == self.shard_tokens:
                     done = position == length
                     self._write_shard(self.documents + 1 if done else self.documents, 0 if done else position)
+            if position < length:  # the cap cut this document: the resume point is inside it
+                self.skip_tokens = position
+                return
             offset += length
             self.documents += 1
 
     def finish(self) -> list[dict]:
         """Write the last, partial shard; the shards' file, tokens and sha256."""
         if self.fill:
-            self._write_shard(self.documents, 0)
+            self._write_shard(self.documents, self.skip_tokens)
         return self.shards
 
     def _write_shard(self, next_doc: int, skip_tokens: int) -> None:
