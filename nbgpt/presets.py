@@ -53,7 +53,9 @@ RUN_PRESETS: dict[str, dict] = {
     # gpt2-124m. The token budget is provisional: 3.0B tokens (5,722 steps of 0.5M), 30 % of gpt2-124m's 10B,
     # because the modded-nanogpt records that reached GPT-2's FineWeb loss with these techniques trained on a
     # few billion tokens; it is to be replaced by a measured time-to-loss. Learning rates, optimizer, schedule
-    # and architecture come from the recipe, so this entry sets none of them.
+    # and architecture come from the recipe, so this entry sets none of them. It prepares the whole sample (no
+    # max_tokens): while the budget is provisional a longer trial should find fresh tokens, and such a node has
+    # the disk.
     "gpt2-124m-speedrun": dict(
         recipe="speedrun", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000,
         val_tokens=100_000_000, prepare_workers=8, model="gpt2", vocab_multiple=64, bigram_steps=200,
@@ -66,12 +68,16 @@ RUN_PRESETS: dict[str, dict] = {
     # orthogonalises in fp32 there, nbgpt.device.fast_dtype). Sized for at most 30 hours of 2×T4: at the
     # README's ~30 minutes per 100 steps of 0.5M tokens, 5,000 steps (2.6B tokens) take ~25 h; max_seconds
     # caps the run at 30 h of training wherever the time goes, the trapezoid's cooldown fitted to it. A
-    # checkpoint every 100 steps is ~30 minutes, so a 12-hour session limit costs little.
+    # checkpoint every 100 steps is ~30 minutes, so a 12-hour session limit costs little. max_tokens prepares
+    # only what the run reads: 100 M validation + 5,000 × 524,288 training tokens = 2,721,440,000, rounded up
+    # to 28 whole shards of 100 M: 2.8 B tokens, 5.6 GB of uint16, where the whole 10 B sample (~20 GB) is more
+    # than the 20 GB Kaggle keeps. A longer run (-p max_steps) needs a larger -p max_tokens, or it reads the
+    # same tokens twice (the loader starts a second epoch).
     "gpt2-124m-speedrun-t4x2": dict(
         recipe="speedrun", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000,
-        val_tokens=100_000_000, prepare_workers=4, model="gpt2", vocab_multiple=64, bigram_steps=200,
-        total_batch_tokens=524_288, micro_batch=8, max_steps=5_000, max_seconds=30 * 3600.0, warmup_steps=100,
-        eval_interval=250, eval_batches=10, hellaswag_interval=1000, hellaswag_limit=2000,
+        val_tokens=100_000_000, max_tokens=2_800_000_000, prepare_workers=4, model="gpt2", vocab_multiple=64,
+        bigram_steps=200, total_batch_tokens=524_288, micro_batch=8, max_steps=5_000, max_seconds=30 * 3600.0,
+        warmup_steps=100, eval_interval=250, eval_batches=10, hellaswag_interval=1000, hellaswag_limit=2000,
         checkpoint_interval=100, keep_checkpoints=2, precision="fp16", compile=False, nproc=2,
         prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4, top_k=50,
     ),

@@ -27,15 +27,17 @@ def nbgpt(*args, cwd=None):
 def test_p_values_parse_by_the_fields_type(tmp_path):
     typed = check_run("tiny", {"compile": "false", "shuffle": "TRUE", "resume": "0", "top_p": "none",
                                "hellaswag_limit": "null", "max_steps": "1_000", "max_lr": "2e-3", "bias": "False",
-                               "errors": "replace", "prompt": "42", "stop": '["\\n\\n", "THE END"]'},
+                               "errors": "replace", "prompt": "42", "stop": '["\\n\\n", "THE END"]',
+                               "max_tokens": "2_000_000"},
                       tmp_path / "run")
     assert typed == {"compile": False, "shuffle": True, "resume": False, "top_p": None, "hellaswag_limit": None,
                      "max_steps": 1000, "max_lr": 2e-3, "bias": False, "errors": "replace", "prompt": "42",
-                     "stop": ("\n\n", "THE END")}
+                     "stop": ("\n\n", "THE END"), "max_tokens": 2_000_000}
     config = RunConfig.from_preset("tiny", typed, tmp_path / "run")
     assert config.train.compile is False and config.train.model_overrides == {"bias": False}
     assert config.hellaswag.hellaswag_limit is None and config.train.hellaswag_limit is None  # a shared knob
     assert config.prepare.errors == "replace" and config.sample.stop == ("\n\n", "THE END")
+    assert config.prepare.max_tokens == 2_000_000
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -45,6 +47,7 @@ def test_p_values_parse_by_the_fields_type(tmp_path):
     ("n_embd", "none", "n_embd must be int, got 'none'"),
     ("tokenizer", "bpe", "tokenizer must be one of gpt2, char, got 'bpe'"),
     ("n_head", "3", "GPTConfig.n_embd=64 is not divisible by n_head=3"),
+    ("max_tokens", "0", "max_tokens must be positive"),
 ])
 def test_bad_values_name_the_parameter(tmp_path, name, value, message):
     with pytest.raises(RunError, match="invalid configuration: " + message):
@@ -129,8 +132,12 @@ def test_contradictions_warn(tmp_path):
 def test_presets_and_defaults_are_coherent(preset):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        RunConfig.from_preset(preset)
+        run = RunConfig.from_preset(preset)
         RunConfig()
+    prep = run.prepare
+    if prep.max_tokens is not None:  # a capped dataset holds the whole run: no token is read twice
+        val = prep.val_tokens if prep.val_tokens is not None else round(prep.max_tokens * (prep.val_fraction or 0))
+        assert prep.max_tokens - val >= run.train.max_steps * run.train.total_batch_tokens
 
 
 def recipe_values(config: TrainConfig) -> dict:
