@@ -26,8 +26,7 @@ SESSION_H = 12.0  # Kaggle's limit on one notebook session (README, "Kaggle 2×T
 WEEKLY_H = 30.0  # Kaggle's weekly GPU quota, as the issue and Kaggle users report it
 SESSION_OVERHEAD_H = 0.25  # assumed: start-up, pip install, copying checkpoints back in, evaluations
 GPU_PEAK = 65e12  # T4 fp16 tensor-core peak (NVIDIA's datasheet; nbgpt.device.GPU_PEAK_FLOPS["T4"])
-SHARD_TOKENS = 100_000_000  # the FineWeb-Edu presets' shard size
-VAL_TOKENS = 100_000_000  # the FineWeb-Edu presets' validation split (build-nanogpt's first shard)
+SAMPLE_TOKENS = 10e9  # FineWeb-Edu's sample-10BT: what `prepare` writes when a preset sets no max_tokens
 # Tokens to 3.28 validation loss on FineWeb in the modded-nanogpt speedrun, for the records whose techniques
 # nbgpt's speedrun recipe shares (the README of KellerJordan/modded-nanogpt at each record, October 2024):
 # records 5-7 (Muon, rotary, QK-norm, ReLU², zero-init projections): 5,100 steps × 524,288 tokens;
@@ -36,11 +35,10 @@ PUBLISHED_TOKENS = {"speedrun records 5-7": 5100 * 524_288, "speedrun record 8":
                     "GPT-2 recipe (build-nanogpt)": 19_073 * 524_288}
 
 
-def preset_train(preset: str):
+def preset_run(preset: str):
     from nbgpt.run_config import RunConfig
 
-    run = RunConfig.from_preset(preset)
-    return run.train, run.nproc
+    return RunConfig.from_preset(preset)
 
 
 def model_bytes(train) -> dict:
@@ -105,7 +103,8 @@ def main() -> None:
     args = parser.parse_args()
     from nbgpt.model import flops_per_token
 
-    train, nproc = preset_train(args.preset)
+    run = preset_run(args.preset)
+    train, nproc = run.train, run.nproc
     config = train.model_config(vocab_size=50257)
     sizes = model_bytes(train)
     flops = flops_per_token(config, train.seq_len, non_embedding_params=sizes["non_embedding"])
@@ -113,9 +112,10 @@ def main() -> None:
     budgets = {f"{args.preset} (max_steps × batch)": args.tokens or train.max_steps * train.total_batch_tokens,
                **PUBLISHED_TOKENS}
     rows = [{"budget": name, **plan(tokens, tokens_per_s)} for name, tokens in budgets.items()]
-    shards = math.ceil(rows[0]["tokens"] / SHARD_TOKENS)
-    disk = {"train_shards": shards, "shards_gb": 2 * (shards * SHARD_TOKENS + VAL_TOKENS) / 1e9,
-            "full_sample_10bt_gb": 2 * 10e9 / 1e9, "checkpoints_kept": train.keep_checkpoints,
+    read = rows[0]["tokens"] + (run.prepare.val_tokens or 0)  # the budget's training tokens + validation
+    prepared = run.prepare.max_tokens or SAMPLE_TOKENS  # what `prepare` writes: the cap, or the whole sample
+    disk = {"tokens_read": read, "tokens_prepared": prepared, "shards_gb": 2 * prepared / 1e9,
+            "full_sample_10bt_gb": 2 * SAMPLE_TOKENS / 1e9, "checkpoints_kept": train.keep_checkpoints,
             "checkpoints_gb": train.keep_checkpoints * sizes["checkpoint_gb"]}
     print(f"throughput: {tokens_per_s:,.0f} tokens/s — {basis}")
     print(f"per optimizer step of {train.total_batch_tokens:,} tokens: {train.total_batch_tokens / tokens_per_s:.1f} s")
@@ -129,8 +129,15 @@ def main() -> None:
     one_session = rows[0]["tokens"] / (3600 * (SESSION_H - SESSION_OVERHEAD_H))
     print(f"to fit the preset's budget in one session: {one_session:,.0f} tokens/s, an MFU of "
           f"{one_session * flops / (GPU_PEAK * nproc):.0%} on {nproc} T4s")
-    print(f"shards for the preset's budget: {shards} × 100 M tokens + 100 M validation = {disk['shards_gb']:.1f} GB "
-          f"(the whole 10 B-token sample: {disk['full_sample_10bt_gb']:.0f} GB)")
+    if run.prepare.max_tokens is None:
+        print(f"shards: the whole 10 B-token sample (no max_tokens) = {disk['shards_gb']:.0f} GB")
+        return
+    print(f"shards: {prepared / 1e9:.2f} B tokens (max_tokens) = {disk['shards_gb']:.1f} GB, for the "
+          f"{read / 1e9:.2f} B the budget reads with validation (the whole 10 B-token sample: "
+          f"{disk['full_sample_10bt_gb']:.0f} GB)")
+    if prepared < read:
+        print(f"the budget reads more than the preset prepares: raise max_tokens to at least {read:,.0f}, or the "
+              f"run reads some tokens twice")
 
 
 if __name__ == "__main__":
