@@ -182,9 +182,8 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
         raise DataError(f"source {src.name!r} produced no documents; check the path or dataset")
     manifest = {
         "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(),
-        "documents": writer.documents_in_shards,
-        "total_tokens": total, "shards": shards, "splits": _splits(total, val_fraction, val_tokens),
-        "content_sha256": _content_hash(shards), "dtype": "uint16",
+        "documents": writer.documents_in_shards, "total_tokens": total, "shards": shards,
+        "splits": _splits(total, val_fraction, val_tokens), "content_sha256": _content_hash(shards), "dtype": "uint16",
     }
     check_manifest(out, manifest, min_window)
     atomic_write_json(out / MANIFEST, manifest)  # last: its presence marks the dataset complete
