@@ -129,6 +129,11 @@ def main() -> None:
     one_session = rows[0]["tokens"] / (3600 * (SESSION_H - SESSION_OVERHEAD_H))
     print(f"to fit the preset's budget in one session: {one_session:,.0f} tokens/s, an MFU of "
           f"{one_session * flops / (GPU_PEAK * nproc):.0%} on {nproc} T4s")
+    if train.max_seconds and rows[0]["train_hours"] > train.max_seconds / 3600:
+        capped = tokens_per_s * train.max_seconds
+        print(f"the preset's max_seconds ({train.max_seconds / 3600:.0f} h of training) ends the run first, at "
+              f"{capped / 1e9:.2f} B tokens (~{capped / train.total_batch_tokens:,.0f} of {train.max_steps:,} steps; "
+              f"the cooldown is fitted to it): fewer tokens than the budget, so a higher final loss")
     if run.prepare.max_tokens is None:
         print(f"shards: the whole 10 B-token sample (no max_tokens) = {disk['shards_gb']:.0f} GB")
         return

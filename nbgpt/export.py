@@ -25,6 +25,7 @@ from .tokenizer import Tokenizer, tokenizer_from_spec, tokenizer_spec
 
 NBGPT_FILE = "nbgpt_model.json"  # marks a folder in nbgpt's own format
 FORMATS = ("auto", "hf", "nbgpt")
+MODEL_FILES = ("config.json", "model.safetensors", NBGPT_FILE)  # what either format writes
 
 
 def export_nbgpt(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
@@ -65,6 +66,11 @@ def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike,
     Returns the folder, the format written and why that format."""
     if format not in FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
+    # Never overwrite, or mix with, a model already there: a folder with both formats' files loads wrongly.
+    taken = sorted(name for name in MODEL_FILES if (Path(out_dir) / name).exists())
+    if taken:
+        raise ConfigError(f"{out_dir} already holds an exported model ({', '.join(taken)}); export into a new "
+                          f"folder, or delete those files first")
     # HF folders are read (by nbgpt and by transformers users) as GPT-2 BPE models: other token ids would load
     # without complaint and decode to nonsense.
     obstacles = hf_unrepresentable(model.config)

@@ -44,6 +44,13 @@ class WriteError(OSError):
     """A file could not be written (disk full, read-only or missing folder, file size limit)."""
 
 
+def current_umask() -> int:
+    """The process's umask (os.umask can only set it: set it, then put it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Write through a temp file in the same folder, fsync it, then rename over `path`.
 
@@ -55,6 +62,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mkstemp makes the file private (0600); the result should have the permissions any new file gets
+        # (0666 less the umask: usually readable by others), as shards and exports are meant to be shared.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

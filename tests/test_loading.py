@@ -2,6 +2,7 @@
 exercised through `python -m nbgpt sample` as a user runs it."""
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -139,6 +140,24 @@ def test_cli_export_picks_hf_for_gpt2_and_nbgpt_for_the_rest(tmp_path):
     with torch.no_grad():
         idx = torch.randint(0, 50257, (1, 16))
         torch.testing.assert_close(load_model(tmp_path / "own").model(idx)[0], load_model(tmp_path / "hf").model(idx)[0])
+    # Files others are meant to load get the permissions of any new file, not mkstemp's private 0600.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "own").iterdir()} == \
+        {"model.safetensors": 0o666 & ~umask, "nbgpt_model.json": 0o666 & ~umask}
+
+
+def test_export_never_overwrites_or_mixes_with_an_exported_model(tmp_path):
+    """A second export into a folder that holds one is refused in one line, and the first is left as it was."""
+    tiny_gpt2_folder(tmp_path / "hf")
+    export = [sys.executable, "-m", "nbgpt", "export", "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]
+    assert subprocess.run(export + ["--format", "nbgpt"], capture_output=True, text=True, timeout=300).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    for fmt in ("hf", "nbgpt"):
+        again = subprocess.run(export + ["--format", fmt], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr[-2000:]
+        assert "already holds an exported model (model.safetensors, nbgpt_model.json)" in again.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_a_char_model_is_not_exported_as_hf_gpt2(tmp_path):
