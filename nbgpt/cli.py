@@ -136,12 +136,16 @@ def _run(args: argparse.Namespace) -> int:
     from .run import RunError, RunStopped, run_pipeline
 
     overrides = dict(args.parameters or [])  # text: RunConfig's fields parse it by their types
+    if args.preset is None and not (args.resume and args.name):
+        print("nbgpt run: --preset is required (only --resume --name NAME may leave it out: the run "
+              "remembers its preset)", file=sys.stderr)
+        return 2
     try:
         result = run_pipeline(args.preset, overrides, name=args.name, runs_dir=args.runs_dir, resume=args.resume,
                               notebooks=args.notebooks)
     except RunStopped as exc:
-        print(f"nbgpt run: {exc}. Resume with: python -m nbgpt run --preset {args.preset} --runs-dir "
-              f"{args.runs_dir} --name {args.name or args.preset} --resume", file=sys.stderr)
+        print(f"nbgpt run: {exc}. Resume with: python -m nbgpt run --runs-dir {args.runs_dir} --name "
+              f"{args.name or args.preset} --resume", file=sys.stderr)
         return 128 + exc.signum
     except RunError as exc:
         print(f"nbgpt run: {exc}", file=sys.stderr)
@@ -193,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
     commands = parser.add_subparsers(title="commands")
     run = commands.add_parser("run", help="execute the five notebooks with papermill into runs/<name>")
-    run.add_argument("--preset", required=True, choices=sorted(RUN_PRESETS))
+    run.add_argument("--preset", choices=sorted(RUN_PRESETS),
+                     help="the run's preset (with --resume --name, the one the run was started with)")
     run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="set any knob of nbgpt.run_config.RunConfig by name, e.g. -p max_steps 50 (repeatable)")
     run.add_argument("--name", help="run directory name (default: the preset's name)")

@@ -78,13 +78,16 @@ class RunResult:
     hellaswag: dict | None
 
 
-def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = None, runs_dir: str = "runs",
+def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | None = None, runs_dir: str = "runs",
                  resume: bool = False, notebooks: list[str] | None = None, echo=print) -> RunResult:
-    """Execute the notebooks of `preset` (all five, or those named) into runs/<name>."""
+    """Execute the notebooks of `preset` (all five, or those named) into runs/<name>. Resuming a named run,
+    `preset` may be None: the one in its run.json."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     run_dir = Path(runs_dir).resolve() / (name or preset)
+    if preset is None:
+        preset = recorded_preset(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise RunError(f"{run_dir} already exists; pass --resume to continue it (training resumes from its last "
                        f"checkpoint) or --name to start a new run")
@@ -122,6 +125,13 @@ def run_pipeline(preset: str, overrides: dict | None = None, name: str | None = 
             if stop.signum is not None:  # the signal came between cells: stop before the next notebook
                 raise RunStopped(f"stopped by {signal_name(stop.signum)} after {notebook}", stop.signum)
     return summarize(run_dir, executed)
+
+
+def recorded_preset(run_dir: Path) -> str:
+    """The preset a run directory was started with (run.json)."""
+    if not (run_dir / RUN_FILE).is_file():
+        raise RunError(f"{run_dir} holds no run to resume (no {RUN_FILE}); start it with --preset")
+    return read_json(run_dir / RUN_FILE)["preset"]
 
 
 def saved_overrides(run_dir: Path, preset: str) -> dict:

@@ -89,15 +89,14 @@ def test_preset_journey_signal_then_resume_is_bit_exact(preset, precision, signu
     out, err = victim.communicate(timeout=120)
     assert victim.returncode == 128 + signum, out[-2000:] + err[-3000:]
     assert "Traceback" not in err and "ZMQError" not in err, err
-    assert err.strip().splitlines()[-1].endswith(f"Resume with: python -m nbgpt run --preset {preset} --runs-dir "
-                                                 f"{runs} --name victim --resume")
+    assert err.strip().splitlines()[-1].endswith(f"Resume with: python -m nbgpt run --runs-dir {runs} --name victim "
+                                                 f"--resume")
     stopped_at = load_latest(runs / "victim" / "checkpoints")["step"]
     assert 8 < stopped_at < 40, "the run finished before the signal"
     assert not (runs / "victim" / ".lock").exists()
 
-    # Exactly the command the last line gave: run.json holds the -p values of the interrupted run.
-    resumed = nbgpt("run", "--preset", preset, "--runs-dir", runs, "--name", "victim", "--notebooks",
-                    "03_train.ipynb", "--resume")
+    # Exactly the command the last line gave: run.json holds the preset and -p values of the interrupted run.
+    resumed = nbgpt("run", "--runs-dir", runs, "--name", "victim", "--notebooks", "03_train.ipynb", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from step {stopped_at}" in resumed.stdout
     assert losses(runs / "victim") == losses(runs / "straight")

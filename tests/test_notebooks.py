@@ -152,6 +152,12 @@ def test_bad_run_arguments(tmp_path):
     (tmp_path / "tiny" / "metrics.jsonl").write_text("")
     exists = nbgpt_run("--preset", "tiny", runs_dir=tmp_path)
     assert exists.returncode == 2 and "pass --resume" in exists.stderr
+    no_preset = nbgpt_run("--name", "tiny", runs_dir=tmp_path)  # only a resumed run remembers its preset
+    assert no_preset.returncode == 2 and no_preset.stderr.strip() == (
+        "nbgpt run: --preset is required (only --resume --name NAME may leave it out: the run remembers its preset)")
+    nothing = nbgpt_run("--name", "tiny", "--resume", runs_dir=tmp_path)  # a folder without run.json
+    assert nothing.returncode == 2 and nothing.stderr.strip().endswith(
+        "holds no run to resume (no run.json); start it with --preset")
 
 
 def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
@@ -163,8 +169,8 @@ def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
     assert other.returncode == 2 and "has checkpoints of a model trained with recipe='gpt2'" in other.stderr
     assert "[nbgpt] 01_tokenize" not in other.stdout  # refused before any notebook
     assert (tmp_path / "tiny" / "run.json").read_text() == saved  # and not recorded: --resume alone still works
-    again = nbgpt_run("--preset", "tiny", "--resume", "-p", "max_steps", "9", "-p", "checkpoint_interval", "3",
-                      runs_dir=tmp_path)
+    again = nbgpt_run("--name", "tiny", "--resume", "-p", "max_steps", "9", "-p", "checkpoint_interval", "3",
+                      runs_dir=tmp_path)  # the preset from run.json
     assert again.returncode == 0, again.stderr[-3000:]
     executed = (tmp_path / "tiny" / "03_train.ipynb").read_text()
     assert "resuming at step 6" in executed
