@@ -11,6 +11,11 @@ token claim: the speedrun recipe with its own complete schedule on a fixed numbe
 best GPT-2 row's tokens, against that row's final validation loss (not a mid-run evaluation of the
 time-budgeted speedrun row, whose learning rate has not cooled down there).
 
+With --reference-steps N the GPT-2 rows (and the full speedrun row) train N steps instead of the wall-clock
+budget. Their results then do not depend on how busy the machine is (a loaded machine makes fewer steps in
+the same seconds, which moved the reference by 0.7 nats between two seeds' runs): the token claim needs that.
+The per-technique rows keep the wall-clock budget: equal time is what they compare.
+
 The GPT-2 tokenizer's 50,257-row LM head dominates a step at this width (a 128-wide model is only ~30 % faster
 per token), so the model is as wide as the budget comfortably allows.
 Usage: python bench/speedrun_ablation.py [--budget 100] [--gpt2-lrs 1e-3 3e-3 6e-3] [--fractions 0.4] [--log rows.jsonl]
@@ -119,6 +124,8 @@ def main() -> None:
     parser.add_argument("--gpt2-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 6e-3])
     parser.add_argument("--adamw-lr", type=float, default=None, help="the no-Muon row's LR (default: GPT-2's best)")
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.4], help="token budgets, of GPT-2's")
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help="train the GPT-2 rows and the full speedrun row this many steps, not --budget seconds")
     parser.add_argument("--skip-ablations", action="store_true", help="only the GPT-2 rows, full and token rows")
     parser.add_argument("--techniques", nargs="*", choices=sorted(WITHOUT), default=list(WITHOUT),
                         help="which techniques to switch off, one row each (default: all)")
@@ -134,10 +141,30 @@ def main() -> None:
     args.data = args.data or prepare_data(OUT / "speedrun_ablation")
     common = dict(COMMON, seed=args.seed)
     timed = dict(common, max_steps=1_000_000, max_seconds=args.budget)
-    rows = [run_row(f"GPT-2 recipe, AdamW {lr:g}", dict(timed, **GPT2, max_lr=lr), args) for lr in args.gpt2_lrs]
+    rows, gpt2, claims = token_claim(args, common, timed)
+    if not args.skip_ablations:  # after the token claim: on a shared machine these may not all fit the time
+        # Without --reference-steps the full speedrun row of the token claim ran on the wall-clock budget.
+        full = None if args.reference_steps else next(r for r in rows if r["row"].startswith("speedrun recipe"))
+        rows += ablations(args, timed, gpt2, full)
+    rows = [{**{k: v for k, v in row.items() if k != "settings"}, "seed": row["settings"]["seed"]} for row in rows]
+    report("speedrun_ablation", rows, {"budget_s": args.budget, "reference_steps": args.reference_steps,
+                                       "model": MODEL, "common": common, "gpt2_reference": gpt2["row"],
+                                       "token_claims": claims})
+
+
+def token_claim(args, common: dict, timed: dict) -> tuple[list[dict], dict, list[dict]]:
+    """The GPT-2 rows, the full speedrun row on the same budget, and the speedrun on --fractions of the best
+    GPT-2 row's tokens: (rows, the best GPT-2 row, one claim per fraction)."""
+    reference, suffix = timed, ""
+    if args.reference_steps:
+        reference, suffix = dict(common, max_steps=args.reference_steps), f", {args.reference_steps} steps"
+    rows = [run_row(f"GPT-2 recipe, AdamW {lr:g}{suffix}", dict(reference, **GPT2, max_lr=lr), args)
+            for lr in args.gpt2_lrs]
     gpt2 = min(rows, key=lambda r: r["val_loss"])
-    full = run_row("speedrun recipe (all techniques)", dict(timed, **SPEEDRUN), args)
+    full = run_row(f"speedrun recipe (all techniques){suffix}", dict(reference, **SPEEDRUN), args)
     rows.append(full)
+    for row in rows:
+        row["delta_vs_full"] = row["val_loss"] - full["val_loss"]
     claims = []
     for fraction in args.fractions:
         steps = max(1, round(fraction * gpt2["steps"]))
@@ -146,19 +173,24 @@ def main() -> None:
         rows.append(row)
         claims.append({"fraction": row["tokens"] / gpt2["tokens"], "speedrun_val_loss": row["val_loss"],
                        "gpt2_val_loss": gpt2["val_loss"], "met": row["val_loss"] <= gpt2["val_loss"]})
-    if not args.skip_ablations:  # after the token claim: on a shared machine these may not all fit the time
-        adamw_lr = args.adamw_lr or gpt2["max_lr"]
-        for technique in args.techniques:
-            switch = WITHOUT[technique]
-            extra = dict(max_lr=adamw_lr) if switch.get("optimizer") == "adamw" else {}
-            rows.append(run_row(f"speedrun − {technique}", dict(timed, **SPEEDRUN, **switch, **extra), args))
-    for row in rows:
-        if "of GPT-2's tokens" not in row["row"]:
-            row["delta_vs_full"] = row["val_loss"] - full["val_loss"]
-    rows = [{**{k: v for k, v in row.items() if k != "settings"}, "seed": row["settings"]["seed"]} for row in rows]
-    report("speedrun_ablation", rows, {"budget_s": args.budget, "model": MODEL, "common": common,
-                                       "gpt2_reference": gpt2["row"], "token_claims": claims})
+    return rows, gpt2, claims
 
+
+def ablations(args, timed: dict, gpt2: dict, full: dict | None) -> list[dict]:
+    """One row per technique switched back, on the wall-clock budget, each with its difference from the full
+    speedrun recipe on that budget: `full`, or run here first (and listed) when it is None."""
+    rows = []
+    if full is None:
+        full = run_row("speedrun recipe (all techniques)", dict(timed, **SPEEDRUN), args)
+        rows.append(full)
+    adamw_lr = args.adamw_lr or gpt2["max_lr"]
+    for technique in args.techniques:
+        switch = WITHOUT[technique]
+        extra = dict(max_lr=adamw_lr) if switch.get("optimizer") == "adamw" else {}
+        rows.append(run_row(f"speedrun − {technique}", dict(timed, **SPEEDRUN, **switch, **extra), args))
+    for row in rows:
+        row["delta_vs_full"] = row["val_loss"] - full["val_loss"]
+    return rows
 
 if __name__ == "__main__":
     main()
