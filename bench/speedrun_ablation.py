@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--gpt2-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 6e-3])
     parser.add_argument("--adamw-lr", type=float, default=None, help="the no-Muon row's LR (default: GPT-2's best)")
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.4], help="token budgets, of GPT-2's")
+    parser.add_argument("--claim-without", nargs="*", choices=sorted(WITHOUT), default=[],
+                        help="also run each token-claim row with these techniques switched back, one at a time")
     parser.add_argument("--reference-steps", type=int, default=None,
                         help="train the GPT-2 rows and the full speedrun row this many steps, not --budget seconds")
     parser.add_argument("--skip-ablations", action="store_true", help="only the GPT-2 rows, full and token rows")
@@ -175,6 +177,13 @@ def token_claim(args, common: dict, timed: dict) -> tuple[list[dict], dict, list
         rows.append(row)
         claims.append({"fraction": row["tokens"] / gpt2["tokens"], "speedrun_val_loss": row["val_loss"],
                        "gpt2_val_loss": gpt2["val_loss"], "met": row["val_loss"] <= gpt2["val_loss"]})
+        for technique in args.claim_without:  # the same tokens without one technique: what each is worth here
+            switch = dict(WITHOUT[technique], max_steps=steps)
+            if switch.get("optimizer") == "adamw":
+                switch["max_lr"] = args.adamw_lr or gpt2["max_lr"]
+            without = run_row(f"speedrun − {technique}, {fraction:.0%} of GPT-2's tokens",
+                              dict(common, **SPEEDRUN, **switch), args)
+            rows.append({**without, "delta_vs_claim": without["val_loss"] - row["val_loss"]})
     return rows, gpt2, claims
 
 
