@@ -117,6 +117,7 @@ class KVCache:
         # Uninitialised: attention only ever reads the slots written so far (GPT-2's is ~75 MB to zero).
         self.k = torch.empty(shape, device=device, dtype=dtype)  # (L, B, H, max_len, D)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)  # per-layer views, (B, H, max_len, D)
         self.max_len = max_len
         self.length = 0  # slots filled so far, same for every row
         self.pad = pad.to(device) if pad is not None and bool(pad.any()) else None  # (B,) left padding
@@ -135,9 +136,9 @@ class KVCache:
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise ConfigError(f"KV cache overflow: {end} tokens in a cache of {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.layer_k[layer][:, :, :end], self.layer_v[layer][:, :, :end]  # (B, H, end, D)
+        keys[:, :, start:].copy_(k)
+        values[:, :, start:].copy_(v)
         if self.pad is None and (T == 1 or start == 0):
             return keys, values, None  # plain causal (or a single query that may see everything)
         # Query i (slot start+i) sees key slot s iff s <= start+i and s is not left padding of its row.
@@ -155,6 +156,7 @@ class KVCache:
         several continuations."""
         self.k = self.k.repeat_interleave(times, dim=1)
         self.v = self.v.repeat_interleave(times, dim=1)
+        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)
         if self.pad is not None:
             self.pad = self.pad.repeat_interleave(times)
 
@@ -237,8 +239,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B,H,T,D)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side per token
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
         if self.qk_norm:
             # Every q and k gets RMS 1, i.e. length √D, so a logit q·k/√D lies within ±√D (±8 at D = 64):
             # bounded, so no head can saturate its softmax by growing its weights, yet wide enough (e^16

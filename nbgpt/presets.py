@@ -53,13 +53,13 @@ RUN_PRESETS: dict[str, dict] = {
     # gpt2-124m. The token budget is provisional: 3.0B tokens (5,722 steps of 0.5M), 30 % of gpt2-124m's 10B,
     # because the modded-nanogpt records that reached GPT-2's FineWeb loss with these techniques trained on a
     # few billion tokens; it is to be replaced by a measured time-to-loss. Learning rates, optimizer, schedule
-    # and architecture come from the recipe, so this entry sets none of them. It prepares the whole sample (no
+    # (warm-up included) and architecture come from the recipe, so this entry sets none of them. It prepares the whole sample (no
     # max_tokens): while the budget is provisional a longer trial should find fresh tokens, and such a node has
     # the disk.
     "gpt2-124m-speedrun": dict(
         recipe="speedrun", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000,
         val_tokens=100_000_000, prepare_workers=8, model="gpt2", vocab_multiple=64, bigram_steps=200,
-        total_batch_tokens=524_288, micro_batch=64, max_steps=5_722, warmup_steps=100, eval_interval=250,
+        total_batch_tokens=524_288, micro_batch=64, max_steps=5_722, eval_interval=250,
         eval_batches=20, hellaswag_interval=250, checkpoint_interval=1000, keep_checkpoints=3, precision="auto",
         compile=True, nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4,
         top_k=50,
@@ -77,7 +77,7 @@ RUN_PRESETS: dict[str, dict] = {
         recipe="speedrun", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000,
         val_tokens=100_000_000, max_tokens=2_800_000_000, prepare_workers=4, model="gpt2", vocab_multiple=64,
         bigram_steps=200, total_batch_tokens=524_288, micro_batch=8, max_steps=5_000, max_seconds=30 * 3600.0,
-        warmup_steps=100, eval_interval=250, eval_batches=10, hellaswag_interval=1000, hellaswag_limit=2000,
+        eval_interval=250, eval_batches=10, hellaswag_interval=1000, hellaswag_limit=2000,
         checkpoint_interval=100, keep_checkpoints=2, precision="fp16", compile=False, nproc=2,
         prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4, top_k=50,
     ),

@@ -34,10 +34,13 @@ RECIPES: dict[str, dict] = {
     #   the largest rate); logit_softcap 30: 5.99, 0: 6.01.
     # Muon's updates are scaled to AdamW's RMS, so one rate serves the blocks (Muon) and the head (AdamW); of
     # the two good rates the lower is kept for the 124M presets. The cap of 30 is the speedrun's.
+    # No warm-up, as in the speedrun records: an orthogonalised update has the same size from the first step,
+    # so Muon has no noisy early statistics to wait out. Session 5 (complete schedules of 60 steps, seed 1337):
+    # warmup_steps 0 5.37, 10 5.62 (bench/RESULTS.md, "Speedrun recipe on the CPU").
     "speedrun": dict(
         position="rope", activation="relu2", qk_norm=True, zero_init_proj=True, tie_embeddings=False,
         logit_softcap=30.0, optimizer="muon", schedule="trapezoid", max_lr=3e-3, min_lr_ratio=0.0,
-        embedding_lr_scale=10.0, weight_decay=0.1,
+        embedding_lr_scale=10.0, weight_decay=0.1, warmup_steps=0,
     ),
 }
 
