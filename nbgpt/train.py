@@ -459,9 +459,9 @@ class Trainer:
         if signum or self.schedule.checkpoint(self.step, final, until):
             self.save()
         if signum:
-            raise TrainingStopped(f"stopped by {signal_name(signum)} after step {self.step} with a checkpoint in "
-                                  f"{self.checkpoint_dir}; run again with resume=True (the default) to continue",
-                                  signum)
+            message = f"stopped by {signal_name(signum)} after step {self.step} with a checkpoint in {self.checkpoint_dir}"
+            self.log_event(message)  # train.log ends with why it ends
+            raise TrainingStopped(f"{message}; run again with resume=True (the default) to continue", signum)
 
 
 def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len: int = 64, lr: float = 0.1,
