@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 
 from .config import coerce, did_you_mean, field_types
@@ -163,13 +164,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, plus a did-you-mean for a misspelt flag: `--max-stepz` names `--max-steps`."""
+    """argparse, plus a did-you-mean for a misspelt flag (`--max-stepz` names `--max-steps`) or choice
+    (`--preset gpt2-124m-speedrn` names `gpt2-124m-speedrun`)."""
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             hints = [did_you_mean(token.split("=")[0], self.option_names())
                      for token in message.split(":", 1)[1].split() if token.startswith("--")]
             message += "".join(hint for hint in hints if hint)
+        elif choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message):
+            message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
         super().error(message)
 
     def option_names(self) -> set[str]:

@@ -98,6 +98,9 @@ def test_unknown_names_get_a_suggestion(tmp_path):
     result = nbgpt("train", "--data-dir", str(tmp_path), "--max-stepz", "5")  # argparse's own flags too
     assert result.returncode == 2
     assert "unrecognized arguments: --max-stepz 5 (did you mean '--max-steps'?)" in result.stderr
+    preset = nbgpt("run", "--preset", "gpt2-124m-speedrn")  # and argparse's choices
+    assert preset.returncode == 2 and preset.stderr.strip().splitlines()[-1].endswith(
+        "(did you mean 'gpt2-124m-speedrun'?)")
 
 
 def test_bad_configuration_stops_before_any_notebook(tmp_path):
