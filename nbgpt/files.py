@@ -44,11 +44,15 @@ class WriteError(OSError):
     """A file could not be written (disk full, read-only or missing folder, file size limit)."""
 
 
-def current_umask() -> int:
-    """The process's umask (os.umask can only set it: set it, then put it back)."""
+def _read_umask() -> int:
+    """The process's umask. os.umask can only set it (set it, then put it back), and it is process-wide, so
+    this runs once, at import, not beside threads that may be creating files."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
@@ -64,7 +68,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         # mkstemp makes the file private (0600); the result should have the permissions any new file gets
         # (0666 less the umask: usually readable by others), as shards and exports are meant to be shared.
-        os.fchmod(fd, 0o666 & ~current_umask())
+        os.fchmod(fd, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
