@@ -44,7 +44,9 @@ class RunLock:
                     return self  # our own lock, or one held for us by a process that started us
                 if owner and alive(owner):
                     raise RunLockError(f"{self.path.parent} is in use by process {owner} (lock file {self.path}); "
-                                       f"wait for it to finish, stop it, or choose another run directory")
+                                       f"wait for it to finish, stop it, or choose another run directory (a lock "
+                                       f"copied from another machine, with the run folder, holds no process here: "
+                                       f"delete it)")
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
                 continue
             with os.fdopen(fd, "w") as f:
