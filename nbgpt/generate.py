@@ -86,33 +86,52 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class DecodeLinear(nn.Module):
-    """A Linear layer for decoding in fp32: weight stored transposed, (in, out).
+    """A Linear layer for decoding in fp32, its output columns split into `parts` slices, one per CPU thread.
 
     Decoding one token multiplies each weight matrix by a single vector, which is bound by how fast the
-    weights stream from memory. For fp32 on CPUs (MKL) the (in, out) layout streams much faster than
-    nn.Linear's (out, in) (measured in bench/RESULTS.md; it is the layout of Hugging Face's Conv1D), while for
-    bf16 (oneDNN) it is the other way round, so bf16 keeps nn.Linear.
+    weights stream from memory. MKL's matrix-vector product (what `addmm` runs for one row) streams at about
+    the same rate with one thread as with two, well below what the memory delivers (measured in
+    bench/RESULTS.md). A batched product over `parts` slices, each stored contiguously as (in, width), hands
+    every thread a slice of its own to stream, which on 2 cores takes the block matrices from ~21 to ~33
+    GB/s and the LM head from ~25 to ~43. Each output is still one dot product over the whole input, so the
+    result is that of nn.Linear. For bf16 (oneDNN) nn.Linear's own layout is the fast one: bf16 keeps it.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, parts: int = 1):
         super().__init__()
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
-        self.bias = nn.Parameter(linear.bias.detach(), requires_grad=False) if linear.bias is not None else None
+        out_features, in_features = linear.weight.shape
+        width = -(-out_features // parts)  # columns per slice; the last slice is padded with zero columns
+        weight = linear.weight.new_zeros(parts * width, in_features)
+        weight[:out_features] = linear.weight.detach()
+        # (parts, in, width): slice p holds output columns p*width .. (p+1)*width-1, transposed
+        self.weight = nn.Parameter(weight.view(parts, width, in_features).transpose(1, 2).contiguous(),
+                                   requires_grad=False)
+        self.bias = None
+        if linear.bias is not None:
+            bias = linear.bias.new_zeros(parts * width)
+            bias[:out_features] = linear.bias.detach()
+            self.bias = nn.Parameter(bias.view(parts, 1, width), requires_grad=False)  # (parts, 1, width)
+        self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1))  # (B*T, in)
-        out = torch.addmm(self.bias, flat, self.weight_t) if self.bias is not None else flat @ self.weight_t
-        return out.view(*x.shape[:-1], out.size(-1))
+        parts, in_features, width = self.weight.shape
+        rows = x.reshape(1, -1, in_features).expand(parts, -1, -1)  # (parts, M, in): every slice sees all rows
+        if self.bias is not None:
+            out = torch.baddbmm(self.bias, rows, self.weight)  # (parts, M, width)
+        else:
+            out = torch.bmm(rows, self.weight)
+        out = out.transpose(0, 1).reshape(-1, parts * width)[:, : self.out_features]  # (M, out); a view if M = 1
+        return out.view(*x.shape[:-1], self.out_features)
 
 
-def inference_copy(model: nn.Module, precision: str) -> nn.Module:
+def inference_copy(model: nn.Module, precision: str, parts: int = 1) -> nn.Module:
     """A snapshot of `model` with its Linear layers (the tied LM head too) laid out for fast decoding.
 
-    fp32: each Linear becomes a DecodeLinear (transposed weights). bf16/fp16: the weights are cast once to
-    that precision. Under autocast the matmuls would run in bf16 anyway, but autocast re-casts the fp32
-    weights on every call; casting once halves the bytes each decoded token reads. Embeddings, LayerNorms
-    and the residual stream stay fp32, as in autocast training. Being a snapshot, the copy does not follow
-    further training: make a new Generator for that.
+    fp32: each Linear becomes a DecodeLinear in `parts` slices (one per CPU thread; 1 elsewhere).
+    bf16/fp16: the weights are cast once to that precision. Under autocast the matmuls would run in bf16
+    anyway, but autocast re-casts the fp32 weights on every call; casting once halves the bytes each decoded
+    token reads. Embeddings, LayerNorms and the residual stream stay fp32, as in autocast training. Being a
+    snapshot, the copy does not follow further training: make a new Generator for that.
     """
     clone = copy.deepcopy(model)
     for parent in list(clone.modules()):
@@ -120,7 +139,7 @@ def inference_copy(model: nn.Module, precision: str) -> nn.Module:
             if not isinstance(child, nn.Linear):
                 continue
             if precision == "fp32":
-                setattr(parent, name, DecodeLinear(child))
+                setattr(parent, name, DecodeLinear(child, parts))
             else:  # the tied LM head gets its own half-width copy of wte; wte itself stays fp32
                 child.weight = nn.Parameter(child.weight.detach().to(DTYPES[precision]), requires_grad=False)
                 if child.bias is not None:
@@ -176,7 +195,8 @@ class Decoder:
         model = unwrap(model)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.precision = choose_precision(self.device, precision)
-        self.model = inference_copy(model, self.precision).to(self.device)
+        parts = torch.get_num_threads() if self.device.type == "cpu" else 1  # DecodeLinear's slices
+        self.model = inference_copy(model, self.precision, parts).to(self.device)
         if self.device.type == "cpu":
             pack_parameters(self.model)
         self.block_size = model.block_size

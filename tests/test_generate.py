@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn as nn
 
-from nbgpt.generate import Generator, SamplingConfig, sample_next
+from nbgpt.generate import DecodeLinear, Generator, SamplingConfig, sample_next
 from nbgpt.model import GPT, BigramLM, GPTConfig, KVCache
 from nbgpt.tokenizer import CharTokenizer, TokenizerError
 
@@ -50,10 +51,26 @@ def test_decoding_snapshot_packs_the_same_weights_side_by_side(char_tok, precisi
     assert torch.equal(snapshot.wte.weight, model.wte.weight)
     linear = snapshot.h[1].mlp.c_fc
     expected = model.h[1].mlp.c_fc.weight
-    if precision == "fp32":  # stored transposed for fast matrix-vector products
-        assert torch.equal(linear.weight_t, expected.t())
+    if precision == "fp32":  # stored transposed, in one column slice per thread
+        parts, _, width = linear.weight.shape
+        assert parts == torch.get_num_threads()
+        columns = linear.weight.transpose(0, 1).reshape(expected.size(1), parts * width)
+        assert torch.equal(columns[:, :expected.size(0)], expected.t())
     else:
         assert torch.equal(linear.weight, expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_linear_slices_compute_the_linear_layer(parts, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 37, bias=bias)  # 37 columns: with 2 or 3 slices the last one is zero-padded
+    sliced = DecodeLinear(linear, parts)
+    for shape in [(1, 1, 24), (2, 5, 24)]:  # one decoded token; a prefill of ragged rows
+        x = torch.randn(shape)
+        with torch.no_grad():
+            out, expected = sliced(x), linear(x)
+        assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
 
 
 def test_greedy_matches_transformers_generate(tmp_path):
