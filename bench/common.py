@@ -32,11 +32,11 @@ def machine() -> dict:
     reports native bf16, how much faster a bf16 matmul measured than fp32, and any emulation variables."""
     import torch
 
-    from nbgpt.device import cpu_bf16_speedup, cpu_has_native_bf16
+    from nbgpt.device import cpu_matmul_speedup, cpu_has_native_bf16
 
     emulation = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
-            "bf16_speedup": round(cpu_bf16_speedup(), 3), "emulation": emulation, "threads": torch.get_num_threads(),
+            "bf16_speedup": round(cpu_matmul_speedup(), 3), "emulation": emulation, "threads": torch.get_num_threads(),
             "load": os.getloadavg()[0]}
 
 

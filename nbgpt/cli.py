@@ -113,7 +113,11 @@ def _sample(args: argparse.Namespace) -> int:
 
     config = SampleConfig(**given(args, SampleConfig))
     generator = load_generator(args.checkpoint, device=config.device, precision=config.precision)
+    decoder = generator.decoder
+    print(f"nbgpt sample: decoding on {decoder.device} in {decoder.precision} (precision={config.precision})",
+          file=sys.stderr)
     if config.num_return_sequences == 1:
+        print(config.prompt, end="")  # the prompt, then the continuation as it comes
         for piece in generator.stream(config.prompt, config):
             print(piece, end="", flush=True)
         print()

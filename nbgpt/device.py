@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 
 import torch
+
+from .config import ConfigWarning
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,34 +62,34 @@ def cpu_has_native_bf16() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_bf16_speedup(size: int = 256) -> float:
-    """How many times faster a (size × size) bf16 matmul runs than an fp32 one on one core of this CPU,
-    measured once per process: ~3.6 with AVX512-BF16, ~0.005 where bf16 is emulated (AVX2). Takes ~20 ms on
-    the former, a few tenths of a second on the latter.
+def cpu_matmul_speedup(dtype: torch.dtype = torch.bfloat16, size: int = 256) -> float:
+    """How many times faster a (size × size) matmul in `dtype` runs than an fp32 one on one core of this CPU,
+    measured once per process and dtype: bf16 ~3.6 with AVX512-BF16, ~0.005 where it is emulated (AVX2).
+    Takes ~20 ms on the former, a few tenths of a second on the latter.
 
     One thread, the two dtypes in alternation, and each one's fastest run: a busy machine that takes the
     core away for a moment slows single runs, not the best of several. The operands are deterministic (no
     random draws), so measuring never disturbs a seeded run.
     """
-    operands = {dtype: (torch.arange(size * size, dtype=torch.float32).reshape(size, size) % 7 / 7).to(dtype)
-                for dtype in (torch.float32, torch.bfloat16)}
-    best = {dtype: float("inf") for dtype in operands}
+    operands = {kind: (torch.arange(size * size, dtype=torch.float32).reshape(size, size) % 7 / 7).to(kind)
+                for kind in (torch.float32, dtype)}
+    best = {kind: float("inf") for kind in operands}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for dtype, a in operands.items():
+        for kind, a in operands.items():
             torch.mm(a, a)  # warm-up: oneDNN picks and caches its kernel on the first call
         started = time.perf_counter()
         for rounds in range(1, 21):
-            for dtype, a in operands.items():
+            for kind, a in operands.items():
                 start = time.perf_counter()
                 torch.mm(a, a)
-                best[dtype] = min(best[dtype], time.perf_counter() - start)
+                best[kind] = min(best[kind], time.perf_counter() - start)
             if rounds >= 3 and time.perf_counter() - started > 0.02:
                 break
     finally:
         torch.set_num_threads(threads)
-    return best[torch.float32] / best[torch.bfloat16]
+    return best[torch.float32] / best[dtype]
 
 
 def choose_precision(device: torch.device, requested: str = "auto") -> str:
@@ -101,7 +104,11 @@ def choose_precision(device: torch.device, requested: str = "auto") -> str:
                               f"bf16; use precision='fp16' (with a GradScaler) or 'fp32'")
         return requested
     if requested == "auto":
-        return "bf16" if device.type == "cpu" and cpu_bf16_speedup() > 1.0 else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_matmul_speedup(torch.bfloat16) > 1.0 else "fp32"
+    if device.type == "cpu" and requested != "fp32" and (speedup := cpu_matmul_speedup(DTYPES[requested])) < 1.0:
+        warnings.warn(f"precision={requested!r} runs this CPU's matmuls at {speedup:.2g}× the speed of fp32 (no "
+                      f"native {requested}: it is emulated); precision='auto' picks fp32 here", ConfigWarning,
+                      stacklevel=2)
     return requested
 
 

@@ -41,11 +41,12 @@ def test_sample_from_hf_folder_and_from_hf_cache(tmp_path, gpt2_tokenizer):
     with torch.no_grad():
         out = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=8, do_sample=False,
                                  pad_token_id=gpt2_tokenizer.eot)
-    expected = gpt2_tokenizer.decode(out[0, len(prompt_ids):].tolist()) + "\n"
+    expected = "Hello" + gpt2_tokenizer.decode(out[0, len(prompt_ids):].tolist()) + "\n"  # prompt, continuation
 
     from_folder = sample(tmp_path / "hf", tmp_path / "empty-cache")
     assert from_folder.returncode == 0, from_folder.stderr[-2000:]
     assert from_folder.stdout == expected
+    assert "nbgpt sample: decoding on cpu in fp32 (precision=fp32)" in from_folder.stderr
 
     # The same weights as the hub's "gpt2" in the Hugging Face cache (its documented layout): offline, the
     # hub name resolves to the cached snapshot.
@@ -125,7 +126,7 @@ def test_nbgpt_format_round_trip_of_a_speedrun_model(tmp_path, gpt2_tokenizer):
         torch.testing.assert_close(loaded.model(idx)[0], model(idx)[0], atol=0, rtol=0)
     result = sample(out, tmp_path / "cache")  # `nbgpt sample` reads it too
     expected = Generator(model, gpt2_tokenizer).complete("Hello", SamplingConfig(max_new_tokens=8, temperature=0.0))
-    assert result.returncode == 0 and result.stdout == expected + "\n", result.stderr[-2000:]
+    assert result.returncode == 0 and result.stdout == "Hello" + expected + "\n", result.stderr[-2000:]
 
 
 def test_cli_export_picks_hf_for_gpt2_and_nbgpt_for_the_rest(tmp_path):

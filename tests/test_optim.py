@@ -102,19 +102,22 @@ def test_orthogonalisation_dtype_follows_the_device_choice():
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 emulation is x86-only")
 def test_avx2_cpu_measures_slow_bf16_and_stays_fp32():
     """On a CPU without native bf16 (emulated with the same variables users can set on an AVX-512 machine)
-    the measured bf16 matmul is slow, so "auto" and Muon's orthogonalisation use fp32."""
+    the measured bf16 matmul is slow, so "auto" and Muon's orthogonalisation use fp32, and forcing bf16 warns."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    script = ("import torch; from nbgpt.device import choose_precision, cpu_bf16_speedup\n"
+    script = ("import torch; from nbgpt.device import choose_precision, cpu_matmul_speedup\n"
               "from nbgpt.optim import build_muon; from nbgpt.model import GPT, GPTConfig\n"
               "cpu = torch.device('cpu')\n"
               "muon, _ = build_muon(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=5)),"
               " 0.1, 1e-3, (0.9, 0.95), 'cpu')\n"
               "from nbgpt.presets import get_preset; demo = get_preset('cpu-demo')\n"
-              "print(cpu_bf16_speedup() < 1.0, choose_precision(cpu, 'auto'), muon.ns_dtype,"
+              "print(cpu_matmul_speedup() < 1.0, choose_precision(cpu, 'auto'), muon.ns_dtype,"
               " choose_precision(cpu, 'bf16'), demo['precision'], demo['micro_batch'])")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    # an explicit choice still wins; the demo recipe trains in fp32 with its fp32 batch
+    # an explicit choice still wins, with a warning that says how slow it is; the demo recipe trains in fp32
+    # with its fp32 batch
     assert out.stdout.split() == ["True", "fp32", "torch.float32", "bf16", "fp32", str(CPU_BATCH["fp32"])]
+    assert "ConfigWarning: precision='bf16' runs this CPU's matmuls at" in out.stderr
+    assert "precision='auto' picks fp32 here" in out.stderr
 
 
 def test_cpu_demo_recipe_follows_the_precision():
