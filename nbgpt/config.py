@@ -7,11 +7,13 @@ same thing: booleans take true/false/1/0 (any case), optional fields take none/n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 
 _TRUE, _FALSE, _NONE = ("true", "1"), ("false", "0"), ("none", "null")
@@ -23,6 +25,21 @@ class ConfigError(ValueError):
 
 class ConfigWarning(UserWarning):
     """Settings that run but contradict each other (e.g. a warmup longer than the whole run)."""
+
+
+@contextlib.contextmanager
+def config_warnings_to(echo):
+    """Run a block and hand each ConfigWarning it raises to `echo` as a line ("warning: ..."), after it ends;
+    other warnings go on as usual. For places where a Python warning would not be seen: a run's terminal, which
+    shows train.log, rather than a notebook cell's stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, ConfigWarning):
+            echo(f"warning: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def did_you_mean(name: str, known) -> str:

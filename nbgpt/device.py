@@ -172,10 +172,15 @@ def measured_matmul_flops(device_type: str, precision: str, max_size: int = 2048
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak FLOP/s for MFU: the datasheet figure of a known GPU, else a measured matmul peak."""
+    """Peak FLOP/s for MFU: the datasheet figure of a known GPU, else a measured matmul peak.
+
+    A precision a CPU only emulates is no peak (training in it beats its own slow matmul, and MFU would read
+    300 %): there the machine's best is fp32, so that is what MFU compares with."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, table in GPU_PEAK_FLOPS.items():
             if key in name:
                 return table[precision]
+    if device.type == "cpu" and precision != "fp32" and cpu_matmul_speedup(DTYPES[precision]) < 1.0:
+        precision = "fp32"
     return measured_matmul_flops(device.type, precision)

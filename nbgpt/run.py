@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, ConfigWarning
+from .config import ConfigError, ConfigWarning, config_warnings_to
 from .files import atomic_write_json, read_json
 from .logtail import LogTail
 from .metrics import read_metrics
@@ -54,17 +54,11 @@ def check_run(preset: str, overrides: dict, run_dir: Path, echo=print) -> dict:
     than notebooks later; settings that contradict each other are echoed as warnings.
     """
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConfigWarning)
+        with config_warnings_to(lambda line: echo(f"[nbgpt] {line}")):
             typed = typed_values(overrides)
             RunConfig.from_preset(preset, typed, run_dir)
     except ConfigError as exc:
         raise RunError(f"invalid configuration: {exc}") from None
-    for warning in caught:
-        if issubclass(warning.category, ConfigWarning):
-            echo(f"[nbgpt] warning: {warning.message}")
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return typed
 
 

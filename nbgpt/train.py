@@ -21,7 +21,7 @@ import torch
 
 from . import train_state
 from .checkpoint import save_checkpoint
-from .config import ConfigWarning, check_fields, check_known, field_types, typed_mapping
+from .config import ConfigWarning, check_fields, config_warnings_to, check_known, field_types, typed_mapping
 from .device import autocast, peak_flops, resolve_device, synchronize
 from .distributed import all_reduce_max, all_reduce_mean, shutdown
 from .divergence import DivergenceGuard, TrainingDiverged
@@ -197,7 +197,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print):
         self.config = config
         self.echo = echo
-        runtime = start_runtime(config)
+        setup_warnings: list[str] = []  # e.g. a forced precision this CPU only emulates; train.log gets them
+        with config_warnings_to(setup_warnings.append):
+            runtime = start_runtime(config)
         self.device, self.dist, self.precision = runtime.device, runtime.dist, runtime.precision
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
@@ -208,6 +210,11 @@ class Trainer:
             self.lock = RunLock(self.out_dir).acquire() if self.dist.is_main else None
             self._build(runtime)
             self._resume()
+            self.log_event(f"device {self.device} · precision {self.precision} (asked: {config.precision}) · "
+                           f"{self.model.num_params():,} parameters · {self.grad_accum_steps} micro-step(s) per "
+                           f"step · {'resuming at' if self.step else 'starting at'} step {self.step}")
+            for line in setup_warnings:
+                self.log_event(line)
         except BaseException:
             self.close()  # a trainer that never came to be holds nothing: the next attempt may start
             raise

@@ -110,12 +110,15 @@ def test_avx2_cpu_measures_slow_bf16_and_stays_fp32():
               "muon, _ = build_muon(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=5)),"
               " 0.1, 1e-3, (0.9, 0.95), 'cpu')\n"
               "from nbgpt.presets import get_preset; demo = get_preset('cpu-demo')\n"
+              "from nbgpt.device import peak_flops\n"
               "print(cpu_matmul_speedup() < 1.0, choose_precision(cpu, 'auto'), muon.ns_dtype,"
-              " choose_precision(cpu, 'bf16'), demo['precision'], demo['micro_batch'])")
+              " choose_precision(cpu, 'bf16'), demo['precision'], demo['micro_batch'],"
+              " peak_flops(cpu, 'bf16') == peak_flops(cpu, 'fp32'))")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     # an explicit choice still wins, with a warning that says how slow it is; the demo recipe trains in fp32
     # with its fp32 batch
-    assert out.stdout.split() == ["True", "fp32", "torch.float32", "bf16", "fp32", str(CPU_BATCH["fp32"])]
+    # MFU compares with the fp32 peak: an emulated bf16 matmul is no peak
+    assert out.stdout.split() == ["True", "fp32", "torch.float32", "bf16", "fp32", str(CPU_BATCH["fp32"]), "True"]
     assert "ConfigWarning: precision='bf16' runs this CPU's matmuls at" in out.stderr
     assert "precision='auto' picks fp32 here" in out.stderr
 

@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_train_config
 from nbgpt.checkpoint import CheckpointError, load_latest
+from nbgpt.device import DTYPES, cpu_matmul_speedup, peak_flops
 from nbgpt.metrics import read_metrics
 from nbgpt.model import ConfigError
 from nbgpt.divergence import TrainingDiverged
@@ -90,6 +91,14 @@ def test_reduced_precision_paths_on_cpu(char_data, tmp_path, precision, recipe):
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     if precision == "fp16":
         assert "grad_scale" in records[0]
+    # train.log opens with what the run runs on; a precision this CPU only emulates gets a warning there, and
+    # MFU is then measured against the fp32 peak (against the emulated one it would read far over 100 %)
+    log = (tmp_path / "r" / "train.log").read_text().splitlines()
+    assert log[0].startswith(f"device cpu · precision {precision} (asked: {precision}) · ")
+    assert log[0].endswith("starting at step 0")
+    emulated = cpu_matmul_speedup(DTYPES[precision]) < 1.0
+    assert any(line.startswith(f"warning: precision='{precision}' runs this CPU's matmuls at") for line in log) == emulated
+    assert trainer.peak == peak_flops(trainer.device, "fp32" if emulated else precision)
 
 
 def test_fp16_scaler_skips_injected_inf_gradients(char_data, tmp_path):
