@@ -92,6 +92,11 @@ def cpu_matmul_speedup(dtype: torch.dtype = torch.bfloat16, size: int = 256) -> 
     return best[torch.float32] / best[dtype]
 
 
+def emulated(device: torch.device, precision: str) -> bool:
+    """Whether this is a CPU that only emulates `precision`: its measured matmul runs slower than fp32's."""
+    return device.type == "cpu" and precision != "fp32" and cpu_matmul_speedup(DTYPES[precision]) < 1.0
+
+
 def choose_precision(device: torch.device, requested: str = "auto") -> str:
     if requested not in PRECISIONS + ("auto",):
         raise DeviceError(f"precision must be one of {PRECISIONS + ('auto',)}, got {requested!r}")
@@ -105,7 +110,8 @@ def choose_precision(device: torch.device, requested: str = "auto") -> str:
         return requested
     if requested == "auto":
         return "bf16" if device.type == "cpu" and cpu_matmul_speedup(torch.bfloat16) > 1.0 else "fp32"
-    if device.type == "cpu" and requested != "fp32" and (speedup := cpu_matmul_speedup(DTYPES[requested])) < 1.0:
+    if emulated(device, requested):
+        speedup = cpu_matmul_speedup(DTYPES[requested])
         warnings.warn(f"precision={requested!r} runs this CPU's matmuls at {speedup:.2g}× the speed of fp32 (no "
                       f"native {requested}: it is emulated); precision='auto' picks fp32 here", ConfigWarning,
                       stacklevel=2)
@@ -181,6 +187,6 @@ def peak_flops(device: torch.device, precision: str) -> float:
         for key, table in GPU_PEAK_FLOPS.items():
             if key in name:
                 return table[precision]
-    if device.type == "cpu" and precision != "fp32" and cpu_matmul_speedup(DTYPES[precision]) < 1.0:
+    if emulated(device, precision):
         precision = "fp32"
     return measured_matmul_flops(device.type, precision)

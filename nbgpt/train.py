@@ -21,7 +21,7 @@ import torch
 
 from . import train_state
 from .checkpoint import save_checkpoint
-from .config import ConfigWarning, check_fields, config_warnings_to, check_known, field_types, typed_mapping
+from .config import ConfigWarning, check_fields, check_known, config_warnings_to, field_types, typed_mapping
 from .device import autocast, peak_flops, resolve_device, synchronize
 from .distributed import all_reduce_max, all_reduce_mean, shutdown
 from .divergence import DivergenceGuard, TrainingDiverged
