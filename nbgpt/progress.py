@@ -46,11 +46,18 @@ def _number(value, spec: str) -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def format_record(record: dict, max_steps: int, elapsed: float, per_step: float) -> str:
-    """One line for a metrics record: train steps with throughput and ETA, evaluations, samples, events."""
+def format_record(record: dict, max_steps: int, elapsed: float, per_step: float,
+                  max_seconds: float | None = None) -> str:
+    """One line for a metrics record: train steps with throughput and ETA, evaluations, samples, events.
+
+    With a time budget the ETA is at most the time left: before the first steps fit the horizon to the
+    budget, max_steps is only a cap."""
     kind, step = record.get("kind"), record.get("step")
     if kind == "train":
-        eta = _duration(max(0, max_steps - step - 1) * per_step)
+        remaining = max(0, max_steps - step - 1) * per_step
+        if max_seconds is not None:
+            remaining = min(remaining, max(0.0, max_seconds - elapsed))
+        eta = _duration(remaining)
         skipped = "  (skipped: non-finite)" if record.get("nonfinite") else ""
         return (f"step {step:6d}/{max_steps} | loss {_number(record['loss'], '.4f')} | lr {record['lr']:.2e} | "
                 f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | "
@@ -69,10 +76,12 @@ def format_record(record: dict, max_steps: int, elapsed: float, per_step: float)
 class ProgressLog:
     """Prints lines and appends them to `<run dir>/train.log` (flushed per line, so a tail sees them)."""
 
-    def __init__(self, path: str | os.PathLike, echo: Callable[[str], None] = print, log_interval: int = 10):
+    def __init__(self, path: str | os.PathLike, echo: Callable[[str], None] = print, log_interval: int = 10,
+                 max_seconds: float | None = None):
         self.path = Path(path)
         self.echo = echo
         self.log_interval = log_interval
+        self.max_seconds = max_seconds  # the run's time budget, if any, bounds the ETA
 
     def line(self, text: str) -> None:
         self.echo(text)
@@ -86,4 +95,4 @@ class ProgressLog:
             step = record["step"]
             if self.log_interval <= 0 or (step % self.log_interval and step + 1 < max_steps):
                 return
-        self.line(format_record(record, max_steps, elapsed, per_step))
+        self.line(format_record(record, max_steps, elapsed, per_step, self.max_seconds))

@@ -203,7 +203,7 @@ class Trainer:
         self.device, self.dist, self.precision = runtime.device, runtime.dist, runtime.precision
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.progress = ProgressLog(self.out_dir / "train.log", echo, config.log_interval)
+        self.progress = ProgressLog(self.out_dir / "train.log", echo, config.log_interval, config.max_seconds)
         self.lock = None
         try:
             # Two trainers writing one run directory would interleave checkpoints and logs: refuse the second.

@@ -191,6 +191,11 @@ def test_budget_and_schedule_horizon_belong_to_the_run(char_data, tmp_path):
     first = Trainer(config)
     first.fit(until=5)
     first.close()
+    # Step 0 comes before the horizon is fitted (max_steps is still 10⁹): its ETA is bounded by the budget.
+    step0 = next(line for line in (tmp_path / "run" / "train.log").read_text().splitlines()
+                 if line.startswith("step      0/"))
+    hours, minutes, seconds = map(int, step0.rsplit("ETA ", 1)[1].split(":"))
+    assert 0 < hours * 3600 + minutes * 60 + seconds <= 3600, step0
     saved = load_latest(tmp_path / "run" / "checkpoints")
     assert saved["elapsed"] > 0 and 5 < saved["max_steps"] < 10**9
     resumed = Trainer(config)
