@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from nbgpt.loader import DataLoader
 from nbgpt.shards import DataError, TokenStore, prepare
@@ -76,7 +77,82 @@ def test_loader_errors(dataset):
         DataLoader(dataset, "val", batch_size=64, seq_len=64)
     with pytest.raises(DataError, match="unknown split 'test'"):
         DataLoader(dataset, "test", batch_size=1, seq_len=8)
-    loader = DataLoader(dataset, "train", batch_size=2, seq_len=8)
-    other = DataLoader(dataset, "train", batch_size=2, seq_len=8, rank=0, world_size=2)
-    with pytest.raises(DataError, match="world_size=2 but this loader has world_size=1"):
-        loader.load_state_dict(other.state_dict())
+    with pytest.raises(DataError, match="a step of 6 windows does not split into batches of 4 x 1"):
+        DataLoader(dataset, "train", batch_size=4, seq_len=8, step_sequences=6)
+
+
+STEP = 12  # windows per optimizer step; the split's 431 windows of 16 hold 35 steps and 11 windows more
+
+
+def layout(dataset, batch_size, world_size, **kwargs):
+    return [DataLoader(dataset, "train", batch_size=batch_size, seq_len=16, rank=r, world_size=world_size,
+                       step_sequences=STEP, **kwargs) for r in range(world_size)]
+
+
+def optimizer_steps(loaders, count):
+    """What `count` optimizer steps read, each a (STEP, T) tensor in trainer order: micro-step m, then rank r."""
+    micro_steps = STEP // (loaders[0].B * len(loaders))
+    return [torch.cat([loader.next_batch()[0] for _ in range(micro_steps) for loader in loaders])
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_step_reads_the_same_windows_whatever_the_layout(dataset, shuffle):
+    reference = optimizer_steps(layout(dataset, STEP, 1, shuffle=shuffle, seed=3), 40)  # crosses an epoch
+    assert layout(dataset, STEP, 1)[0].epoch_sequences == 35 * STEP
+    for batch_size, world_size in ((6, 2), (3, 2), (2, 3), (1, 4), (4, 1)):
+        steps = optimizer_steps(layout(dataset, batch_size, world_size, shuffle=shuffle, seed=3), 40)
+        assert all(a.equal(b) for a, b in zip(steps, reference)), (batch_size, world_size)
+    epoch0 = {tuple(row.tolist()) for x in reference[:35] for row in x}
+    assert len(epoch0) == 35 * STEP and reference[35].equal(reference[0]) != shuffle  # a new epoch at step 35
+
+
+@pytest.mark.parametrize("stop", [5, 35, 37])
+def test_resume_with_another_layout_reads_what_the_run_would_have_read_next(dataset, stop):
+    reference = optimizer_steps(layout(dataset, 6, 2, shuffle=True, seed=3), 42)
+    before = layout(dataset, 6, 2, shuffle=True, seed=3)
+    optimizer_steps(before, stop)
+    state = before[0].state_dict()
+    assert [loader.state_dict() == state for loader in before] == [True, True]  # every rank at one position
+    after = layout(dataset, 2, 1, shuffle=True, seed=3)  # one process, three micro-steps
+    after[0].load_state_dict(state)
+    assert all(a.equal(b) for a, b in zip(optimizer_steps(after, 42 - stop), reference[stop:]))
+    back = layout(dataset, 3, 4, shuffle=True, seed=3)  # and on to four ranks
+    for loader in back:
+        loader.load_state_dict(after[0].state_dict())
+    assert back[0].state_dict()["sequence"] == 7 * STEP and back[0].state_dict()["epoch"] == 1
+
+
+def test_a_state_saved_by_earlier_versions_loads_into_any_layout(dataset):
+    """Earlier versions saved the batches one rank had taken ("step") with the batch_size and world_size."""
+    reference = optimizer_steps(layout(dataset, 6, 2, shuffle=True, seed=3), 10)
+    before = layout(dataset, 6, 2, shuffle=True, seed=3)
+    optimizer_steps(before, 4)
+    old = {key: value for key, value in before[0].state_dict().items() if key not in ("sequence", "step_sequences")}
+    assert old["step"] == 4
+    for batch_size, world_size in ((6, 2), (4, 1)):
+        after = layout(dataset, batch_size, world_size, shuffle=True, seed=3)
+        for loader in after:
+            loader.load_state_dict(old)
+        assert all(a.equal(b) for a, b in zip(optimizer_steps(after, 6), reference[4:]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seq_len=8), "saved with seq_len=16 but this loader has seq_len=8; resume with seq_len=16"),
+    (dict(step_sequences=24), r"saved with 12 sequences of 16 tokens per optimizer step \(total_batch_tokens=192\) "
+                              r"but this run takes 24 \(total_batch_tokens=384\); resume with total_batch_tokens=192"),
+    (dict(seed=4), "saved with seed=3 but this loader has seed=4; resume with seed=3"),
+    (dict(shuffle=False), "saved with shuffle=True but this loader has shuffle=False"),
+])
+def test_a_position_in_another_order_is_refused_naming_the_setting(dataset, change, message):
+    saved = DataLoader(dataset, "train", batch_size=6, seq_len=16, world_size=2, shuffle=True, seed=3,
+                       step_sequences=STEP)
+    saved.next_batch()
+    kwargs = {**dict(batch_size=4, seq_len=16, shuffle=True, seed=3, step_sequences=STEP), **change}
+    with pytest.raises(DataError, match=message):
+        DataLoader(dataset, "train", **kwargs).load_state_dict(saved.state_dict())
+    unshuffled = DataLoader(dataset, "train", batch_size=4, seq_len=16, step_sequences=STEP, seed=9)
+    unshuffled.load_state_dict({**saved.state_dict(), "shuffle": False})  # the seed orders nothing here
+    misaligned = DataLoader(dataset, "train", batch_size=5, seq_len=16, shuffle=True, seed=3, step_sequences=10)
+    with pytest.raises(DataError, match="12 windows into epoch 0.* not a whole number of batches of 5 x 1"):
+        misaligned.load_state_dict({**saved.state_dict(), "step_sequences": 10})

@@ -15,6 +15,7 @@ from nbgpt.device import DTYPES, cpu_matmul_speedup, peak_flops
 from nbgpt.metrics import read_metrics
 from nbgpt.model import ConfigError
 from nbgpt.divergence import TrainingDiverged
+from nbgpt.shards import DataError
 from nbgpt.train import TrainConfig, Trainer, lr_at
 
 
@@ -143,6 +144,31 @@ def test_resume_is_bit_exact(char_data, tmp_path, optimizer):
     assert len(train_losses(tmp_path / "split")) == 16
     evals = lambda d: [(r["step"], r["val_loss"]) for r in read_metrics(d, "eval")]
     assert evals(tmp_path / "split") == evals(tmp_path / "straight")
+
+
+def test_resume_with_another_micro_batch_reads_the_same_data_and_continues_the_schedule(char_data, tmp_path):
+    """Stopped at micro_batch 8 (one micro-step), continued at micro_batch 2 (four): the same windows per step
+    (the loader's position counts windows of the run), the same learning rates, the loss within float noise."""
+    kwargs = dict(max_steps=12, checkpoint_interval=6, eval_interval=0, shuffle=True, warmup_steps=3)
+    straight = Trainer(tiny_train_config(char_data, tmp_path / "straight", **kwargs))
+    straight.fit()
+    straight.close()
+    first = Trainer(tiny_train_config(char_data, tmp_path / "split", **kwargs))
+    first.fit(until=6)
+    first.close()
+    resumed = Trainer(tiny_train_config(char_data, tmp_path / "split", micro_batch=2, **kwargs))
+    assert (resumed.step, resumed.grad_accum_steps) == (6, 4)
+    resumed.fit()
+    resumed.close()
+    records = [read_metrics(tmp_path / run, "train") for run in ("straight", "split")]
+    assert [(r["step"], r["lr"]) for r in records[1]] == [(r["step"], r["lr"]) for r in records[0]]
+    assert [r["loss"] for r in records[1][:6]] == [r["loss"] for r in records[0][:6]]
+    assert [r["loss"] for r in records[1]] == pytest.approx([r["loss"] for r in records[0]], rel=1e-5)
+    positions = [{k: load_latest(tmp_path / run / "checkpoints")["loader"][k] for k in ("epoch", "sequence")}
+                 for run in ("straight", "split")]
+    assert positions[0] == positions[1] == {"epoch": 0, "sequence": 12 * 8}
+    with pytest.raises(DataError, match="resume with total_batch_tokens=256 or start a new run"):
+        Trainer(tiny_train_config(char_data, tmp_path / "split", micro_batch=2, total_batch_tokens=512, **kwargs))
 
 
 def test_muon_owns_block_matrices_and_learns(char_data, tmp_path):
