@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from nbgpt.checkpoint import load_latest
+from nbgpt.checkpoint import load_file, load_latest
 from nbgpt.metrics import read_metrics
 from nbgpt.train import Trainer
 
@@ -105,6 +105,61 @@ def test_preset_journey_signal_then_resume_is_bit_exact(preset, precision, signu
     reference = final_weights(runs / "straight")
     for name, tensor in final_weights(runs / "victim").items():
         assert torch.equal(tensor, reference[name]), name
+
+def positions(run: Path) -> list:
+    """(step, epoch, windows of the epoch read) of every checkpoint: where each step left the data stream."""
+    states = [load_file(path) for path in sorted((run / "checkpoints").glob("ckpt_*.pt"))]
+    return [(state["step"], state["loader"]["epoch"], state["loader"]["sequence"]) for state in states]
+
+
+def test_elastic_journey_two_processes_stopped_then_one_with_another_micro_batch(corpus, tmp_path, monkeypatch):
+    """A 2×T4 run preempted and continued on one GPU with a smaller micro-batch (so more micro-steps): the
+    same windows per step (the loader's position, recorded by a checkpoint after every step), the same steps
+    and learning rates, the loss within float noise. fp32 and no dropout: nothing random depends on the layout."""
+    from nbgpt.distributed import launch
+    from nbgpt.run_config import RunConfig
+
+    runs = tmp_path / "runs"
+    # 5,400 tokens, a fifth for validation: 134 training windows of 32 + 1, an epoch of 16 steps of 8 (and 6
+    # windows left out), which the resumed layout must end at the same step: 6 is not a multiple of its 2.
+    same = dict(precision="fp32", dropout=0.0, max_tokens=5400, val_fraction=0.2, max_steps=24, eval_interval=12,
+                checkpoint_interval=1, keep_checkpoints=100)
+    # The uninterrupted run: what notebooks 01 and 03 do for nproc 2 (prepare, then launch torchrun), called
+    # directly; the journey below goes through the notebooks.
+    straight = RunConfig.from_preset("gpt2-124m-t4x2", {**SHRUNK, "source": str(corpus), **same}, runs / "straight")
+    straight.prepare.run(runs / "straight" / "data", progress=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    launch(straight.train, nproc=straight.nproc, echo=lambda line: None)
+    (runs / "victim").mkdir()
+    (runs / "victim" / "data").symlink_to(runs / "straight" / "data")
+    victim = nbgpt(*run_args("gpt2-124m-t4x2", runs, "victim", corpus, **same), "--resume", popen=True)
+    assert wait_for(lambda: any(r["step"] >= 4 for r in read_metrics(runs / "victim", "train")), victim)
+    victim.send_signal(signal.SIGTERM)
+    out, err = victim.communicate(timeout=120)
+    assert victim.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-3000:]
+    stopped_at = load_latest(runs / "victim" / "checkpoints")["step"]
+    assert 4 < stopped_at < 16, "the signal came after the epoch's end"
+
+    # One process, micro_batch 2: four micro-steps per step where two ranks took one of 4 sequences each.
+    # eval_batches counts batches of micro_batch on each rank: 8 × 2 × 1 keeps the 2 × 4 × 2 windows validated.
+    resumed = nbgpt("run", "--runs-dir", runs, "--name", "victim", "--notebooks", "03_train.ipynb", "--resume",
+                    "-p", "nproc", "1", "-p", "micro_batch", "2", "-p", "eval_batches", "8")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"4 micro-step(s) per step · resuming at step {stopped_at}" in resumed.stdout
+    assert positions(runs / "victim") == positions(runs / "straight")
+    assert positions(runs / "straight")[15:17] == [(16, 0, 128), (17, 1, 8)] and len(positions(runs / "victim")) == 24
+    ours, theirs = read_metrics(runs / "victim", "train"), read_metrics(runs / "straight", "train")
+    assert [(r["step"], r["lr"]) for r in ours] == [(r["step"], r["lr"]) for r in theirs]
+    assert [r["loss"] for r in ours[:stopped_at]] == [r["loss"] for r in theirs[:stopped_at]]
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=1e-4)
+    evals = [[(r["step"], r["val_loss"]) for r in read_metrics(runs / run, "eval")] for run in ("victim", "straight")]
+    assert [s for s, _ in evals[0]] == [s for s, _ in evals[1]] == [0, 12, 24]
+    assert [v for _, v in evals[0]] == pytest.approx([v for _, v in evals[1]], rel=1e-4)
+    reference = final_weights(runs / "straight")
+    for name, tensor in final_weights(runs / "victim").items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5)
+    assert json.loads((runs / "victim" / "run.json").read_text())["overrides"]["nproc"] == 1
+
 
 def strict_json_lines(path: Path) -> list[dict]:
     def refuse(token):
