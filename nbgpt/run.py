@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import latest_checkpoint
 from .config import ConfigError, ConfigWarning, config_warnings_to
 from .files import atomic_write_json, read_json
 from .logtail import LogTail
@@ -87,7 +89,7 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
                        f"checkpoint) or --name to start a new run")
     saved = saved_overrides(run_dir, preset)
     typed = check_run(preset, {**saved, **(overrides or {})}, run_dir, echo)
-    check_same_model(preset, saved, typed, run_dir)
+    check_continuable(preset, saved, typed, run_dir)
     source = notebooks_dir()
     chosen = notebooks or list(NOTEBOOKS)
     missing = [n for n in chosen if not (source / n).is_file()]
@@ -97,8 +99,8 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
     executed = []
     # The lock is ours; the kernels papermill starts, and the torchrun workers they launch, are admitted as
     # our descendants. train.log is written by the training notebook's trainer and streamed here.
-    with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop:
-        atomic_write_json(run_dir / RUN_FILE, {"preset": preset, "overrides": typed})
+    with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop, \
+            recorded(run_dir, {"preset": preset, "overrides": typed}):
         for notebook in chosen:
             output = run_dir / notebook
             echo(f"[nbgpt] {notebook} -> {output}")
@@ -141,25 +143,62 @@ def saved_overrides(run_dir: Path, preset: str) -> dict:
     return saved["overrides"]
 
 
-def check_same_model(preset: str, saved: dict, typed: dict, run_dir: Path) -> None:
-    """A run with checkpoints continues only the model it trains: a -p that changes the recipe, the model or
-    the optimizer is refused here, before any notebook runs and before run.json records it."""
+# The dataset's settings: another value rebuilds data/ (notebook 01), whose windows the checkpoints' position
+# no longer points into. prepare_workers is not one of them: the shards are the same whatever the count.
+DATA_SETTINGS = ("source", "source_path", "tokenizer", "shard_tokens", "val_fraction", "val_tokens", "max_tokens",
+                 "text_column", "errors")
+
+
+def check_continuable(preset: str, saved: dict, typed: dict, run_dir: Path) -> None:
+    """A run with checkpoints continues only the model it trains on the data it reads: a -p that changes the
+    recipe, the model, the optimizer, the dataset or the order of its windows (seq_len, total_batch_tokens,
+    shuffle and its seed) is refused here, before any notebook runs and before run.json records it. nproc and
+    micro_batch may change: the data position counts windows of the whole run (nbgpt.loader)."""
     checkpoints = run_dir / "checkpoints"
     if not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
         return
-
-    def identity(values: dict) -> dict:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConfigWarning)  # check_run has shown them once
-            train = RunConfig.from_preset(preset, values, run_dir).train
-        return {"recipe": train.recipe, "optimizer": train.optimizer,
-                **train.model_config(vocab_size=256).to_dict()}  # vocab comes from the data either way
-
-    before, now = identity(saved), identity(typed)
-    differ = [f"{name}={before[name]!r}" for name in before if before[name] != now[name]]
+    before, now = run_identity(preset, saved, run_dir), run_identity(preset, typed, run_dir)
+    differ = [f"{name}={before.get(name)!r}" for name in {**before, **now} if before.get(name) != now.get(name)]
     if differ:
         raise RunError(f"{run_dir} has checkpoints of a model trained with {', '.join(differ)}; resume with "
-                       f"those settings (drop the -p that changes them), or use --name for a new run")
+                       f"those settings (drop the -p that changes them; nproc and micro_batch may change), or "
+                       f"use --name for a new run")
+
+
+def run_identity(preset: str, values: dict, run_dir: Path) -> dict:
+    """The settings a run's checkpoints are bound to (see check_continuable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)  # check_run has shown them once
+        run = RunConfig.from_preset(preset, values, run_dir)
+    train = run.train
+    model = train.model_config(vocab_size=256).to_dict()  # vocab comes from the data either way
+    identity = {"recipe": train.recipe, "optimizer": train.optimizer, **model,
+                "seq_len": train.seq_len or model["block_size"], "total_batch_tokens": train.total_batch_tokens,
+                "shuffle": train.shuffle, "align_documents": train.align_documents,
+                **{name: getattr(run.prepare, name) for name in DATA_SETTINGS}}
+    if train.shuffle:  # the seed orders the windows only when they are shuffled
+        identity["seed"] = train.seed
+    return identity
+
+
+@contextlib.contextmanager
+def recorded(run_dir: Path, record: dict):
+    """Record this attempt's preset and -p values in run.json for the block; when the block fails before
+    training wrote a checkpoint, put the previous record back: the run never took those values (a notebook
+    refused them), and a plain --resume must go on working. A stop by signal keeps them: its resume line
+    continues with them."""
+    path, checkpoints = run_dir / RUN_FILE, run_dir / "checkpoints"
+    previous = read_json(path) if path.is_file() else None
+    newest = latest_checkpoint(checkpoints)
+    atomic_write_json(path, record)
+    try:
+        yield
+    except RunStopped:
+        raise
+    except BaseException:
+        if previous is not None and latest_checkpoint(checkpoints) == newest:
+            atomic_write_json(path, previous)
+        raise
 
 
 def _to_kernels(signum: int) -> None:

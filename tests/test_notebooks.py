@@ -169,6 +169,15 @@ def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
     assert other.returncode == 2 and "has checkpoints of a model trained with recipe='gpt2'" in other.stderr
     assert "[nbgpt] 01_tokenize" not in other.stdout  # refused before any notebook
     assert (tmp_path / "tiny" / "run.json").read_text() == saved  # and not recorded: --resume alone still works
+    for name, value, named in (("seq_len", "32", "seq_len=64"), ("total_batch_tokens", "2048", "total_batch_tokens=1024")):
+        order = nbgpt_run("--name", "tiny", "--resume", "-p", name, value, runs_dir=tmp_path)  # another data order
+        assert order.returncode == 2 and f"has checkpoints of a model trained with {named}; resume with" in order.stderr
+        assert "[nbgpt] 01_tokenize" not in order.stdout and (tmp_path / "tiny" / "run.json").read_text() == saved
+    # A -p that a notebook refuses (no such device here) is not kept: the run never took it.
+    elsewhere = nbgpt_run("--name", "tiny", "--resume", "-p", "device", "cuda:7", "--notebooks", "03_train.ipynb",
+                          runs_dir=tmp_path)
+    assert elsewhere.returncode == 2 and "03_train.ipynb failed in cell" in elsewhere.stderr
+    assert (tmp_path / "tiny" / "run.json").read_text() == saved
     again = nbgpt_run("--name", "tiny", "--resume", "-p", "max_steps", "9", "-p", "checkpoint_interval", "3",
                       runs_dir=tmp_path)  # the preset from run.json
     assert again.returncode == 0, again.stderr[-3000:]
