@@ -1,9 +1,11 @@
 """What a training checkpoint holds, and how a trainer takes it back.
 
 A resumed run must continue as if it had never stopped: the same weights and optimizer moments, the same loss
-scale, the data loader at the same batch, the same random streams, and the same schedule (step, the horizon
-fitted to a time budget, the training time spent). The payload keys below are a file format: checkpoints
-written by earlier versions must keep loading, so keys are only ever added, and read with defaults.
+scale, the data loader at the same sequence of the run, the same random streams, and the same schedule (step,
+the horizon fitted to a time budget, the training time spent). The data position counts sequences, not batches
+of one rank, so the run may continue with another nproc or micro_batch (nbgpt.loader). The payload keys below
+are a file format: checkpoints written by earlier versions must keep loading, so keys are only ever added, and
+read with defaults.
 """
 
 from __future__ import annotations
