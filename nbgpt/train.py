@@ -255,6 +255,11 @@ class Trainer:
         if self.dist.is_main:
             self.metrics.truncate_from(self.step)  # the steps after the checkpoint are about to be redone
         self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})")
+        saved = (payload["loader"]["world_size"], payload["loader"]["batch_size"])
+        if saved != (self.dist.world_size, self.train_loader.B):
+            self.log_event(f"trained so far on {saved[0]} process(es) x micro_batch {saved[1]}, now "
+                           f"{self.dist.world_size} x {self.train_loader.B} in {self.grad_accum_steps} micro-step(s): "
+                           f"each step reads the same sequences as before")
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:

@@ -146,6 +146,8 @@ def test_elastic_journey_two_processes_stopped_then_one_with_another_micro_batch
                     "-p", "nproc", "1", "-p", "micro_batch", "2", "-p", "eval_batches", "8")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"4 micro-step(s) per step · resuming at step {stopped_at}" in resumed.stdout
+    assert ("trained so far on 2 process(es) x micro_batch 4, now 1 x 2 in 4 micro-step(s): each step reads the "
+            "same sequences as before") in resumed.stdout
     assert positions(runs / "victim") == positions(runs / "straight")
     assert positions(runs / "straight")[15:17] == [(16, 0, 128), (17, 1, 8)] and len(positions(runs / "victim")) == 24
     ours, theirs = read_metrics(runs / "victim", "train"), read_metrics(runs / "straight", "train")

@@ -149,24 +149,27 @@ def test_resume_is_bit_exact(char_data, tmp_path, optimizer):
 def test_resume_with_another_micro_batch_reads_the_same_data_and_continues_the_schedule(char_data, tmp_path):
     """Stopped at micro_batch 8 (one micro-step), continued at micro_batch 2 (four): the same windows per step
     (the loader's position counts windows of the run), the same learning rates, the loss within float noise."""
-    kwargs = dict(max_steps=12, checkpoint_interval=6, eval_interval=0, shuffle=True, warmup_steps=3)
+    kwargs = dict(max_steps=8, checkpoint_interval=4, eval_interval=0, shuffle=True, warmup_steps=3)
     straight = Trainer(tiny_train_config(char_data, tmp_path / "straight", **kwargs))
     straight.fit()
     straight.close()
     first = Trainer(tiny_train_config(char_data, tmp_path / "split", **kwargs))
-    first.fit(until=6)
+    first.fit(until=4)
     first.close()
-    resumed = Trainer(tiny_train_config(char_data, tmp_path / "split", micro_batch=2, **kwargs))
-    assert (resumed.step, resumed.grad_accum_steps) == (6, 4)
+    lines = []
+    resumed = Trainer(tiny_train_config(char_data, tmp_path / "split", micro_batch=2, **kwargs), echo=lines.append)
+    assert (resumed.step, resumed.grad_accum_steps) == (4, 4)
+    assert any(line.startswith("trained so far on 1 process(es) x micro_batch 8, now 1 x 2 in 4 micro-step(s)")
+               for line in lines)
     resumed.fit()
     resumed.close()
     records = [read_metrics(tmp_path / run, "train") for run in ("straight", "split")]
     assert [(r["step"], r["lr"]) for r in records[1]] == [(r["step"], r["lr"]) for r in records[0]]
-    assert [r["loss"] for r in records[1][:6]] == [r["loss"] for r in records[0][:6]]
+    assert [r["loss"] for r in records[1][:4]] == [r["loss"] for r in records[0][:4]]
     assert [r["loss"] for r in records[1]] == pytest.approx([r["loss"] for r in records[0]], rel=1e-5)
     positions = [{k: load_latest(tmp_path / run / "checkpoints")["loader"][k] for k in ("epoch", "sequence")}
                  for run in ("straight", "split")]
-    assert positions[0] == positions[1] == {"epoch": 0, "sequence": 12 * 8}
+    assert positions[0] == positions[1] == {"epoch": 0, "sequence": 8 * 8}
     with pytest.raises(DataError, match="resume with total_batch_tokens=256 or start a new run"):
         Trainer(tiny_train_config(char_data, tmp_path / "split", micro_batch=2, total_batch_tokens=512, **kwargs))
 
