@@ -109,7 +109,8 @@ class DataLoader:
                 "step": self.state.sequence // (self.B * self.world_size), "split": self.split,
                 "batch_size": self.B, "seq_len": self.T, "world_size": self.world_size,
                 "step_sequences": self.step_sequences, "shuffle": self.shuffle, "seed": self.seed,
-                "align_documents": self.align_documents, "content_sha256": self.store.manifest["content_sha256"]}
+                "align_documents": self.align_documents, "content_sha256": self.store.manifest["content_sha256"],
+                "split_range": list(self.store.split_range(self.split))}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the saved loader stopped, with any batch_size and world_size that split its
@@ -132,10 +133,19 @@ class DataLoader:
             ours["seed"] = self.seed
         for key, value in ours.items():
             if state.get(key) != value:
+                fix = ("resume on the dataset the run was trained on" if key == "content_sha256" else
+                       f"resume with {key}={state.get(key)!r} (the data order depends on it)")
                 raise DataError(f"loader state was saved with {key}={state.get(key)!r} but this loader has "
-                                f"{key}={value!r}; resume with {key}={state.get(key)!r} (the data order depends "
-                                f"on it) or start a new run")
-        # a state of an earlier version predates step-aligned epochs: its position holds whatever the step
+                                f"{key}={value!r}; {fix} or start a new run")
+        # The same tokens split elsewhere (another val_fraction or val_tokens) make other windows. A state of an
+        # earlier version recorded no split range, nor a step: it predates step-aligned epochs, and its position
+        # holds whatever the step.
+        ours = list(self.store.split_range(self.split))
+        if state.get("split_range", ours) != ours:
+            (a, b), (c, d) = state["split_range"], ours
+            raise DataError(f"loader state was saved when the {self.split} split was tokens [{a}, {b}) of the "
+                            f"dataset, and it is [{c}, {d}) now (prepared with another val_fraction or val_tokens); "
+                            f"prepare the data as the run did, or start a new run")
         saved = state.get("step_sequences", self.step_sequences)
         if saved != self.step_sequences:  # checked after seq_len: tokens per step = sequences x the same T
             raise DataError(f"loader state was saved with {saved} sequences of {self.T} tokens per optimizer step "

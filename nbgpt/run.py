@@ -144,9 +144,10 @@ def saved_overrides(run_dir: Path, preset: str) -> dict:
 
 
 # The dataset's settings: another value rebuilds data/ (notebook 01), whose windows the checkpoints' position
-# no longer points into. prepare_workers is not one of them: the shards are the same whatever the count.
-DATA_SETTINGS = ("source", "source_path", "tokenizer", "shard_tokens", "val_fraction", "val_tokens", "max_tokens",
-                 "text_column", "errors")
+# no longer points into. Not prepare_workers (the shards are the same whatever the count) nor source_path
+# (another copy of the same hash-verified file).
+DATA_SETTINGS = ("source", "tokenizer", "shard_tokens", "val_fraction", "val_tokens", "max_tokens", "text_column",
+                 "errors")
 
 
 def check_continuable(preset: str, saved: dict, typed: dict, run_dir: Path) -> None:
