@@ -153,6 +153,10 @@ def test_a_position_in_another_order_is_refused_naming_the_setting(dataset, chan
         DataLoader(dataset, "train", **kwargs).load_state_dict(saved.state_dict())
     unshuffled = DataLoader(dataset, "train", batch_size=4, seq_len=16, step_sequences=STEP, seed=9)
     unshuffled.load_state_dict({**saved.state_dict(), "shuffle": False})  # the seed orders nothing here
+    other_data = {**saved.state_dict(), "content_sha256": "0" * 64}
+    with pytest.raises(DataError, match="content_sha256='0000.*; resume on the dataset the run was trained on"):
+        DataLoader(dataset, "train", batch_size=6, seq_len=16, world_size=2, shuffle=True, seed=3,
+                   step_sequences=STEP).load_state_dict(other_data)
     elsewhere = {**saved.state_dict(), "split_range": [0, 5000]}  # the same tokens, another val_fraction
     with pytest.raises(DataError, match=r"saved when the train split was tokens \[0, 5000\) of the dataset, and it "
                                         r"is \[0, \d+\) now \(prepared with another val_fraction"):
