@@ -159,7 +159,7 @@ def check_continuable(preset: str, saved: dict, typed: dict, run_dir: Path) -> N
     if not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
         return
     before, now = run_identity(preset, saved, run_dir), run_identity(preset, typed, run_dir)
-    differ = [f"{name}={before.get(name)!r}" for name in {**before, **now} if before.get(name) != now.get(name)]
+    differ = [f"{name}={value!r}" for name, value in before.items() if now.get(name) != value]
     if differ:
         raise RunError(f"{run_dir} has checkpoints of a model trained with {', '.join(differ)}; resume with "
                        f"those settings (drop the -p that changes them; nproc and micro_batch may change), or "
