@@ -54,10 +54,11 @@ def check_tracker(name: str) -> None:
 def wandb_can_log(wandb) -> bool:
     """Whether W&B is offline or disabled (no login needed), or has credentials (never prompting for them)."""
     try:
-        mode = wandb.setup().settings.mode
-    except Exception as exc:  # e.g. a WANDB_MODE it does not know
-        raise ConfigError(f"W&B settings are invalid ({first_line(exc)}): fix the WANDB_* variables") from None
-    return mode in ("offline", "dryrun", "disabled") or wandb.login(prompt=False, verify=False)
+        return (wandb.setup().settings.mode in ("offline", "dryrun", "disabled")
+                or wandb.login(prompt=False, verify=False))
+    except Exception as exc:  # a WANDB_MODE it does not know, a malformed key
+        raise ConfigError(f"W&B cannot start here ({first_line(exc)}): fix the WANDB_* variables, or run "
+                          f"`wandb login --relogin`") from None
 
 
 def first_line(exc: BaseException) -> str:
