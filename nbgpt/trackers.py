@@ -132,7 +132,13 @@ class WandbTracker:
         self.run.log({**scalars, **texts}, step=record["step"])
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() returns before W&B's service has written (offline) or sent everything; teardown waits for
+        # it, so a kernel that ends next loses nothing, and a resume in this process starts after it. It ends
+        # the process's W&B session: nbgpt's run is taken to be the only one.
+        wandb.teardown()
 
 
 def wandb_run_id(out_dir: Path, start_step: int) -> str:

@@ -5,6 +5,7 @@ one that breaks mid-run is one line in train.log, and training finishes."""
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from conftest import tiny_train_config
 from nbgpt.metrics import read_metrics
 from nbgpt.model import ConfigError
+from nbgpt.stop import TrainingStopped
 from nbgpt.train import TrainConfig, Trainer
 
 RUN = dict(max_steps=10, checkpoint_interval=4, eval_interval=4, sample_interval=5, sample_tokens=4)
@@ -31,17 +33,29 @@ def crash_after(step: int):
     return on_record
 
 
-def crash_and_resume(config: TrainConfig) -> None:
-    """Train to step 6 and die (checkpoints at 4), then resume from 4 in a new trainer and finish: steps 4-6
-    are trained twice, and metrics.jsonl keeps the second time only."""
+def sigterm_after(step: int):
+    def on_record(record: dict) -> None:
+        if record["kind"] == "train" and record["step"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: the trainer checkpoints after this step
+    return on_record
+
+
+def interrupted_twice(config: TrainConfig) -> None:
+    """Three attempts at one run. The first dies after step 6 (its newest checkpoint is step 4's), so the second
+    trains steps 4-6 again, and metrics.jsonl keeps that second time only; SIGTERM stops the second after step
+    7 with a checkpoint, and the third trains steps 8-9."""
     first = Trainer(config)
     with pytest.raises(Crash):
         first.fit(on_record=crash_after(6))
     first.close()
-    resumed = Trainer(config)
-    assert resumed.step == 4
-    resumed.fit()
-    resumed.close()
+    second = Trainer(config)
+    assert second.step == 4
+    with pytest.raises(TrainingStopped):
+        second.fit(on_record=sigterm_after(7))  # closes the trainer, and with it the tracker
+    third = Trainer(config)
+    assert third.step == 8
+    third.fit()
+    third.close()
     assert [r["step"] for r in read_metrics(config.out_dir, "train")] == list(range(10))
 
 
@@ -53,8 +67,8 @@ def test_tensorboard_shows_metrics_jsonl_with_each_step_once_after_a_crash_and_r
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as TensorReader
 
     run = tmp_path / "run"
-    crash_and_resume(tiny_train_config(char_data, run, tracker="tensorboard", **RUN))
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per attempt
+    interrupted_twice(tiny_train_config(char_data, run, tracker="tensorboard", **RUN))
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 3  # one per attempt
     board = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     board.Reload()
     train = read_metrics(run, "train")
@@ -71,8 +85,8 @@ def test_tensorboard_shows_metrics_jsonl_with_each_step_once_after_a_crash_and_r
     samples = [(e.step, e.tensor_proto.string_val[0].decode()) for e in texts.Tensors("sample/text/text_summary")]
     assert samples == [(r["step"], r["text"]) for r in read_metrics(run, "sample")] and samples
     configs = [(e.step, e.tensor_proto.string_val[0].decode()) for e in texts.Tensors("config/text_summary")]
-    assert [step for step, _ in configs] == [0, 4]  # each attempt says what it trains, where
-    assert '"precision": "fp32"' in configs[1][1] and '"device": "cpu"' in configs[1][1]
+    assert [step for step, _ in configs] == [0, 4, 8]  # each attempt says what it trains, where
+    assert '"precision": "fp32"' in configs[-1][1] and '"device": "cpu"' in configs[-1][1]
 
 
 # TensorBoard's writer thread dies with the error, and Python prints its traceback, before the trainer hears of it
@@ -121,9 +135,10 @@ def wandb_records(path: Path):
 
 
 def wandb_attempt(folder: Path) -> dict:
-    """One offline W&B run folder: its run id, its history {step: {key: value}} and its config."""
+    """One offline W&B run folder: its run id, its history {step: {key: value}}, its config, and whether it
+    ends with the record of the run's end."""
     (path,) = folder.glob("run-*.wandb")
-    history, config, run_id = {}, {}, None
+    history, config, run_id, exited = {}, {}, None, False
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -133,7 +148,8 @@ def wandb_attempt(folder: Path) -> dict:
             history[items["_step"]] = items
         elif kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
-    return {"id": run_id, "history": history, "config": config}
+        exited = kind == "exit"
+    return {"id": run_id, "history": history, "config": config, "exited": exited}
 
 
 def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_run(char_data, tmp_path,
@@ -144,16 +160,17 @@ def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_r
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
-    crash_and_resume(tiny_train_config(char_data, run, tracker="wandb", **RUN))
+    interrupted_twice(tiny_train_config(char_data, run, tracker="wandb", **RUN))
 
-    first, second = [wandb_attempt(folder) for folder in sorted((run / "wandb").glob("offline-run-*"))]
+    attempts = [wandb_attempt(folder) for folder in sorted((run / "wandb").glob("offline-run-*"))]
     run_id = json.loads((run / "tracker.json").read_text())["wandb_run_id"]
-    assert first["id"] == second["id"] == run_id  # the resume continues the same W&B run
-    assert [s for s, row in second["history"].items() if "train/loss" in row] == list(range(4, 10))
-    assert [s for s, row in first["history"].items() if "train/loss" in row] == list(range(7))
+    assert [attempt["id"] for attempt in attempts] == [run_id] * 3  # each resume continues the same W&B run
+    assert all(attempt["exited"] for attempt in attempts)  # each was written whole before the next began
+    assert [[s for s, row in attempt["history"].items() if "train/loss" in row] for attempt in attempts] == [
+        list(range(7)), list(range(4, 8)), list(range(8, 10))]
     # Offline, W&B cannot know which steps it holds: both attempts carry 4-6, equal but for timings (the
     # resume is bit-exact); synced in order, the later one is what metrics.jsonl kept.
-    merged = {**first["history"], **second["history"]}
+    merged = {step: row for attempt in attempts for step, row in attempt["history"].items()}
     for record in read_metrics(run, "train"):
         row = merged[record["step"]]
         assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
@@ -162,7 +179,7 @@ def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_r
         (r["step"], r["val_loss"]) for r in read_metrics(run, "eval")]
     assert [(s, row["sample/text"]) for s, row in merged.items() if "sample/text" in row] == [
         (r["step"], r["text"]) for r in read_metrics(run, "sample")]
-    assert {key: second["config"][key] for key in ("device", "precision", "max_steps", "tracker")} == {
+    assert {key: attempts[-1]["config"][key] for key in ("device", "precision", "max_steps", "tracker")} == {
         "device": "cpu", "precision": "fp32", "max_steps": 10, "tracker": "wandb"}
 
 
