@@ -8,9 +8,9 @@ folder gone) it is said once in train.log and stays off for the rest of the proc
 A resumed run continues the same tracker run from the checkpoint's step, where metrics.jsonl continues:
 - TensorBoard: a new event file whose purge_step is that step, so TensorBoard drops the older files' events
   at and after it, as metrics.jsonl dropped its records.
-- W&B: the run's id is kept in <run dir>/tracker.json and the run resumed. W&B's history cannot be rewound
-  (that is a server feature in preview), so the steps between the checkpoint and the interruption that W&B
-  already holds keep the values first logged; a resume is bit-exact, so their loss, lr and grad_norm are the
+- W&B: the run's id is kept in <run dir>/tracker.json and the run resumed. Its history is not rewound (W&B's
+  `resume_from` is a beta feature that not every server offers), so the steps between the checkpoint and
+  the interruption that W&B already holds keep the values first logged; a resume is bit-exact, so their loss, lr and grad_norm are the
   ones the redone steps compute. Offline, W&B cannot know which steps it holds: each attempt is a folder of
   its own under <run dir>/wandb/, with every step it trained.
 """

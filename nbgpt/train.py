@@ -115,7 +115,7 @@ class TrainConfig:
             raise ConfigError(f"embedding_lr_scale must be positive (1 = the same learning rate as the rest), "
                               f"got {self.embedding_lr_scale}")
         if self.tracker not in TRACKERS:
-            raise ConfigError(f"tracker must be {', '.join(TRACKERS)}, got {self.tracker!r}")
+            raise ConfigError(f"tracker must be none, wandb or tensorboard, got {self.tracker!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("total_batch_tokens", "micro_batch", "max_steps"):

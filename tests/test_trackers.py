@@ -216,5 +216,5 @@ def test_wandb_without_a_login_stops_nbgpt_run_before_the_first_notebook(tmp_pat
 
 
 def test_an_unknown_tracker_is_named():
-    with pytest.raises(ConfigError, match=r"^tracker must be none, wandb, tensorboard, got 'wandbb'$"):
+    with pytest.raises(ConfigError, match=r"^tracker must be none, wandb or tensorboard, got 'wandbb'$"):
         TrainConfig(tracker="wandbb")
