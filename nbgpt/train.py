@@ -298,12 +298,12 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        """Close the tracker, release the run directory and leave the process group; the trainer cannot train
-        afterwards."""
-        self.metrics.close()
+        """Release the run directory and leave the process group, then close the tracker (it may wait on its
+        uploads, and no other rank waits on it); the trainer cannot train afterwards."""
         if self.lock is not None:
             self.lock.release()
         shutdown(self.dist)
+        self.metrics.close()
 
     # --------------------------------------------------------------------------------------------- steps
 
