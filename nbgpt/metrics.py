@@ -2,7 +2,9 @@
 
 Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu; a step skipped for a
 non-finite loss or gradient has "nonfinite": true and null where a number was not finite), "eval"
-(step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "event" (message).
+(step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "config" (step training
+starts or resumes at, device, precision, world_size, parameters, and config: every TrainConfig field),
+"event" (message). With a tracker (nbgpt.trackers), each record written goes there too.
 """
 
 from __future__ import annotations
@@ -26,10 +28,24 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tracker = None  # W&B or TensorBoard, once mirror_to gives one
+
+    def mirror_to(self, tracker) -> None:
+        """Send every record written from now on to `tracker` too (an nbgpt.trackers.Mirror, or None)."""
+        self.tracker = tracker
 
     def write(self, record: dict) -> None:
+        record = strict(record)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(strict(record), allow_nan=False) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.tracker is not None:  # after the file: the tracker sees only what the record holds
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        """Close the tracker (the file needs nothing: each record was flushed)."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def truncate_from(self, step: int) -> None:
         """Drop records of `step` and later: a run resumed from the checkpoint of `step` redoes them."""

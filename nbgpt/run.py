@@ -24,6 +24,7 @@ from .processes import children, signal_tree
 from .run_config import RunConfig, typed_values
 from .runlock import RunLock
 from .stop import StopSignals, signal_name
+from .trackers import check_tracker
 
 RUN_FILE = "run.json"  # the preset and -p values the run was started with
 # The kernel's own start-up notices (e.g. that its sockets are local TCP without encryption) say nothing
@@ -52,13 +53,13 @@ def notebooks_dir() -> Path:
 def check_run(preset: str, overrides: dict, run_dir: Path, echo=print) -> dict:
     """Build the run's whole RunConfig before any notebook starts; returns the overrides, typed.
 
-    A bad value, an unknown name or a batch that does not split over nproc stops here, in a second, rather
-    than notebooks later; settings that contradict each other are echoed as warnings.
+    A bad value, an unknown name, a batch that does not split over nproc or a tracker that cannot work stops
+    here, in a second, rather than notebooks later; settings that contradict each other are echoed as warnings.
     """
     try:
         with config_warnings_to(lambda line: echo(f"[nbgpt] {line}")):
             typed = typed_values(overrides)
-            RunConfig.from_preset(preset, typed, run_dir)
+            check_tracker(RunConfig.from_preset(preset, typed, run_dir).train.tracker)  # not installed, no login
     except ConfigError as exc:
         raise RunError(f"invalid configuration: {exc}") from None
     return typed

@@ -35,6 +35,7 @@ from .runlock import RunLock
 from .schedule import Clock, Schedule, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
 from .stop import StopSignals, TrainingStopped, signal_name
+from .trackers import TRACKERS, check_tracker, open_tracker
 from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, open_store,
                           start_runtime, wrap_model)
 
@@ -94,6 +95,10 @@ class TrainConfig:
     shuffle: bool = False
     align_documents: bool = False
     progress: bool = True
+    # watching from elsewhere: every metrics.jsonl record mirrored to "wandb" or "tensorboard" (nbgpt.trackers)
+    tracker: str = "none"
+    tracker_project: str = "nbgpt"  # the W&B project
+    tracker_run_name: str | None = None  # the W&B run's name (None: the run directory's name)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -109,6 +114,8 @@ class TrainConfig:
         if not self.embedding_lr_scale > 0.0:
             raise ConfigError(f"embedding_lr_scale must be positive (1 = the same learning rate as the rest), "
                               f"got {self.embedding_lr_scale}")
+        if self.tracker not in TRACKERS:
+            raise ConfigError(f"tracker must be none, wandb or tensorboard, got {self.tracker!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("total_batch_tokens", "micro_batch", "max_steps"):
@@ -195,6 +202,7 @@ class Trainer:
     its extras timed by schedule. What stays here is the loop itself: train_step, evaluate and fit."""
 
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print):
+        check_tracker(config.tracker)  # a tracker that cannot work is refused now, on every rank alike
         self.config = config
         self.echo = echo
         setup_warnings: list[str] = []  # e.g. a forced precision this CPU only emulates; train.log gets them
@@ -204,12 +212,14 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.progress = ProgressLog(self.out_dir / "train.log", echo, config.log_interval, config.max_seconds)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.lock = None
         try:
             # Two trainers writing one run directory would interleave checkpoints and logs: refuse the second.
             self.lock = RunLock(self.out_dir).acquire() if self.dist.is_main else None
             self._build(runtime)
             self._resume()
+            self._start_records()
             self.log_event(f"device {self.device} · precision {self.precision} (asked: {config.precision}) · "
                            f"{self.model.num_params():,} parameters · {self.grad_accum_steps} micro-step(s) per "
                            f"step · {'resuming at' if self.step else 'starting at'} step {self.step}")
@@ -241,7 +251,6 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.divergence = DivergenceGuard(config.max_bad_steps, self.checkpoint_dir)
         self._hellaswag_examples = None
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
 
     def _resume(self) -> None:
         """Continue from the newest good checkpoint, if any; the metrics log keeps only the steps it covers."""
@@ -260,6 +269,15 @@ class Trainer:
             self.log_event(f"trained so far on {saved[0]} process(es) x micro_batch {saved[1]}, now "
                            f"{self.dist.world_size} x {self.train_loader.B} in {self.grad_accum_steps} micro-step(s): "
                            f"each step reads the same sequences as before")
+
+    def _start_records(self) -> None:
+        """From the step training starts at, the tracker (if any) follows metrics.jsonl, whose first record
+        there says what is trained where: the configuration, device and precision."""
+        if self.dist.is_main:  # rank 0 alone writes records
+            self.metrics.mirror_to(open_tracker(self.config, self.step, self.log_event))
+        self.log({"kind": "config", "step": self.step, "device": str(self.device), "precision": self.precision,
+                  "world_size": self.dist.world_size, "parameters": self.model.num_params(),
+                  "config": asdict(self.config)})
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -285,10 +303,12 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        """Release the run directory and leave the process group; the trainer cannot train afterwards."""
+        """Release the run directory and leave the process group, then close the tracker (it may wait on its
+        uploads, and no other rank waits on it); the trainer cannot train afterwards."""
         if self.lock is not None:
             self.lock.release()
         shutdown(self.dist)
+        self.metrics.close()
 
     # --------------------------------------------------------------------------------------------- steps
 

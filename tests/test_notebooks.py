@@ -44,7 +44,7 @@ def char_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     result = nbgpt_run("--preset", "tiny", "-p", "max_steps", "12", "-p", "n_layer", "1", "-p", "prompt", "JULIET:",
                        "-p", "weight_decay", "0.05", "-p", "bias", "False", "-p", "compile", "false", "-p", "errors",
-                       "replace", "-p", "top_p", "none", runs_dir=runs)
+                       "replace", "-p", "top_p", "none", "-p", "tracker", "tensorboard", runs_dir=runs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return runs / "tiny", result.stdout
 
@@ -102,6 +102,11 @@ def test_parameter_overrides_take_effect(char_run):
     assert not any(name.endswith(".bias") for name in checkpoint["model"])  # a GPTConfig field set by -p
     assert (run_dir / "samples.txt").read_text().count("JULIET:") == 2  # num_return_sequences=2 in the preset
     assert [r["step"] for r in read_metrics(run_dir, "train")] == list(range(12))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tensorboard"))  # the tracker knob reached the training notebook
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == list(range(12))
 
 
 def test_plots_are_pngs_of_the_logged_curves(char_run):

@@ -18,6 +18,11 @@ def test_environment_yml_matches_pyproject():
     assert sorted(conda_pip_requirements()) == sorted(declared)
 
 
+def test_the_tests_install_every_optional_tracker():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["wandb"] + extras["tensorboard"]) <= set(extras["dev"])
+
+
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
