@@ -101,17 +101,27 @@ def test_reduced_precision_paths_on_cpu(char_data, tmp_path, precision, recipe):
     assert trainer.peak == peak_flops(trainer.device, "fp32" if emulated else precision)
 
 
-def test_fp16_scaler_skips_injected_inf_gradients(char_data, tmp_path):
-    trainer = Trainer(tiny_train_config(char_data, tmp_path / "r", precision="fp16"))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("where", ["wte.weight", "lm_head.weight", "h.0.mlp.c_fc.weight"])
+def test_fp16_overflow_anywhere_skips_the_whole_step(char_data, tmp_path, optimizer, where):
+    """An inf in any one gradient (under Muon + AdamW: in either optimizer's share) changes no parameter in
+    any optimizer, and the scaler still halves its scale; the next step goes through."""
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "r", precision="fp16", optimizer=optimizer,
+                                        tie_embeddings=False))
     trainer.train_step()
+    trainer.train_step()  # the untied head starts at zero: give every parameter a nonzero gradient first
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    handle = trainer.model.wte.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    param = trainer.model.get_parameter(where)
+    handle = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    scale = trainer.scaler.get_scale()
     record = trainer.train_step()
     handle.remove()
     assert record["skipped"] and record["loss"] == record["loss"]  # loss finite, step skipped
+    assert record["grad_scale"] == scale and trainer.scaler.get_scale() == scale / 2
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p, before[name]), name
     assert not trainer.train_step()["skipped"]  # the next step, with a lower scale, goes through
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(char_data, tmp_path):
