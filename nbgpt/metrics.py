@@ -1,8 +1,9 @@
 """Training logs as JSON Lines: one object per line, written by the trainer, read by plots and notebooks.
 
-Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu; a step skipped for a
-non-finite loss or gradient has "nonfinite": true and null where a number was not finite), "eval"
-(step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "event" (message).
+Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu, null on a GPU whose
+peak is unknown; a step skipped for a non-finite loss or gradient has "nonfinite": true and null where a number was
+not finite), "eval" (step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "event"
+(message).
 """
 
 from __future__ import annotations

@@ -213,6 +213,9 @@ class Trainer:
             self.log_event(f"device {self.device} · precision {self.precision} (asked: {config.precision}) · "
                            f"{self.model.num_params():,} parameters · {self.grad_accum_steps} micro-step(s) per "
                            f"step · {'resuming at' if self.step else 'starting at'} step {self.step}")
+            if self.peak is None:
+                self.log_event(f"MFU not reported: peak unknown for {torch.cuda.get_device_name(self.device)} in "
+                               f"{self.precision} (nbgpt.device.GPU_PEAK_FLOPS has no datasheet figure for it)")
             for line in setup_warnings:
                 self.log_event(line)
         except BaseException:
@@ -233,7 +236,8 @@ class Trainer:
         self.forward_model, self.train_model = wrap_model(self.model, config, runtime)
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len,
                                                non_embedding_params=self.model.num_params(non_embedding=True))
-        self.peak = None  # the device's peak FLOP/s, measured at the first step (for MFU)
+        peak = peak_flops(self.device, self.precision)  # None: a GPU with no datasheet figure (MFU unknown)
+        self.peak = None if peak is None else peak * self.dist.world_size  # the run's peak FLOP/s, for MFU
         self.schedule = Schedule(config)
         self.step = 0
         self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
@@ -319,11 +323,9 @@ class Trainer:
         synchronize(self.device)
         dt = time.perf_counter() - start
         tokens_per_s = config.total_batch_tokens / dt
-        if self.peak is None:
-            self.peak = peak_flops(self.device, self.precision) * self.dist.world_size
         record = {"kind": "train", "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                   "dt": dt, "tokens_per_s": tokens_per_s,
-                  "mfu": tokens_per_s * self.flops_per_token / self.peak, **outcome}
+                  "mfu": None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak, **outcome}
         self.step += 1
         return record
 

@@ -55,6 +55,25 @@ def test_schedule_figure_draws_the_logged_learning_rate_and_clip(budget_run):
     assert norm_axes.get_lines()[1].get_ydata()[0] == 1.0
 
 
+def test_a_run_on_a_gpu_of_unknown_peak_logs_and_plots_without_mfu(budget_run, tmp_path):
+    """A GPU missing from the peak table writes "mfu": null; progress lines and figures take that."""
+    from nbgpt.metrics import MetricsLog
+    from nbgpt.plots import loss_figure, schedule_figure
+    from nbgpt.progress import format_record
+
+    out, _ = budget_run
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for record in read_metrics(out):
+        log.write({**record, "mfu": None} if record["kind"] == "train" else record)
+    train = read_metrics(tmp_path, "train")
+    assert train and all(r["mfu"] is None for r in train)
+    line = format_record(train[-1], 40, 12.0, 0.3)
+    assert " | MFU n/a | " in line and line.startswith("step     39/40 | loss ")
+    assert format_record({**train[-1], "mfu": 0.1234}, 40, 12.0, 0.3).count(" | MFU 12.3% | ") == 1
+    assert len(loss_figure(tmp_path).axes[0].get_lines()) >= 1
+    assert list(schedule_figure(tmp_path).axes[0].get_lines()[0].get_ydata()) == [r["lr"] for r in train]
+
+
 def test_evaluation_figure_has_no_empty_hellaswag_chart(budget_run):
     from nbgpt.plots import evaluation_figure
 

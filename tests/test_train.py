@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_train_config
 from nbgpt.checkpoint import CheckpointError, load_latest
-from nbgpt.device import DTYPES, cpu_matmul_speedup, peak_flops
+from nbgpt.device import DTYPES, GPU_PEAK_FLOPS, cpu_matmul_speedup, gpu_peak_flops, peak_flops
 from nbgpt.metrics import read_metrics
 from nbgpt.model import GPT, ConfigError
 from nbgpt.divergence import TrainingDiverged
@@ -99,6 +99,22 @@ def test_reduced_precision_paths_on_cpu(char_data, tmp_path, precision, recipe):
     emulated = cpu_matmul_speedup(DTYPES[precision]) < 1.0
     assert any(line.startswith(f"warning: precision='{precision}' runs this CPU's matmuls at") for line in log) == emulated
     assert trainer.peak == peak_flops(trainer.device, "fp32" if emulated else precision)
+
+
+def test_gpu_peaks_are_matched_by_exact_name_and_unknown_is_none():
+    """Datasheet dense peaks by the exact name torch gives; a similar name borrows nothing (MFU unknown)."""
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12  # SXM
+    assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert gpu_peak_flops("NVIDIA H100 NVL", "bf16") == 835e12
+    assert gpu_peak_flops("NVIDIA L40S", "bf16") == 362e12 and gpu_peak_flops("NVIDIA L4", "bf16") == 121e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB", "fp32") == gpu_peak_flops("NVIDIA A100 80GB PCIe", "fp32") == 156e12
+    assert gpu_peak_flops("Tesla T4", "fp16") == 65e12 and gpu_peak_flops("Tesla T4", "fp32") == 8.1e12
+    for name in GPU_PEAK_FLOPS:  # dense figures, every one of them below the densest card's
+        assert all(0 < peak <= 989e12 for peak in GPU_PEAK_FLOPS[name].values()), name
+    for unknown in ("NVIDIA H100", "NVIDIA L40", "NVIDIA A100-SXM4-40GB MIG 1g.5gb", "NVIDIA GeForce RTX 4090",
+                    "Tesla T4 "):
+        assert gpu_peak_flops(unknown, "bf16") is None and gpu_peak_flops(unknown, "fp16") is None, unknown
+    assert gpu_peak_flops("Tesla T4", "bf16") is None  # no native bf16 on a T4
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
