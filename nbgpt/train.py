@@ -276,8 +276,9 @@ class Trainer:
         finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
         if not finite:
             self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
+        rng = train_state.rng_state(self.device, self.dist)  # gathered from every rank
         if self.dist.is_main and finite:
-            path = save_checkpoint(self.checkpoint_dir, self.step, train_state.capture(self),
+            path = save_checkpoint(self.checkpoint_dir, self.step, train_state.capture(self, rng),
                                    keep=self.config.keep_checkpoints)
         if self.dist.enabled:
             torch.distributed.barrier()

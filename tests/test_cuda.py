@@ -12,6 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import prepared_works, tiny_train_config
+from nbgpt.checkpoint import load_latest
 from nbgpt.metrics import read_metrics
 from nbgpt.train import Trainer
 
@@ -125,7 +126,6 @@ def test_attention_runs_on_the_fused_kernels(dtype):
 
 
 def test_nccl_ddp_two_gpus_match_one(char_data, tmp_path):
-    from nbgpt.checkpoint import load_latest
     from nbgpt.distributed import launch
 
     count = torch.cuda.device_count()
@@ -141,6 +141,16 @@ def test_nccl_ddp_two_gpus_match_one(char_data, tmp_path):
     assert one["step"] == two["step"] == 2
     for name, tensor in one["model"].items():  # TF32 rounds differently for a batch of 8 and two of 4
         torch.testing.assert_close(tensor, two["model"][name], atol=1e-4, rtol=1e-3)
+    assert [state.dtype for state in two["rng"]["cuda_per_rank"]] == [torch.uint8] * 2  # each rank's own GPU's
+
+
+def test_resume_restores_this_ranks_own_cuda_generator(char_data, tmp_path):
+    common = dict(max_steps=6, checkpoint_interval=3, eval_interval=0, dropout=0.1)
+    Trainer(cuda_config(char_data, tmp_path / "r", **common)).fit(until=3)
+    saved = load_latest(tmp_path / "r" / "checkpoints")["rng"]["cuda_per_rank"]
+    torch.cuda.manual_seed_all(12345)  # another stream, which the resume must replace
+    resumed = Trainer(cuda_config(char_data, tmp_path / "r", **common))
+    assert resumed.step == 3 and torch.equal(torch.cuda.get_rng_state(resumed.device), saved[0])
 
 
 def test_parity_with_transformers_on_cuda(tmp_path):

@@ -16,6 +16,7 @@ from nbgpt.metrics import read_metrics
 from nbgpt.model import GPT, ConfigError
 from nbgpt.divergence import TrainingDiverged
 from nbgpt.train import TrainConfig, Trainer, lr_at
+from nbgpt.train_state import saved_cuda_state
 
 
 def train_losses(run_dir):
@@ -249,6 +250,8 @@ def test_ddp_two_gloo_processes_match_one(char_data, tmp_path, monkeypatch, reci
     one = load_latest(tmp_path / "one" / "checkpoints")
     two = load_latest(tmp_path / "two" / "checkpoints")
     assert one["step"] == two["step"] == 2
+    # every rank's CUDA generator is gathered into the checkpoint (gloo ranks have none)
+    assert one["rng"]["cuda_per_rank"] == [None] and two["rng"]["cuda_per_rank"] == [None, None]
     # Muon normalises each update: the speedrun's zero-initialised projections get near-zero first gradients,
     # whose rounding-level differences (two partial sums instead of one) it scales up to ~lr/30 in a few entries
     atol = 2e-4 if recipe == "speedrun" else 2e-6
@@ -279,6 +282,19 @@ def test_ddp_keeps_gradients_in_its_buckets_and_resends_no_buffers(char_data, tm
         assert len(storages) < len(list(model.parameters())) / 4  # a few buckets, not one buffer per gradient
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_each_rank_takes_back_its_own_cuda_generator_state():
+    """Checkpoints list every rank's CUDA state; a rank takes its own, and one the checkpoint did not have
+    (another world size, a CPU run) keeps its seeded generator. Older checkpoints held rank 0's GPUs only."""
+    first, second = torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)
+    per_rank = {"cuda_per_rank": [first, second]}
+    assert saved_cuda_state(per_rank, 0) is first and saved_cuda_state(per_rank, 1) is second
+    assert saved_cuda_state(per_rank, 2) is None  # saved by 2 ranks, resumed by 3
+    assert saved_cuda_state({"cuda_per_rank": [None, None]}, 1) is None  # saved on gloo/CPU
+    old = {"cuda": [first, second]}  # rank 0's view: its own cuda:0, and cuda:1 it never drew from
+    assert saved_cuda_state(old, 0) is first and saved_cuda_state(old, 1) is None
+    assert saved_cuda_state({}, 0) is None
 
 
 def test_kill9_mid_run_then_resume_matches_uninterrupted(char_data, tmp_path):
