@@ -5,6 +5,8 @@ tensor cores, fp16 with a GradScaler, torch.compile beside evaluation, HellaSwag
 the fused attention kernels, pinned batches, NCCL, and parity with transformers. Each takes seconds.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,6 +144,22 @@ def test_nccl_ddp_two_gpus_match_one(char_data, tmp_path):
     for name, tensor in one["model"].items():  # TF32 rounds differently for a batch of 8 and two of 4
         torch.testing.assert_close(tensor, two["model"][name], atol=1e-4, rtol=1e-3)
     assert [state.dtype for state in two["rng"]["cuda_per_rank"]] == [torch.uint8] * 2  # each rank's own GPU's
+
+
+def test_launcher_warns_while_its_own_process_holds_gpu_memory():
+    """In a fresh process (this one's earlier tests may hold memory): 256 MiB held, then freed."""
+    script = ("import torch\n"
+              "from nbgpt.distributed import held_gpu_memory_warning as warning\n"
+              "print(warning())\n"
+              "held = torch.empty(256, 2**20, dtype=torch.uint8, device='cuda')\n"
+              "print(warning())\n"
+              "del held\n"
+              "torch.cuda.empty_cache()\n"
+              "print(warning())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    before, held, freed = result.stdout.splitlines()
+    assert before == freed == "None", result.stdout + result.stderr
+    assert held.startswith("warning: this process holds 0.25 GiB of GPU memory") and "empty_cache()" in held
 
 
 def test_resume_restores_this_ranks_own_cuda_generator(char_data, tmp_path):

@@ -297,6 +297,17 @@ def test_each_rank_takes_back_its_own_cuda_generator_state():
     assert saved_cuda_state({}, 0) is None
 
 
+def test_workers_get_expandable_segments_unless_the_user_chose_allocator_settings():
+    from nbgpt.distributed import worker_environment
+
+    env = worker_environment({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "PYTHONUNBUFFERED": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}
+    assert worker_environment(mine)["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
+    newer = worker_environment({"PYTORCH_ALLOC_CONF": "expandable_segments:False"})  # torch's newer name wins
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in newer and newer["PYTORCH_ALLOC_CONF"] == "expandable_segments:False"
+
+
 def test_kill9_mid_run_then_resume_matches_uninterrupted(char_data, tmp_path):
     kwargs = dict(max_steps=40, checkpoint_interval=5, eval_interval=10)
     reference = run_cli_train(tiny_train_config(char_data, tmp_path / "ref", **kwargs))  # same threads as below
