@@ -5,8 +5,10 @@ tensor cores, fp16 with a GradScaler, torch.compile beside evaluation, HellaSwag
 the fused attention kernels, pinned batches, NCCL, and parity with transformers. Each takes seconds.
 """
 
+import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,20 @@ def test_launcher_warns_while_its_own_process_holds_gpu_memory():
     before, held, freed = result.stdout.splitlines()
     assert before == freed == "None", result.stdout + result.stderr
     assert held.startswith("warning: this process holds 0.25 GiB of GPU memory") and "empty_cache()" in held
+
+
+def test_speedup_table_gives_back_all_gpu_memory(char_data, tmp_path):
+    """notebook 03's table, at a micro-batch far above the one it times, in a fresh process: nothing stays
+    reserved for the training processes to miss."""
+    config = cuda_config(char_data, tmp_path / "r", micro_batch=64)
+    script = ("import json, sys, torch\n"
+              "from nbgpt.speedups import speedup_table\n"
+              "from nbgpt.train import TrainConfig\n"
+              "rows = speedup_table(TrainConfig.from_dict(json.loads(sys.argv[1])))\n"
+              "print(len(rows), torch.cuda.max_memory_allocated() > 0, torch.cuda.memory_reserved())\n")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(asdict(config))], capture_output=True,
+                            text=True, timeout=300)
+    assert result.stdout.split() == ["6", "True", "0"], result.stdout + result.stderr[-3000:]
 
 
 def test_resume_restores_this_ranks_own_cuda_generator(char_data, tmp_path):

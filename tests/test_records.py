@@ -1,6 +1,8 @@
 """What the notebooks show is what happened: evaluation points under a time budget, the schedule as logged,
 no empty charts, attention weights that are the model's own, the optimizer's real parameter groups."""
 
+import gc
+
 import matplotlib
 import pytest
 import torch
@@ -117,9 +119,21 @@ def test_speedup_table_times_what_this_machine_can_show(budget_run):
     from nbgpt.speedups import speedup_table
 
     out, trainer = budget_run
+    models = lambda: sum(isinstance(o, GPT) for o in gc.get_objects())
+    before = models()
     rows = {r["speed-up"]: r for r in speedup_table(trainer.config)}
+    gc.collect()
+    assert models() == before  # its model (and what it holds) is gone with the call
     assert set(rows) >= {"TF32 matmuls", "torch.compile", "flash attention", "fused AdamW", "vocab 50257 → 50304"}
     for name in ("flash attention", "fused AdamW", "vocab 50257 → 50304"):
         assert float(rows[name]["baseline ms"]) > 0 and float(rows[name]["speed-up ×"]) > 0
     if not torch.cuda.is_available():
         assert rows["TF32 matmuls"]["speed-up ×"].startswith("needs a GPU")
+
+
+def test_speedup_table_times_a_small_micro_batch_on_gpus_only():
+    from nbgpt.speedups import SPEEDUP_MICRO_BATCH, timing_micro_batch
+
+    assert SPEEDUP_MICRO_BATCH == 4
+    assert timing_micro_batch(64, torch.device("cuda")) == 4 and timing_micro_batch(2, torch.device("cuda")) == 2
+    assert timing_micro_batch(64, torch.device("cpu")) == 64  # a CPU times the run's own shapes
