@@ -122,8 +122,7 @@ def launch(config, nproc: int, echo=print, **node) -> int:
     and torchrun's workers run beside it. The launcher owns the run directory (its lock) while they run, and
     they, its descendants, are admitted to it. SIGTERM/SIGINT reaching the launcher are passed to torchrun,
     which passes them to the workers; they stop together with a checkpoint and this raises TrainingStopped.
-    Raises RuntimeError if the workers fail. GPU memory this process still holds is memory the workers lack:
-    that is said first, in one line (held_gpu_memory_warning).
+    Raises RuntimeError if the workers fail. GPU memory this process holds, the workers lack: it says so first.
     """
     from dataclasses import asdict
 
