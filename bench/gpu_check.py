@@ -7,18 +7,26 @@ Sections (each either figures or the reason it was skipped, all in one JSON and 
   speedrun      the speedrun recipe's training tokens/s, step time and peak memory at the 2×T4 preset's
                 micro-batch and precision, one GPU: the figure bench/t4_plan.py turns into a Kaggle plan
   compiled_run  a compiled Trainer with periodic validation, HellaSwag and sampling in the same process
-  decoding      nbgpt's KV-cached decoding against transformers' `generate`, greedy, batch 1
-  hellaswag     examples/s of nbgpt's batched scorer
-  notebook      notebooks 01 and 03 through papermill, the gpt2-124m preset shrunk to a few steps
-The run is time-boxed (--budget-s): rows that no longer fit are skipped, saying so. Without CUDA every section
-is skipped with the reason; --smoke runs them all on the CPU, eager, with a two-layer model (the test suite does, so
-this script cannot rot). Reports go to --out (default bench/out/) as gpu_check.{json,md}, and to $OUT if set.
-Usage: python bench/gpu_check.py [--smoke] [--budget-s 390] [--out DIR]
+  decoding      nbgpt's KV-cached decoding against transformers' `generate`, greedy, batch 1; the fp32 tokens
+                compared at "highest" matmul precision (TF32 would make them differ for reasons of its own)
+  hellaswag     examples/s of nbgpt's shared-context scorer in each 16-bit precision the GPU has, its scores
+                finite and equal (within 16-bit rounding) to scoring one example at a time
+  notebook      notebooks 01 and 03 through papermill, the gpt2-124m preset shrunk to a few steps (two compiles:
+                notebook 03's speed-up table and the training)
+The run is time-boxed (--budget-s): a section starts only with the seconds it needs left (SECTIONS), and the
+training section, run last, fills what the others left; rows and sections that no longer fit are skipped,
+saying so. `make gpu-check` fits one 10-minute command on one H100: its CUDA tests, then this with what is left
+of GPU_BUDGET_S. The reports are rewritten (atomically) after every section, so a time limit or a kill keeps
+every figure measured so far; a section not reached says so. Without CUDA every section is skipped with the
+reason; --smoke runs them all on the CPU, eager, with a two-layer model (the test suite does, so this script
+cannot rot). Reports go to --out (default bench/out/) as gpu_check.{json,md}, and to $OUT if set.
+Usage: python bench/gpu_check.py [--smoke] [--budget-s 450] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -31,11 +39,13 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 from common import OUT, ROOT, median_time
 
 from nbgpt.device import DTYPES, autocast, choose_precision, configure_backends, peak_flops, synchronize
+from nbgpt.files import atomic_write_bytes
 from nbgpt.model import GPT, GPTConfig, flops_per_token
 from nbgpt.train import TrainConfig, Trainer
 
@@ -127,8 +137,9 @@ def environment(device: torch.device) -> dict:
     for precision in PRECISIONS:
         if precision == "bf16" and major < 8:
             continue
+        datasheet = peak_flops(device, precision)  # None: a GPU nbgpt.device.GPU_PEAK_FLOPS does not list
         peaks[precision] = {"measured_tflops": matmul_tflops(precision),
-                            "datasheet_tflops": peak_flops(device, precision) / 1e12}
+                            "datasheet_tflops": None if datasheet is None else datasheet / 1e12}
     info["matmul_peaks"] = peaks
     return info
 
@@ -232,11 +243,17 @@ def training(ctx: Context) -> dict:
                     torch._dynamo.reset()  # drops the last row's graphs (and model): no recompile limit reached
                     free_memory()  # so peak memory is this row's own
                     figures = measure(ctx, precision, compiled)
-                    row.update(figures, mfu=figures["tokens_per_s"] * flops / peak_flops(ctx.device, precision))
+                    row.update(figures, mfu=mfu(figures["tokens_per_s"] * flops, ctx.device, precision))
                 rows.append(row if reason is None else {**row, "skipped": reason})
     measured = [r for r in rows if "tokens_per_s" in r]
     return {"rows": rows, "micro_batch": ctx.shapes.micro_batch, "seq_len": ctx.seq_len, "flops_per_token": flops,
             "ok": all(r["finite"] for r in measured), **training_goals(rows)}
+
+
+def mfu(flops_per_s: float, device: torch.device, precision: str) -> float | None:
+    """Model FLOPs utilisation; None on a GPU without a datasheet peak."""
+    peak = peak_flops(device, precision)
+    return None if peak is None else flops_per_s / peak
 
 
 def training_goals(rows: list[dict]) -> dict:
@@ -244,7 +261,7 @@ def training_goals(rows: list[dict]) -> dict:
     speed = {(r["library"], r["precision"], r["mode"]): r for r in rows if "tokens_per_s" in r}
     goals = {}
     ours, theirs = speed.get(("nbgpt", "bf16", "compiled")), speed.get(("transformers", "bf16", "compiled"))
-    if ours:
+    if ours and ours["mfu"] is not None:
         goals["compiled bf16 MFU"] = {"value": ours["mfu"], "goal": ">= 0.50", "met": ours["mfu"] >= 0.5}
     if ours and theirs:
         ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
@@ -290,7 +307,7 @@ def speedrun(ctx: Context) -> dict:
     flops = flops_per_token(trainer.model_config, ctx.seq_len)
     row = {"preset": SPEEDRUN_PRESET, "recipe": config.recipe, "precision": trainer.precision, "micro_batch": micro,
            "accumulation": trainer.grad_accum_steps, "step_s": step_s, "micro_step_s": step_s / trainer.grad_accum_steps,
-           "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak_flops(ctx.device, trainer.precision),
+           "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s * flops, ctx.device, trainer.precision),
            "finite": all(r["loss"] is not None and torch.isfinite(torch.tensor(r["loss"])).item() for r in train)}
     if torch.cuda.is_available():
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -326,7 +343,8 @@ def compiled_run(ctx: Context) -> dict:
     graphs = counters["stats"]["unique_graphs"]
     row = {"precision": trainer.precision, "compile": s.compile, "steps": len(kinds["train"]), "wall_s": wall,
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-           "mfu": statistics.median(r["mfu"] for r in timed), "evals": len(kinds["eval"]),
+           "mfu": None if timed[0]["mfu"] is None else statistics.median(r["mfu"] for r in timed),
+           "evals": len(kinds["eval"]),
            "hellaswag_runs": len(kinds["hellaswag"]), "samples": len(kinds["sample"]), "graphs": graphs,
            "finite": finite}
     ok = finite and graphs <= 2 * s.compile and all(len(kinds[k]) >= 2 for k in ("eval", "hellaswag", "sample"))
@@ -367,31 +385,75 @@ def decoding(ctx: Context) -> dict:
                                  min_new_tokens=n, pad_token_id=50256, use_cache=True)
             tokens[("transformers", p)] = out[0, prompt.size(1):].tolist()
 
-        for library, run in (("nbgpt", ours_run), ("transformers", theirs_run)):
-            seconds, _ = median_time(run, repeats=3)
-            rows.append({"library": library, "precision": precision, "seconds": seconds, "tokens_per_s": n / seconds})
+        with exact_fp32_matmuls() if precision == "fp32" else contextlib.nullcontext():
+            for library, run in (("nbgpt", ours_run), ("transformers", theirs_run)):
+                seconds, _ = median_time(run, repeats=3)
+                rows.append({"library": library, "precision": precision, "seconds": seconds,
+                             "tokens_per_s": n / seconds})
     speed = {(r["library"], r["precision"]): r["tokens_per_s"] for r in rows}
     ratios = {p: speed[("nbgpt", p)] / speed[("transformers", p)] for _, p in speed}
-    return {"rows": rows, "new_tokens": n, "nbgpt_over_transformers": ratios,
+    return {"rows": rows, "new_tokens": n, "nbgpt_over_transformers": ratios, "fp32_matmuls": "highest",
             "fp32_tokens_identical": tokens[("nbgpt", "fp32")] == tokens[("transformers", "fp32")]}
 
 
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """fp32 matmuls in full fp32 inside (TF32 off: torch.backends.cuda.matmul.allow_tf32 follows the
+    precision), the setting before restored after: greedy tokens of two fp32 libraries may then be compared."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+HALF_LOSS_GAP = 0.05  # nats per token: the most a mean ending loss may move with the scorer in a 16-bit precision
+
+
 def hellaswag(ctx: Context) -> dict:
-    from nbgpt.hellaswag import evaluate_hellaswag, load_examples
+    """Per 16-bit precision this device has: examples/s of the shared-context scorer (what training and
+    notebook 04 use), and its scores on the fixture against scoring one example's 4 full rows at a time."""
+    from nbgpt.hellaswag import load_examples
 
     model = GPT(GPTConfig.from_preset(ctx.shapes.model, vocab_multiple=64)).to(ctx.device).eval()
-    examples = load_examples(FIXTURE) * ctx.shapes.hellaswag_copies
-    precision = choose_precision(ctx.device, "auto")
-    result: dict = {}
+    fixture = load_examples(FIXTURE)
+    rows = []
+    for precision in ("bf16", "fp16"):
+        reason = half_precision_skip_reason(ctx.device, precision)
+        rows.append({"precision": precision, "skipped": reason} if reason else
+                    {"precision": precision, **scorer_figures(model, fixture, ctx, precision)})
+    measured = [r for r in rows if "skipped" not in r]
+    return {"rows": rows, "max_mean_loss_gap_allowed": HALF_LOSS_GAP, "ok": bool(measured) and all(
+        r["finite"] and r["same_counts"] and r["max_mean_loss_gap"] <= HALF_LOSS_GAP for r in measured)}
 
-    def score():
-        result.update(evaluate_hellaswag(model, gpt2_tokenizer(), examples, device=ctx.device,
-                                         precision=precision))
 
-    seconds, _ = median_time(score, repeats=3)
-    row = {"examples": len(examples), "precision": precision, "seconds": seconds,
-           "examples_per_s": len(examples) / seconds}
-    return {"rows": [row], "ok": result["count"] == len(examples)}
+def half_precision_skip_reason(device: torch.device, precision: str) -> str | None:
+    from nbgpt.device import DeviceError
+
+    try:
+        choose_precision(device, precision)
+    except DeviceError as exc:
+        return str(exc)
+    return None
+
+
+def scorer_figures(model: GPT, fixture: list, ctx: Context, precision: str) -> dict:
+    """Speed over the repeated fixture; finiteness and agreement with per-example scoring on the fixture."""
+    from nbgpt.hellaswag import candidates, score_candidates, score_shared_context
+
+    tokenizer, examples = gpt2_tokenizer(), fixture * ctx.shapes.hellaswag_copies
+    seconds, _ = median_time(lambda: score_shared_context(model, examples, tokenizer, ctx.device, precision),
+                             repeats=3)
+    shared = score_shared_context(model, fixture, tokenizer, ctx.device, precision)
+    rows = candidates(fixture, tokenizer, model.block_size)
+    single = [score for i in range(0, len(rows), 4)
+              for score in score_candidates(model, rows[i:i + 4], ctx.device, precision, sort=False)]
+    means = lambda scores: torch.tensor([total / max(count, 1) for total, count in scores], dtype=torch.float64)
+    return {"examples": len(examples), "seconds": seconds, "examples_per_s": len(examples) / seconds,
+            "finite": bool(torch.isfinite(means(shared)).all() and torch.isfinite(means(single)).all()),
+            "same_counts": [n for _, n in shared] == [n for _, n in single],
+            "max_mean_loss_gap": (means(shared) - means(single)).abs().max().item()}
 
 
 # ----------------------------------------------------------------------------------------------- notebook
@@ -428,9 +490,15 @@ def notebook(ctx: Context) -> dict:
 # ------------------------------------------------------------------------------------------------- report
 
 TRAINING = ("training", training, 60)
-# (name, function, seconds it needs at least: a section starts only with that much of the budget left)
-SECTIONS = [TRAINING, ("speedrun", speedrun, 30), ("compiled_run", compiled_run, 60), ("decoding", decoding, 15), ("hellaswag", hellaswag, 10),
-            ("notebook", notebook, 60)]
+# (name, function, seconds it needs at least: a section starts only with that much of the budget left). On one
+# H100 within `make gpu-check`'s 540 s: ~90 s of CUDA tests and ~15 s of data and peaks, then sections of a
+# fixed size: speedrun 30 s, one compiled run with evaluations 75 s, decoding 30 s, HellaSwag in two precisions
+# 30 s, the notebooks 240 s (papermill's kernels, tokenizing, and two compiles: notebook 03's speed-up table,
+# then the training). Training comes last: its rows, bf16 first, fill whatever the others left (eager rows take
+# seconds, compiled ones ~45 s each), and the rows that no longer fit say so.
+SECTIONS = [("speedrun", speedrun, 30), ("compiled_run", compiled_run, 75), ("decoding", decoding, 30),
+            ("hellaswag", hellaswag, 30), ("notebook", notebook, 240), TRAINING]
+NOT_REACHED = "not reached: the check stopped before this section (a time limit or a kill)"
 
 
 def run_section(ctx: Context, function, needs_s: float) -> dict:
@@ -463,13 +531,17 @@ def prepare_data(ctx: Context) -> None:
         setattr(ctx, attribute, path)
 
 
-def check(smoke: bool, budget_s: float) -> dict:
+def check(smoke: bool, budget_s: float, save: Callable[[dict], None]) -> dict:
+    """Every section in turn; `save` gets the payload at the start and after every section."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     payload = {"bench": "gpu_check", "mode": "smoke" if smoke else device.type, "budget_s": budget_s,
                "environment": environment(device)}
     if device.type != "cuda" and not smoke:
         payload["sections"] = {name: {"skipped": NO_CUDA} for name, _, _ in SECTIONS}
+        save(payload)
         return payload
+    payload["sections"] = {name: {"skipped": NOT_REACHED} for name, _, _ in SECTIONS}
+    save(payload)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         ctx = Context(device, SMOKE_SHAPES if smoke else GPU_SHAPES, smoke, time.perf_counter() + budget_s,
                       Path(work))
@@ -478,9 +550,23 @@ def check(smoke: bool, budget_s: float) -> dict:
         except Exception as exc:  # e.g. nothing cached and no registry: every section needs this data
             payload["sections"] = {name: {"error": f"no dataset: {type(exc).__name__}: {exc}", "ok": False}
                                    for name, _, _ in SECTIONS}
+            save(payload)
             return payload
-        payload["sections"] = {name: run_section(ctx, function, needs) for name, function, needs in SECTIONS}
+        for name, function, needs in SECTIONS:
+            payload["sections"][name] = run_section(ctx, function, needs)
+            save(payload)
     return payload
+
+
+def save_reports(payload: dict, folders: list[Path]) -> None:
+    """The markdown and JSON reports, each replaced whole (a kill mid-write leaves the previous one); the JSON
+    last, so that a section it holds is in the markdown too."""
+    payload["failed"] = [name for name, section in payload["sections"].items() if section.get("ok") is False]
+    text, report = json.dumps(payload, indent=2), markdown(payload)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / "gpu_check.md", report.encode())
+        atomic_write_bytes(folder / "gpu_check.json", text.encode())
 
 
 def markdown(payload: dict) -> str:
@@ -511,20 +597,14 @@ def cell(value) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="every section on the CPU with a two-layer model")
-    parser.add_argument("--budget-s", type=float, default=390.0, help="seconds for the whole check (time box)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="seconds for the whole check (time box)")
     parser.add_argument("--out", type=Path, default=OUT, help="where the reports go (also to $OUT if set)")
     args = parser.parse_args()
-    payload = check(args.smoke, args.budget_s)
-    failed = [name for name, section in payload["sections"].items() if section.get("ok") is False]
-    payload["failed"] = failed
-    text = json.dumps(payload, indent=2)
-    report = markdown(payload)
-    for folder in dict.fromkeys([args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "gpu_check.json").write_text(text)
-        (folder / "gpu_check.md").write_text(report)
+    folders = list(dict.fromkeys([args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])))
+    payload = check(args.smoke, args.budget_s, lambda partial: save_reports(partial, folders))
+    failed = payload["failed"]
     print(json.dumps(payload))
-    print(report)
+    print(markdown(payload))
     print(f"gpu_check: {'FAILED: ' + ', '.join(failed) if failed else 'every check passed or was skipped'}")
     return 1 if failed else 0
 

@@ -21,11 +21,12 @@ import math
 from pathlib import Path
 
 from common import OUT, report
+from nbgpt.device import GPU_PEAK_FLOPS
 
 SESSION_H = 12.0  # Kaggle's limit on one notebook session (README, "Kaggle 2×T4", for the sources)
 WEEKLY_H = 30.0  # Kaggle's weekly GPU quota, as the issue and Kaggle users report it
 SESSION_OVERHEAD_H = 0.25  # assumed: start-up, pip install, copying checkpoints back in, evaluations
-GPU_PEAK = 65e12  # T4 fp16 tensor-core peak (NVIDIA's datasheet; nbgpt.device.GPU_PEAK_FLOPS["T4"])
+GPU_PEAK = GPU_PEAK_FLOPS["Tesla T4"]["fp16"]  # the T4's fp16 tensor-core peak (NVIDIA's datasheet)
 SAMPLE_TOKENS = 10e9  # FineWeb-Edu's sample-10BT: what `prepare` writes when a preset sets no max_tokens
 # Tokens to 3.28 validation loss on FineWeb in the modded-nanogpt speedrun, for the records whose techniques
 # nbgpt's speedrun recipe shares (the README of KellerJordan/modded-nanogpt at each record, October 2024):

@@ -24,15 +24,39 @@ from .config import ConfigWarning
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Dense peak FLOP/s of common GPUs (no sparsity), for MFU. Keys are substrings of the device name.
+# Dense (no 2:4 sparsity) peak FLOP/s per precision, for MFU, keyed by the exact name torch.cuda.get_device_name
+# gives: a name missing here (a MIG slice, a card not listed) has no known peak, and MFU is reported as unknown
+# rather than borrowed from a similar name (an L40S is not an L4, an H100 PCIe not an SXM). "fp32" is the TF32
+# tensor-core figure where the card has TF32 (configure_backends turns it on), plain FP32 on the T4 and V100,
+# which also have no bf16. Datasheets list tensor figures with sparsity, twice the dense ones used here.
+# Sources, NVIDIA datasheets: H100 (SXM5 "80GB HBM3", NVL; 2024 edition), H100 PCIe (2022 edition), H200 (SXM,
+# NVL), A100 (SXM4 and PCIe, 40/80 GB alike), A10, L4, L40S, T4, V100 (SXM2, PCIe). The A10G, AWS's variant of
+# the A10, has no public NVIDIA datasheet: the figures quoted for AWS's G5 instances (FP32 35, BF16 tensor 70
+# TFLOP/s dense), as tabulated in Baseten's "NVIDIA A10 vs A10G for ML model inference".
+_H100_SXM = {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}
+_H100_NVL = {"bf16": 835e12, "fp16": 835e12, "fp32": 417e12}
+_A100 = {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}
+_V100_SXM2 = {"fp16": 125e12, "fp32": 15.7e12}
+_V100_PCIE = {"fp16": 112e12, "fp32": 14e12}
 GPU_PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
-    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12},
-    "T4": {"bf16": 65e12, "fp16": 65e12, "fp32": 8.1e12},
-    "V100": {"bf16": 125e12, "fp16": 125e12, "fp32": 15.7e12},
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100 NVL": _H100_NVL,
+    "NVIDIA H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12},
+    "NVIDIA H200": _H100_SXM,  # the H100 SXM's compute with more and faster memory
+    "NVIDIA H200 NVL": _H100_NVL,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12},
+    "NVIDIA A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12},
+    "NVIDIA L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12},
+    "NVIDIA L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12},
+    "Tesla T4": {"fp16": 65e12, "fp32": 8.1e12},
+    "Tesla V100-SXM2-16GB": _V100_SXM2,
+    "Tesla V100-SXM2-32GB": _V100_SXM2,
+    "Tesla V100-PCIE-16GB": _V100_PCIE,
+    "Tesla V100-PCIE-32GB": _V100_PCIE,
 }
 
 
@@ -177,16 +201,19 @@ def measured_matmul_flops(device_type: str, precision: str, max_size: int = 2048
     return 2 * size ** 3 * runs / (time.perf_counter() - start)
 
 
-def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak FLOP/s for MFU: the datasheet figure of a known GPU, else a measured matmul peak.
+def gpu_peak_flops(name: str, precision: str) -> float | None:
+    """The datasheet peak of the GPU torch calls `name`, in `precision`; None where the table has no figure."""
+    return GPU_PEAK_FLOPS.get(name, {}).get(precision)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s for MFU: the datasheet figure of a known GPU (None for any other GPU: MFU unknown, never a
+    wrong figure), else a measured matmul peak.
 
     A precision a CPU only emulates is no peak (training in it beats its own slow matmul, and MFU would read
     300 %): there the machine's best is fp32, so that is what MFU compares with."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return table[precision]
+        return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
     if emulated(device, precision):
         precision = "fp32"
     return measured_matmul_flops(device.type, precision)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,15 @@ def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_gather_objects(value, info: DistInfo) -> list:
+    """Every rank's `value` (small, picklable), listed by rank; [value] in a world of one."""
+    if not info.enabled:
+        return [value]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
@@ -82,6 +92,29 @@ def torchrun_command(nproc: int, module_args: list[str], nnodes: int = 1, node_r
     return cmd + ["-m", "nbgpt"] + module_args
 
 
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of torchrun and its workers: this process's, with unbuffered output and, unless the
+    user chose allocator settings, expandable segments. The CUDA caching allocator then grows a segment in
+    place instead of reserving new fixed-size blocks, so memory freed by one phase (training, evaluation,
+    HellaSwag, sampling use differently shaped tensors) serves the next rather than staying fragmented."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:  # the latter: torch's newer name
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return env
+
+
+def held_gpu_memory_warning() -> str | None:
+    """A line for a launcher whose own process holds GPU memory (a notebook kernel that ran CUDA work): the
+    workers cannot use what it keeps reserved. None when it holds none (or has no GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    held = sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count()))  # no CUDA start-up
+    if not held:
+        return None
+    return (f"warning: this process holds {held / 2**30:.2f} GiB of GPU memory that the training processes "
+            f"cannot use; delete its models and tensors and call torch.cuda.empty_cache(), or restart the kernel")
+
+
 def launch(config, nproc: int, echo=print, **node) -> int:
     """Train `config` (a TrainConfig) on `nproc` processes of this machine via torchrun, streaming output.
 
@@ -89,7 +122,7 @@ def launch(config, nproc: int, echo=print, **node) -> int:
     and torchrun's workers run beside it. The launcher owns the run directory (its lock) while they run, and
     they, its descendants, are admitted to it. SIGTERM/SIGINT reaching the launcher are passed to torchrun,
     which passes them to the workers; they stop together with a checkpoint and this raises TrainingStopped.
-    Raises RuntimeError if the workers fail.
+    Raises RuntimeError if the workers fail. GPU memory this process holds, the workers lack: it says so first.
     """
     from dataclasses import asdict
 
@@ -97,6 +130,8 @@ def launch(config, nproc: int, echo=print, **node) -> int:
     from .runlock import RunLock
     from .stop import StopSignals, TrainingStopped, signal_name
 
+    if (warning := held_gpu_memory_warning()) is not None:
+        echo(warning)
     with RunLock(config.out_dir):
         with tempfile.NamedTemporaryFile("w", suffix=".json", dir=config.out_dir, delete=False) as f:
             json.dump(asdict(config), f)
@@ -106,7 +141,7 @@ def launch(config, nproc: int, echo=print, **node) -> int:
             # Its own session: a Ctrl-C in a terminal or a Jupyter interrupt reaches torchrun once, from here,
             # not twice (directly and forwarded), which torchrun would take as "kill the workers now".
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                       env=worker_environment(os.environ), start_new_session=True)
             with StopSignals(forward=process.send_signal) as stop:
                 assert process.stdout is not None
                 quiet = False

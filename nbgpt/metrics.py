@@ -1,10 +1,10 @@
 """Training logs as JSON Lines: one object per line, written by the trainer, read by plots and notebooks.
 
-Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu; a step skipped for a
-non-finite loss or gradient has "nonfinite": true and null where a number was not finite), "eval"
-(step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "config" (step training
-starts or resumes at, device, precision, world_size, parameters, and config: every TrainConfig field),
-"event" (message). With a tracker (nbgpt.trackers), each record written goes there too.
+Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu, null on a GPU whose
+peak is unknown; a step skipped for a non-finite loss or gradient has "nonfinite": true and null where a number was
+not finite), "eval" (step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "config"
+(step training starts or resumes at, device, precision, world_size, parameters, and config: every TrainConfig
+field), "event" (message). With a tracker (nbgpt.trackers), each record written goes there too.
 """
 
 from __future__ import annotations

@@ -46,6 +46,10 @@ def _number(value, spec: str) -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"  # None: MFU of a GPU whose peak is unknown
+
+
 def format_record(record: dict, max_steps: int, elapsed: float, per_step: float,
                   max_seconds: float | None = None) -> str:
     """One line for a metrics record: train steps with throughput and ETA, evaluations, samples, events.
@@ -60,7 +64,7 @@ def format_record(record: dict, max_steps: int, elapsed: float, per_step: float,
         eta = _duration(remaining)
         skipped = "  (skipped: non-finite)" if record.get("nonfinite") else ""
         return (f"step {step:6d}/{max_steps} | loss {_number(record['loss'], '.4f')} | lr {record['lr']:.2e} | "
-                f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | "
+                f"{record['tokens_per_s']:,.0f} tok/s | MFU {_percent(record.get('mfu'))} | "
                 f"elapsed {_duration(elapsed)} | ETA {eta}{skipped}")
     if kind == "eval":
         return f"step {step:6d} | val loss {record['val_loss']:.4f}"

@@ -2,10 +2,15 @@
 
 Every row times a baseline and the same work with one speed-up, a few repetitions each (the best is kept:
 the least disturbed by other work on the machine). A speed-up that this hardware cannot show says why.
+
+On a GPU the table runs in the notebook's kernel, before training starts in processes of its own on the same
+GPUs: it times at most SPEEDUP_MICRO_BATCH sequences (an fp32 eager step at GPT-2's micro-batch of 64 would
+need ~86 GiB), and gives back all it allocated before it returns.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Callable
 
@@ -16,6 +21,8 @@ from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_devic
 from .model import GPT, GPTConfig
 from .shards import TokenStore
 from .train import TrainConfig
+
+SPEEDUP_MICRO_BATCH = 4  # the most sequences the table times per step on a GPU (see the module's docstring)
 
 
 def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
@@ -48,12 +55,28 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | No
     return step
 
 
+def timing_micro_batch(micro_batch: int, device: torch.device) -> int:
+    """The sequences per timed step: the run's micro-batch, at most SPEEDUP_MICRO_BATCH on a GPU."""
+    return min(micro_batch, SPEEDUP_MICRO_BATCH) if device.type == "cuda" else micro_batch
+
+
 def speedup_table(train: TrainConfig) -> list[dict]:
     """Rows of {speed-up, what it does, baseline ms, with it ms, speed-up ×} for one micro-batch of the
-    run's model on its device (fresh weights: speed does not depend on what was learned)."""
+    run's model on its device (fresh weights: speed does not depend on what was learned). Returns holding
+    nothing on the device: the GPU memory it used is back with the driver, for the training processes."""
     device = resolve_device(train.device)
     config = train.model_config(TokenStore(train.data_dir).tokenizer().vocab_size)
-    micro_batch, seq_len = train.micro_batch, train.seq_len or config.block_size
+    try:
+        return _timed_rows(config, timing_micro_batch(train.micro_batch, device), train.seq_len or config.block_size,
+                           device)
+    finally:  # the rows' model, batch, optimizers and compiled code went out of scope with _timed_rows
+        if device.type == "cuda":
+            torch.compiler.reset()  # compiled code keeps what it was compiled for alive
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def _timed_rows(config: GPTConfig, micro_batch: int, seq_len: int, device: torch.device) -> list[dict]:
     cuda = device.type == "cuda"
     model = GPT(config).to(device)
     x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device=device)

@@ -223,6 +223,9 @@ class Trainer:
             self.log_event(f"device {self.device} · precision {self.precision} (asked: {config.precision}) · "
                            f"{self.model.num_params():,} parameters · {self.grad_accum_steps} micro-step(s) per "
                            f"step · {'resuming at' if self.step else 'starting at'} step {self.step}")
+            if self.peak is None:
+                self.log_event(f"MFU not reported: peak unknown for {torch.cuda.get_device_name(self.device)} in "
+                               f"{self.precision} (nbgpt.device.GPU_PEAK_FLOPS has no datasheet figure for it)")
             for line in setup_warnings:
                 self.log_event(line)
         except BaseException:
@@ -243,7 +246,8 @@ class Trainer:
         self.forward_model, self.train_model = wrap_model(self.model, config, runtime)
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len,
                                                non_embedding_params=self.model.num_params(non_embedding=True))
-        self.peak = None  # the device's peak FLOP/s, measured at the first step (for MFU)
+        peak = peak_flops(self.device, self.precision)  # None: a GPU with no datasheet figure (MFU unknown)
+        self.peak = None if peak is None else peak * self.dist.world_size  # the run's peak FLOP/s, for MFU
         self.schedule = Schedule(config)
         self.step = 0
         self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
@@ -295,8 +299,9 @@ class Trainer:
         finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
         if not finite:
             self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
+        rng = train_state.rng_state(self.device, self.dist)  # gathered from every rank
         if self.dist.is_main and finite:
-            path = save_checkpoint(self.checkpoint_dir, self.step, train_state.capture(self),
+            path = save_checkpoint(self.checkpoint_dir, self.step, train_state.capture(self, rng),
                                    keep=self.config.keep_checkpoints)
         if self.dist.enabled:
             torch.distributed.barrier()
@@ -338,33 +343,38 @@ class Trainer:
         all_reduce_mean(loss_sum, self.dist)
         loss_value = loss_sum.item()
         for optimizer in self.optimizers:
-            self.scaler.unscale_(optimizer)
+            self.scaler.unscale_(optimizer)  # fp16: the true gradients again, each optimizer's overflow noted
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip).item()
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        # A non-finite loss, or gradient outside fp16 (where the scaler owns overflow), must not reach the
-        # weights: the step is skipped. Every rank sees the same all-reduced loss and gradient, so all agree.
-        nonfinite = not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(grad_norm))
-        for optimizer in self.optimizers:
-            if nonfinite:
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                self.scaler.step(optimizer)  # with fp16, skipped when gradients overflowed
-        self.scaler.update()
+        outcome = self._step_all_or_none(loss_value, grad_norm)
         synchronize(self.device)
         dt = time.perf_counter() - start
         tokens_per_s = config.total_batch_tokens / dt
-        if self.peak is None:
-            self.peak = peak_flops(self.device, self.precision) * self.dist.world_size
         record = {"kind": "train", "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                   "dt": dt, "tokens_per_s": tokens_per_s,
-                  "mfu": tokens_per_s * self.flops_per_token / self.peak}
-        if scale_before is not None:
-            record["grad_scale"] = scale_before
-            record["skipped"] = self.scaler.get_scale() < scale_before
-        if nonfinite:
-            record.update(nonfinite=True, skipped=True)
+                  "mfu": None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak, **outcome}
         self.step += 1
         return record
+
+    def _step_all_or_none(self, loss: float, grad_norm: float) -> dict:
+        """Step every optimizer or none, then let the loss scaler update; returns the record's fields for it.
+
+        An inf or NaN in any gradient makes the total norm non-finite. GradScaler.step alone would skip only
+        the optimizer owning that gradient, while clipping by an infinite norm has scaled every other gradient
+        to zero, and Muon, or AdamW's momentum and weight decay, would still move their weights: half a step.
+        So the whole step is skipped; the scaler's update still sees the overflow that unscale_ recorded and
+        halves the scale. Every rank sees the same all-reduced loss and gradients, so all of them agree."""
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        skip = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        for optimizer in self.optimizers:
+            if skip:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                self.scaler.step(optimizer)
+        self.scaler.update()
+        if scale is None:  # no fp16 scaler: any non-finite step counts toward divergence (DivergenceGuard)
+            return {"nonfinite": True, "skipped": True} if skip else {}
+        # fp16: an overflowing gradient is the scaler's routine (a lower scale), only a non-finite loss is not
+        return {"grad_scale": scale, "skipped": skip, **({"nonfinite": True} if not math.isfinite(loss) else {})}
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float | None:

@@ -7,6 +7,7 @@ them in order, so its constructor reads as a list of what training needs.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -107,4 +108,12 @@ def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> tuple[torch
     if not runtime.dist.enabled:
         return forward_model, forward_model
     device_ids = [runtime.dist.local_rank] if runtime.device.type == "cuda" else None
-    return forward_model, DistributedDataParallel(forward_model, device_ids=device_ids)
+    # DDP re-sends the module's buffers from rank 0 before every forward by default. GPT's only buffers are
+    # the rotary tables, computed from the config alike on every rank and never updated: nothing to re-send.
+    # (torch 2.13 renamed the switch; before it, broadcast_buffers=False said the same.)
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside a second copy
+    # of them there, which saves one model's worth of gradient memory.
+    return forward_model, DistributedDataParallel(forward_model, device_ids=device_ids,
+                                                  gradient_as_bucket_view=True, **no_buffer_sync)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, has_checkpoints, load_latest
+from .distributed import DistInfo, all_gather_objects
 from .files import remove_stale_temp_files
 from .model import ConfigError
 from .tokenizer import tokenizer_spec
@@ -26,33 +27,48 @@ if TYPE_CHECKING:
     from .train import Trainer
 
 
-def rng_state() -> dict:
-    """Every random stream training draws from. numpy's key array is kept as a tensor: a checkpoint loads with
+def rng_state(device: torch.device, dist: DistInfo) -> dict:
+    """Every random stream training draws from; every rank calls this (a collective), rank 0 saves it.
+
+    Each rank drives a GPU of its own, whose CUDA generator (dropout) is its own too: "cuda_per_rank" lists
+    every rank's, by rank (None for a rank without CUDA). "cuda" is rank 0's view of all its GPUs, the one
+    CUDA state checkpoints held before. numpy's key array is kept as a tensor: a checkpoint loads with
     weights_only=True, which accepts tensors but not numpy arrays."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
                       "gauss": gauss}
+    own = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    state["cuda_per_rank"] = all_gather_objects(own, dist)
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def saved_cuda_state(state: dict, rank: int) -> torch.Tensor | None:
+    """This rank's CUDA generator state in a saved `rng_state`, or None: a rank the checkpoint did not have
+    (written by fewer ranks, or none with CUDA) keeps its generator as seeded. Checkpoints from before per-rank
+    states hold rank 0's GPUs ("cuda"); the first of them, cuda:0, is the only one rank 0 drew from."""
+    per_rank = state["cuda_per_rank"] if "cuda_per_rank" in state else state.get("cuda", [])[:1]
+    return per_rank[rank] if rank < len(per_rank) else None
+
+
+def set_rng_state(state: dict, device: torch.device, rank: int) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():  # a run may move from a GPU box to a CPU one
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = saved_cuda_state(state, rank)
+    if cuda is not None and device.type == "cuda":  # a run may move from a GPU box to a CPU one
+        torch.cuda.set_rng_state(cuda, device)
 
 
-def capture(trainer: Trainer) -> dict:
-    """The checkpoint payload of the trainer's current state."""
+def capture(trainer: Trainer, rng: dict) -> dict:
+    """The checkpoint payload of the trainer's current state, with `rng`, the rng_state every rank joined."""
     return {
         "model": trainer.model.state_dict(), "optimizer": [o.state_dict() for o in trainer.optimizers],
-        "scaler": trainer.scaler.state_dict(), "loader": trainer.train_loader.state_dict(), "rng": rng_state(),
+        "scaler": trainer.scaler.state_dict(), "loader": trainer.train_loader.state_dict(), "rng": rng,
         "model_config": trainer.model_config.to_dict(), "train_config": asdict(trainer.config),
         "tokenizer": tokenizer_spec(trainer.tokenizer), "max_steps": trainer.max_steps,
         "elapsed": trainer.elapsed, "val_loss": trainer.last_val_loss, "precision": trainer.precision,
@@ -109,7 +125,7 @@ def restore(trainer: Trainer, payload: dict) -> None:
         optimizer.load_state_dict(state)
     trainer.scaler.load_state_dict(payload["scaler"])
     trainer.train_loader.load_state_dict(payload["loader"])
-    set_rng_state(payload["rng"])
+    set_rng_state(payload["rng"], trainer.device, trainer.dist.rank)
     trainer.step = payload["step"]
     trainer.elapsed = payload.get("elapsed", 0.0)  # absent before time budgets existed
     if trainer.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's

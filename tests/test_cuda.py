@@ -5,6 +5,10 @@ tensor cores, fp16 with a GradScaler, torch.compile beside evaluation, HellaSwag
 the fused attention kernels, pinned batches, NCCL, and parity with transformers. Each takes seconds.
 """
 
+import json
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import prepared_works, tiny_train_config
+from nbgpt.checkpoint import load_latest
 from nbgpt.metrics import read_metrics
 from nbgpt.train import Trainer
 
@@ -125,7 +130,6 @@ def test_attention_runs_on_the_fused_kernels(dtype):
 
 
 def test_nccl_ddp_two_gpus_match_one(char_data, tmp_path):
-    from nbgpt.checkpoint import load_latest
     from nbgpt.distributed import launch
 
     count = torch.cuda.device_count()
@@ -141,6 +145,46 @@ def test_nccl_ddp_two_gpus_match_one(char_data, tmp_path):
     assert one["step"] == two["step"] == 2
     for name, tensor in one["model"].items():  # TF32 rounds differently for a batch of 8 and two of 4
         torch.testing.assert_close(tensor, two["model"][name], atol=1e-4, rtol=1e-3)
+    assert [state.dtype for state in two["rng"]["cuda_per_rank"]] == [torch.uint8] * 2  # each rank's own GPU's
+
+
+def test_launcher_warns_while_its_own_process_holds_gpu_memory():
+    """In a fresh process (this one's earlier tests may hold memory): 256 MiB held, then freed."""
+    script = ("import torch\n"
+              "from nbgpt.distributed import held_gpu_memory_warning as warning\n"
+              "print(warning())\n"
+              "held = torch.empty(256, 2**20, dtype=torch.uint8, device='cuda')\n"
+              "print(warning())\n"
+              "del held\n"
+              "torch.cuda.empty_cache()\n"
+              "print(warning())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    before, held, freed = result.stdout.splitlines()
+    assert before == freed == "None", result.stdout + result.stderr
+    assert held.startswith("warning: this process holds 0.25 GiB of GPU memory") and "empty_cache()" in held
+
+
+def test_speedup_table_gives_back_all_gpu_memory(char_data, tmp_path):
+    """notebook 03's table, at a micro-batch far above the one it times, in a fresh process: nothing stays
+    reserved for the training processes to miss."""
+    config = cuda_config(char_data, tmp_path / "r", micro_batch=64)
+    script = ("import json, sys, torch\n"
+              "from nbgpt.speedups import speedup_table\n"
+              "from nbgpt.train import TrainConfig\n"
+              "rows = speedup_table(TrainConfig.from_dict(json.loads(sys.argv[1])))\n"
+              "print(len(rows), torch.cuda.max_memory_allocated() > 0, torch.cuda.memory_reserved())\n")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(asdict(config))], capture_output=True,
+                            text=True, timeout=300)
+    assert result.stdout.split() == ["6", "True", "0"], result.stdout + result.stderr[-3000:]
+
+
+def test_resume_restores_this_ranks_own_cuda_generator(char_data, tmp_path):
+    common = dict(max_steps=6, checkpoint_interval=3, eval_interval=0, dropout=0.1)
+    Trainer(cuda_config(char_data, tmp_path / "r", **common)).fit(until=3)
+    saved = load_latest(tmp_path / "r" / "checkpoints")["rng"]["cuda_per_rank"]
+    torch.cuda.manual_seed_all(12345)  # another stream, which the resume must replace
+    resumed = Trainer(cuda_config(char_data, tmp_path / "r", **common))
+    assert resumed.step == 3 and torch.equal(torch.cuda.get_rng_state(resumed.device), saved[0])
 
 
 def test_parity_with_transformers_on_cuda(tmp_path):

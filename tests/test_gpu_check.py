@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,38 @@ def test_smoke_mode_runs_every_section_on_the_cpu(tmp_path):
     assert payload["sections"]["notebook"]["rows"][0]["steps"] == 2
     speedrun = payload["sections"]["speedrun"]["rows"][0]  # the figure bench/t4_plan.py reads on a T4
     assert speedrun["recipe"] == "speedrun" and speedrun["accumulation"] == 8 and speedrun["finite"]
+
+
+@pytest.mark.registry
+def test_a_killed_check_keeps_the_report_of_every_finished_section(tmp_path):
+    """A time limit that kills the check mid-way loses no figure: the report is rewritten after every section,
+    the finished ones in it, the others saying they were not reached."""
+    env = {key: value for key, value in os.environ.items() if key != "OUT"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--budget-s",
+                                "100000", "--out", str(tmp_path)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
+    path = tmp_path / "gpu_check.json"
+
+    def first_section_done() -> bool:
+        sections = json.loads(path.read_text())["sections"] if path.is_file() else {}
+        return bool(sections) and "rows" in next(iter(sections.values()))
+
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and process.poll() is None and not first_section_done():
+            time.sleep(0.05)
+    finally:
+        process.kill()  # as a time limit would, while the next section runs
+        process.wait()
+    payload = json.loads(path.read_text())
+    names = list(payload["sections"])
+    assert set(names) == set(SECTIONS)
+    first = payload["sections"][names[0]]
+    assert first["rows"] and first["ok"] and first["section_s"] > 0
+    for name in names[2:]:  # the second section was running when the kill came
+        assert payload["sections"][name]["skipped"].startswith("not reached: the check stopped"), name
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert f"### {names[0]}\n\n| " in report and f"### {names[-1]}\n\nskipped: not reached" in report
 
 
 def test_without_cuda_every_section_says_why(tmp_path):

@@ -1,6 +1,8 @@
 """What the notebooks show is what happened: evaluation points under a time budget, the schedule as logged,
 no empty charts, attention weights that are the model's own, the optimizer's real parameter groups."""
 
+import gc
+
 import matplotlib
 import pytest
 import torch
@@ -55,6 +57,25 @@ def test_schedule_figure_draws_the_logged_learning_rate_and_clip(budget_run):
     assert norm_axes.get_lines()[1].get_ydata()[0] == 1.0
 
 
+def test_a_run_on_a_gpu_of_unknown_peak_logs_and_plots_without_mfu(budget_run, tmp_path):
+    """A GPU missing from the peak table writes "mfu": null; progress lines and figures take that."""
+    from nbgpt.metrics import MetricsLog
+    from nbgpt.plots import loss_figure, schedule_figure
+    from nbgpt.progress import format_record
+
+    out, _ = budget_run
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for record in read_metrics(out):
+        log.write({**record, "mfu": None} if record["kind"] == "train" else record)
+    train = read_metrics(tmp_path, "train")
+    assert train and all(r["mfu"] is None for r in train)
+    line = format_record(train[-1], 40, 12.0, 0.3)
+    assert " | MFU n/a | " in line and line.startswith("step     39/40 | loss ")
+    assert format_record({**train[-1], "mfu": 0.1234}, 40, 12.0, 0.3).count(" | MFU 12.3% | ") == 1
+    assert len(loss_figure(tmp_path).axes[0].get_lines()) >= 1
+    assert list(schedule_figure(tmp_path).axes[0].get_lines()[0].get_ydata()) == [r["lr"] for r in train]
+
+
 def test_evaluation_figure_has_no_empty_hellaswag_chart(budget_run):
     from nbgpt.plots import evaluation_figure
 
@@ -98,9 +119,21 @@ def test_speedup_table_times_what_this_machine_can_show(budget_run):
     from nbgpt.speedups import speedup_table
 
     out, trainer = budget_run
+    models = lambda: sum(isinstance(o, GPT) for o in gc.get_objects())
+    before = models()
     rows = {r["speed-up"]: r for r in speedup_table(trainer.config)}
+    gc.collect()
+    assert models() == before  # its model (and what it holds) is gone with the call
     assert set(rows) >= {"TF32 matmuls", "torch.compile", "flash attention", "fused AdamW", "vocab 50257 → 50304"}
     for name in ("flash attention", "fused AdamW", "vocab 50257 → 50304"):
         assert float(rows[name]["baseline ms"]) > 0 and float(rows[name]["speed-up ×"]) > 0
     if not torch.cuda.is_available():
         assert rows["TF32 matmuls"]["speed-up ×"].startswith("needs a GPU")
+
+
+def test_speedup_table_times_a_small_micro_batch_on_gpus_only():
+    from nbgpt.speedups import SPEEDUP_MICRO_BATCH, timing_micro_batch
+
+    assert SPEEDUP_MICRO_BATCH == 4
+    assert timing_micro_batch(64, torch.device("cuda")) == 4 and timing_micro_batch(2, torch.device("cuda")) == 2
+    assert timing_micro_batch(64, torch.device("cpu")) == 64  # a CPU times the run's own shapes
