@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .config import ConfigError
 from .device import DTYPES, autocast, choose_precision
 from .model import KVCache
 from .tokenizer import Tokenizer
@@ -27,7 +28,7 @@ from .tokenizer import Tokenizer
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 200
-    temperature: float = 1.0  # <= 0 means greedy (always the most likely token)
+    temperature: float = 1.0  # 0 means greedy (always the most likely token)
     top_k: int | None = None  # sample only among the k most likely tokens
     top_p: float | None = None  # nucleus: the smallest set of tokens whose probability reaches p
     seed: int | None = None  # a seed reproduces a sample exactly
@@ -36,20 +37,24 @@ class SamplingConfig:
     num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
+        # ConfigError: the one-line error of every bad setting, whether a flag, -p or a notebook set it
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 means greedy: always the most likely token), got "
+                              f"{self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k}")
+            raise ConfigError(f"top_k must be a positive integer or none, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1] or none, got {self.top_p}")
         if self.num_return_sequences < 1:
-            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+            raise ConfigError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0 or self.top_k == 1
+        return self.temperature == 0 or self.top_k == 1
 
 
 def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:

@@ -257,3 +257,25 @@ def test_two_runs_on_one_directory_are_refused(tmp_path, char_data):
     with RunLock(run) as lock:
         assert lock.held and int((run / ".lock").read_text()) == os.getpid()
     assert not (run / ".lock").exists()
+
+
+def test_a_folder_that_cannot_be_made_is_one_line_naming_the_obstacle(tmp_path):
+    """A path under an existing file (NotADirectoryError) or in a file system that takes no folders (/proc)."""
+    (tmp_path / "README.md").write_text("a file, not a folder")
+
+    def nbgpt(*args):
+        return subprocess.run([sys.executable, "-m", "nbgpt", *args], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=300, env={**os.environ, "NBGPT_OFFLINE": "1"})
+
+    prepared = nbgpt("prepare", "shakespeare", "README.md/data")
+    assert (prepared.returncode, prepared.stderr) == (2, "nbgpt: WriteError: cannot create the folder README.md/data: "
+                                                         "README.md is a file, not a folder; choose another output "
+                                                         "folder for the dataset\n")
+    under_a_file = nbgpt("run", "--preset", "tiny", "--runs-dir", "README.md/runs")
+    assert under_a_file.returncode == 2 and under_a_file.stderr == (
+        f"nbgpt: WriteError: cannot create the folder {tmp_path}/README.md/runs/tiny: {tmp_path}/README.md is a file, "
+        f"not a folder; choose another run directory (--runs-dir, --out-dir)\n")
+    in_proc = nbgpt("run", "--preset", "tiny", "--runs-dir", "/proc/nbgpt-runs")
+    assert in_proc.returncode == 2 and in_proc.stderr == (
+        "nbgpt: WriteError: cannot create the folder /proc/nbgpt-runs/tiny: /proc does not accept new folders (No "
+        "such file or directory); choose another run directory (--runs-dir, --out-dir)\n")
