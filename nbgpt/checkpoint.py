@@ -171,6 +171,16 @@ def load_latest(directory: str | os.PathLike, on_skip=warn) -> dict | None:
                           f"another folder):\n  " + "\n  ".join(errors))
 
 
+def checkpoint_folder(path: str | os.PathLike) -> Path | None:
+    """Where the checkpoints of `path` are: a run directory's checkpoints/, or `path` itself when it is such a
+    folder; None when it holds none (then it is no run, or a run that has not checkpointed yet)."""
+    path = Path(path)
+    for directory in (path / "checkpoints", path):
+        if (directory / INDEX).is_file() or has_checkpoints(directory):
+            return directory
+    return None
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> dict:
     """A run directory, a checkpoints folder, or a checkpoint file -> the newest good checkpoint."""
     path = Path(path)
@@ -181,12 +191,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> dict:
             return load_file(path, recorded.get(path.name))
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}; {_instead_of(path)}") from None
-    for directory in (path / "checkpoints", path):
-        if (directory / INDEX).is_file() or has_checkpoints(directory):
-            payload = load_latest(directory)
-            if payload is not None:
-                return payload
-    raise CheckpointError(f"no nbgpt checkpoint at {path} (looked for {INDEX} in it and in its checkpoints/)")
+    folder = checkpoint_folder(path)
+    payload = load_latest(folder) if folder is not None else None
+    if payload is None:
+        raise CheckpointError(f"no nbgpt checkpoint at {path} (looked for {INDEX} in it and in its checkpoints/)")
+    return payload
 
 
 def _instead_of(path: Path) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import checkpoint_folder
 from .config import ConfigError
 from .files import atomic_write, atomic_write_json, read_json
 from .hf import export_hf, hf_unrepresentable
@@ -60,17 +61,29 @@ def load_nbgpt(directory: str | os.PathLike) -> tuple[GPT, Tokenizer]:
     return model, tokenizer_from_spec(meta["tokenizer"])
 
 
+def check_export_folder(out_dir: str | os.PathLike) -> None:
+    """An export goes into a new or empty folder of its own. Never over, or mixed with, files already there
+    (a folder with both formats' files loads wrongly), and never in a run's folder, where the run's newer
+    checkpoints and the export's older weights would claim the same path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder; export into a new folder, e.g. {out.parent / 'export'}")
+    run = next((p for p in (out, *out.absolute().parents) if p.is_dir() and checkpoint_folder(p) is not None), None)
+    if run is not None:
+        raise ConfigError(f"{out} is {'' if run == out else 'inside '}the run directory {run}, whose checkpoints "
+                          f"its loaders read; export into a folder of its own, e.g. {run.parent / (run.name + '-export')}")
+    if out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+        raise ConfigError(f"{out} already holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}; export "
+                          f"into a new or empty folder, e.g. {out.parent / (out.name + '-export')}")
+
+
 def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike,
                  format: str = "auto") -> tuple[Path, str, str]:
     """Export in `format`; "auto" is HF's GPT-2 format when it can express the model, else nbgpt's own.
     Returns the folder, the format written and why that format."""
     if format not in FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
-    # Never overwrite, or mix with, a model already there: a folder with both formats' files loads wrongly.
-    taken = sorted(name for name in MODEL_FILES if (Path(out_dir) / name).exists())
-    if taken:
-        raise ConfigError(f"{out_dir} already holds an exported model ({', '.join(taken)}); export into a new "
-                          f"folder, or delete those files first")
+    check_export_folder(out_dir)
     # HF folders are read (by nbgpt and by transformers users) as GPT-2 BPE models: other token ids would load
     # without complaint and decode to nonsense.
     obstacles = hf_unrepresentable(model.config)

@@ -157,7 +157,7 @@ def test_export_never_overwrites_or_mixes_with_an_exported_model(tmp_path):
     for fmt in ("hf", "nbgpt"):
         again = subprocess.run(export + ["--format", fmt], capture_output=True, text=True, timeout=300)
         assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr[-2000:]
-        assert "already holds an exported model (model.safetensors, nbgpt_model.json)" in again.stderr
+        assert "already holds model.safetensors, nbgpt_model.json; export into a new or empty folder" in again.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
@@ -175,3 +175,57 @@ def test_a_char_model_is_not_exported_as_hf_gpt2(tmp_path):
     out, written, why = export_model(model, char, tmp_path / "auto")
     assert (written, why) == ("nbgpt", "HF's GPT-2 cannot carry tokenizer 'char' (HF GPT-2 means GPT-2's BPE)")
     assert load_model(out).tokenizer.identity() == char.identity()
+
+
+def save_char_checkpoint(checkpoints, step, seed):
+    from nbgpt.checkpoint import save_checkpoint
+    from nbgpt.model import GPT, GPTConfig
+    from nbgpt.tokenizer import CharTokenizer, tokenizer_spec
+
+    tokenizer = CharTokenizer.from_text("to be or not to be\n")
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(checkpoints, step, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                        "tokenizer": tokenizer_spec(tokenizer)})
+
+
+def test_export_stays_out_of_run_directories_and_their_checkpoints_win(tmp_path):
+    """`nbgpt export --out runs/ddp` once put an export where the run's loaders looked, and every later load of
+    runs/ddp (sample, notebooks 04/05) read that stale export instead of the newer checkpoints."""
+    run = tmp_path / "runs" / "ddp"
+    save_char_checkpoint(run / "checkpoints", 10, seed=0)
+    (tmp_path / "README.md").write_text("a file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+
+    def export(out):
+        return subprocess.run([sys.executable, "-m", "nbgpt", "export", "--checkpoint", "runs/ddp", "--out", out],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    refusals = {out: export(out) for out in ("runs/ddp", "runs/ddp/export", "runs/ddp/checkpoints", "README.md",
+                                              "notes")}
+    assert {out: (r.returncode, r.stderr) for out, r in refusals.items()} == {
+        "runs/ddp": (2, f"nbgpt: ConfigError: runs/ddp is the run directory runs/ddp, whose checkpoints its loaders "
+                        f"read; export into a folder of its own, e.g. runs/ddp-export\n"),
+        "runs/ddp/export": (2, f"nbgpt: ConfigError: runs/ddp/export is inside the run directory {run}, whose "
+                               f"checkpoints its loaders read; export into a folder of its own, e.g. {run}-export\n"),
+        "runs/ddp/checkpoints": (2, f"nbgpt: ConfigError: runs/ddp/checkpoints is the run directory "
+                                    f"runs/ddp/checkpoints, whose checkpoints its loaders read; export into a folder "
+                                    f"of its own, e.g. runs/ddp/checkpoints-export\n"),
+        "README.md": (2, "nbgpt: ConfigError: README.md is a file, not a folder; export into a new folder, e.g. "
+                         "export\n"),
+        "notes": (2, "nbgpt: ConfigError: notes already holds todo.txt; export into a new or empty folder, e.g. "
+                     "notes-export\n")}
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"] and (tmp_path / "README.md").read_text() == "a file"
+
+    # A run directory that holds an export anyway (an older nbgpt wrote it there) loads its newest checkpoint.
+    assert export("runs/ddp-export").returncode == 0
+    for exported in (tmp_path / "runs" / "ddp-export").iterdir():
+        exported.rename(run / exported.name)
+    save_char_checkpoint(run / "checkpoints", 20, seed=1)
+    assert load_model(run).step == 20
+    sampled = subprocess.run([sys.executable, "-m", "nbgpt", "sample", "--checkpoint", str(run), "--prompt", "to",
+                              "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0 and sampled.stderr.startswith(
+        f"{run} holds checkpoints and an exported model (model.safetensors, nbgpt_model.json): loaded its newest "
+        f"checkpoint, step 20, not the export; move the export to a folder of its own\n"), sampled.stderr
