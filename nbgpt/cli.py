@@ -132,8 +132,8 @@ def _export(args: argparse.Namespace) -> int:
     from .loading import load_model
 
     loaded = load_model(args.checkpoint)
-    out, written, why = export_model(loaded.model, loaded.tokenizer, args.out, args.format)
-    print(json.dumps({"out": str(out), "format": written, "why": why}))
+    exported = export_model(loaded.model, loaded.tokenizer, args.out, args.format)
+    print(json.dumps({**exported._asdict(), "out": str(exported.out)}))
     return 0
 
 

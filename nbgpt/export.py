@@ -1,6 +1,8 @@
 """Handing a trained model to others: HF's GPT-2 format where it can express the model, else nbgpt's own.
 
-    HF GPT-2        config.json + model.safetensors: `transformers.GPT2LMHeadModel.from_pretrained` loads it.
+    HF GPT-2        config.json + model.safetensors: `transformers.GPT2LMHeadModel.from_pretrained` loads it;
+                    with GPT-2's tokenizer files (vocab.json, merges.txt...), so `AutoTokenizer` and
+                    `pipeline("text-generation")` load the folder too.
                     For the gpt2 recipe, and any model without rotary positions, QK-norm or soft-capped logits.
     nbgpt's own     nbgpt_model.json (the GPTConfig and the tokenizer) + model.safetensors (the state_dict):
                     for everything else, the speedrun recipe included. `nbgpt.loading.load_model` (and so
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .checkpoint import checkpoint_folder
 from .config import ConfigError
 from .files import atomic_write, atomic_write_json, read_json
-from .hf import export_hf, hf_unrepresentable
+from .hf import TOKENIZER_FILES, export_hf, hf_unrepresentable
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_spec, tokenizer_spec
 
@@ -77,10 +80,15 @@ def check_export_folder(out_dir: str | os.PathLike) -> None:
                           f"into a new or empty folder, e.g. {out.parent / (out.name + '-export')}")
 
 
-def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike,
-                 format: str = "auto") -> tuple[Path, str, str]:
-    """Export in `format`; "auto" is HF's GPT-2 format when it can express the model, else nbgpt's own.
-    Returns the folder, the format written and why that format."""
+class Exported(NamedTuple):
+    out: Path
+    format: str  # "hf" or "nbgpt"
+    why: str  # why that format
+    tokenizer: str  # where the tokenizer went, and who can read it
+
+
+def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, format: str = "auto") -> Exported:
+    """Export in `format`; "auto" is HF's GPT-2 format when it can express the model, else nbgpt's own."""
     if format not in FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
     check_export_folder(out_dir)
@@ -92,6 +100,12 @@ def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike,
         raise ConfigError(f"HF's GPT-2 format cannot carry {', '.join(obstacles)}; export with --format nbgpt "
                           f"(or auto), nbgpt's own format, which nbgpt.loading.load_model reads")
     if format == "hf" or (format == "auto" and not obstacles):
-        return export_hf(model, out_dir), "hf", "HF's GPT-2 expresses this model"
+        return Exported(export_hf(model, out_dir, tokenizer_files=True), "hf", "HF's GPT-2 expresses this model",
+                        f"GPT-2's BPE in {', '.join(TOKENIZER_FILES)}: transformers' AutoTokenizer and "
+                        f"pipeline('text-generation') load the folder")
     reason = "asked for" if format == "nbgpt" else f"HF's GPT-2 cannot carry {', '.join(obstacles)}"
-    return export_nbgpt(model, tokenizer, out_dir), "nbgpt", reason
+    why_not_hf = ("transformers has no tokenizer for nbgpt's character vocabulary" if tokenizer.name == "char" else
+                  "transformers cannot load the model of an nbgpt-format folder anyway")
+    return Exported(export_nbgpt(model, tokenizer, out_dir), "nbgpt", reason,
+                    f"{tokenizer.name} ({'its characters' if tokenizer.name == 'char' else 'named'}) in {NBGPT_FILE}, "
+                    f"which nbgpt's loaders rebuild it from; no HF tokenizer files: {why_not_hf}")

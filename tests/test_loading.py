@@ -1,6 +1,7 @@
 """The one model loader: HF folders, hub names through the Hugging Face cache, and the offline message,
 exercised through `python -m nbgpt sample` as a user runs it."""
 
+import json
 import os
 import stat
 import subprocess
@@ -115,7 +116,7 @@ def test_nbgpt_format_round_trip_of_a_speedrun_model(tmp_path, gpt2_tokenizer):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    out, written, why = export_model(model, gpt2_tokenizer, tmp_path / "export")
+    out, written, why, _ = export_model(model, gpt2_tokenizer, tmp_path / "export")
     assert why == "HF's GPT-2 cannot carry position='rope', qk_norm=True, logit_softcap=30"
     assert written == "nbgpt" and sorted(p.name for p in out.iterdir()) == ["model.safetensors", NBGPT_FILE]
     loaded = load_model(out)
@@ -172,8 +173,11 @@ def test_a_char_model_is_not_exported_as_hf_gpt2(tmp_path):
     model = GPT(GPTConfig(vocab_size=char.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(ConfigError, match="cannot carry tokenizer 'char' .*export with --format nbgpt"):
         export_model(model, char, tmp_path / "hf", "hf")
-    out, written, why = export_model(model, char, tmp_path / "auto")
+    out, written, why, tokenizer = export_model(model, char, tmp_path / "auto")
     assert (written, why) == ("nbgpt", "HF's GPT-2 cannot carry tokenizer 'char' (HF GPT-2 means GPT-2's BPE)")
+    assert tokenizer == ("char (its characters) in nbgpt_model.json, which nbgpt's loaders rebuild it from; no HF "
+                         "tokenizer files: transformers has no tokenizer for nbgpt's character vocabulary")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "nbgpt_model.json"]
     assert load_model(out).tokenizer.identity() == char.identity()
 
 
@@ -229,3 +233,26 @@ def test_export_stays_out_of_run_directories_and_their_checkpoints_win(tmp_path)
     assert sampled.returncode == 0 and sampled.stderr.startswith(
         f"{run} holds checkpoints and an exported model (model.safetensors, nbgpt_model.json): loaded its newest "
         f"checkpoint, step 20, not the export; move the export to a folder of its own\n"), sampled.stderr
+
+
+def test_hf_export_carries_gpt2s_tokenizer_for_autotokenizer_and_pipeline(tmp_path, gpt2_tokenizer, monkeypatch):
+    """vocab.json + merges.txt written from the ranks nbgpt verifies: transformers' tokenizer gives nbgpt's ids."""
+    tiny_gpt2_folder(tmp_path / "hf")
+    exported = subprocess.run([sys.executable, "-m", "nbgpt", "export", "--checkpoint", str(tmp_path / "hf"), "--out",
+                               str(tmp_path / "export")], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert json.loads(exported.stdout)["tokenizer"] == (
+        "GPT-2's BPE in vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json: transformers' "
+        "AutoTokenizer and pipeline('text-generation') load the folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert len(theirs) == 50257 and theirs.eos_token_id == gpt2_tokenizer.eot
+    text = ("Hello, world! It's 2026: naïve café, Ελληνικά, 日本語 and emoji 🙂🚀.\n\n\tTabs\t\tand   runs of    "
+            "spaces, numbers 3.14159 and 1,234,567; they'll've 'quoted' CAPS-LOCK\r\nend   ")
+    assert theirs(text)["input_ids"] == gpt2_tokenizer.encode(text)
+    assert theirs.decode(gpt2_tokenizer.encode(text)) == text
+    generate = transformers.pipeline("text-generation", model=str(tmp_path / "export"))
+    out = generate("Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    ours = Generator(load_model(tmp_path / "export").model, gpt2_tokenizer).complete(
+        "Hello", SamplingConfig(max_new_tokens=5, temperature=0.0, stop_at_eot=False))
+    assert out == "Hello" + ours
