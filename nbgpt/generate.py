@@ -13,13 +13,13 @@ import copy
 import mmap
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
+from .config import ConfigError, knob
 from .device import DTYPES, autocast, choose_precision
 from .model import KVCache
 from .tokenizer import Tokenizer
@@ -27,14 +27,15 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 means greedy (always the most likely token)
-    top_k: int | None = None  # sample only among the k most likely tokens
-    top_p: float | None = None  # nucleus: the smallest set of tokens whose probability reaches p
-    seed: int | None = None  # a seed reproduces a sample exactly
-    stop: Sequence[str] = field(default_factory=tuple)  # stop (and cut) at the first of these strings
-    stop_at_eot: bool = True
-    num_return_sequences: int = 1
+    max_new_tokens: int = knob(200, "tokens to generate after the prompt")
+    temperature: float = knob(1.0, "divides the logits: below 1 sharpens the distribution, above 1 flattens "
+                                   "it; 0 is greedy (always the most likely token)")
+    top_k: int | None = knob(None, "sample only among the k most likely tokens")
+    top_p: float | None = knob(None, "nucleus: the smallest set of tokens whose probability reaches p")
+    seed: int | None = knob(None, "a seed reproduces a sample exactly")
+    stop: Sequence[str] = knob(help="stop (and cut) at the first of these strings", default_factory=tuple)
+    stop_at_eot: bool = knob(True, "stop at the end-of-text token")
+    num_return_sequences: int = knob(1, "independent samples of the prompt")
 
     def __post_init__(self) -> None:
         # ConfigError: the one-line error of every bad setting, whether a flag, -p or a notebook set it
