@@ -100,7 +100,7 @@ def test_seeds_top_k_and_top_p(char_tok):
     sample = lambda **kw: generator.complete("the", SamplingConfig(max_new_tokens=30, stop_at_eot=False, **kw))
     assert sample(seed=1) == sample(seed=1)
     assert sample(seed=1) != sample(seed=2)
-    assert sample(seed=5, top_k=1) == sample(temperature=0.0) == sample(seed=9, temperature=-1.0)
+    assert sample(seed=5, top_k=1) == sample(temperature=0.0)  # (a negative temperature is refused)
     assert sample(seed=5, top_p=1e-6) == sample(temperature=0.0)  # nucleus of one token is greedy
 
 
