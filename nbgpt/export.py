@@ -74,7 +74,8 @@ def check_export_folder(out_dir: str | os.PathLike) -> None:
     run = next((p for p in (out, *out.absolute().parents) if p.is_dir() and checkpoint_folder(p) is not None), None)
     if run is not None:
         raise ConfigError(f"{out} is {'' if run == out else 'inside '}the run directory {run}, whose checkpoints "
-                          f"its loaders read; export into a folder of its own, e.g. {run.parent / (run.name + '-export')}")
+                          f"its loaders read; export into a folder of its own, e.g. "
+                          f"{run.parent / (run.name + '-export')}")
     if out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
         raise ConfigError(f"{out} already holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}; export "
                           f"into a new or empty folder, e.g. {out.parent / (out.name + '-export')}")
@@ -104,8 +105,7 @@ def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, f
                         f"GPT-2's BPE in {', '.join(TOKENIZER_FILES)}: transformers' AutoTokenizer and "
                         f"pipeline('text-generation') load the folder")
     reason = "asked for" if format == "nbgpt" else f"HF's GPT-2 cannot carry {', '.join(obstacles)}"
-    why_not_hf = ("transformers has no tokenizer for nbgpt's character vocabulary" if tokenizer.name == "char" else
-                  "transformers cannot load the model of an nbgpt-format folder anyway")
+    kept = ("the character vocabulary", "transformers has no tokenizer for nbgpt's character vocabulary") \
+        if tokenizer.name == "char" else ("GPT-2's BPE, by name", "transformers cannot load an nbgpt-format model")
     return Exported(export_nbgpt(model, tokenizer, out_dir), "nbgpt", reason,
-                    f"{tokenizer.name} ({'its characters' if tokenizer.name == 'char' else 'named'}) in {NBGPT_FILE}, "
-                    f"which nbgpt's loaders rebuild it from; no HF tokenizer files: {why_not_hf}")
+                    f"{kept[0]}, in {NBGPT_FILE} (nbgpt's loaders rebuild it); no HF tokenizer files: {kept[1]}")

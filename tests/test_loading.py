@@ -175,7 +175,7 @@ def test_a_char_model_is_not_exported_as_hf_gpt2(tmp_path):
         export_model(model, char, tmp_path / "hf", "hf")
     out, written, why, tokenizer = export_model(model, char, tmp_path / "auto")
     assert (written, why) == ("nbgpt", "HF's GPT-2 cannot carry tokenizer 'char' (HF GPT-2 means GPT-2's BPE)")
-    assert tokenizer == ("char (its characters) in nbgpt_model.json, which nbgpt's loaders rebuild it from; no HF "
+    assert tokenizer == ("the character vocabulary, in nbgpt_model.json (nbgpt's loaders rebuild it); no HF "
                          "tokenizer files: transformers has no tokenizer for nbgpt's character vocabulary")
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "nbgpt_model.json"]
     assert load_model(out).tokenizer.identity() == char.identity()
