@@ -204,8 +204,9 @@ def test_a_signal_to_the_notebook_kernel_stops_the_run_in_one_line_with_the_resu
     resume = f"Resume with: python -m nbgpt run --runs-dir {tmp_path} --name tiny --resume"
     rc, _, err = stop_the_kernel_mid_training(tmp_path, signal.SIGTERM, 2, "--notebooks", *NOTEBOOKS[:3])
     assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    partial = tmp_path / "tiny" / "03_train.ipynb"
     assert err.strip().splitlines()[-1] == (f"nbgpt run: 03_train.ipynb stopped by SIGTERM to its kernel, with a "
-                                            f"checkpoint; the partial notebook is kept at {tmp_path / 'tiny' / '03_train.ipynb'}. {resume}")
+                                            f"checkpoint; the partial notebook is kept at {partial}. {resume}")
     stopped_at = resolve_checkpoint(tmp_path / "tiny")["step"]
     rc, _, err = stop_the_kernel_mid_training(tmp_path, signal.SIGKILL, stopped_at + 2, "--resume",
                                              "--notebooks", NOTEBOOKS[2])
