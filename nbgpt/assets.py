@@ -112,6 +112,9 @@ def verify(asset: Asset, data: bytes, origin: str) -> None:
 
 
 def _given(asset: Asset, path: Path, origin: str | None) -> Path:
+    if path.is_dir():
+        raise asset.error(f"{asset.name}: {path} (from {origin}) is a directory; expected the file itself, e.g. "
+                          f"{path / asset.filename}")
     if not path.is_file():
         raise asset.error(f"{asset.name} file {path} does not exist (from {origin}): check the path, or "
                           f"{asset.how_to_provide()}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -118,19 +119,28 @@ def load_file(path: str | os.PathLike, expected_sha256: str | None = None) -> di
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
-        raise CheckpointError(f"checkpoint {path} does not match its recorded sha256: it is truncated or corrupt")
+        raise CheckpointError(f"checkpoint {path} is damaged: it does not match the sha256 recorded when it was "
+                              f"written (truncated or corrupted since)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "Unpickler" in text:
-            raise CheckpointError(f"checkpoint {path} contains objects other than tensors and plain data and was "
-                                  f"refused without running them (it may carry code): {text[:300]}") from exc
-        raise CheckpointError(f"checkpoint {path} is not a readable torch file (truncated or corrupt): "
-                              f"{type(exc).__name__}: {text[:200]}") from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(payload, dict) or payload.get("format") != "nbgpt-checkpoint-1":
         raise CheckpointError(f"{path} is not an nbgpt checkpoint")
     return payload
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """Why torch.load(weights_only=True) failed. A global (a name to import and call) is code, which no nbgpt
+    checkpoint holds: refused, never run. Anything else is a damaged file. torch's own text is not passed on:
+    it advises weights_only=False, which would run whatever the file holds."""
+    named = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if named:
+        return CheckpointError(f"checkpoint {path} refers to {named.group(1)}, code rather than tensors and plain "
+                               f"data: refused without running it (it may be malicious); load only checkpoints "
+                               f"that nbgpt wrote")
+    return CheckpointError(f"checkpoint {path} is damaged: torch cannot read it ({type(exc).__name__}), so it was "
+                           f"truncated or corrupted after it was written")
 
 
 def warn(message: str) -> None:
@@ -157,18 +167,40 @@ def load_latest(directory: str | os.PathLike, on_skip=warn) -> dict | None:
             on_skip(f"using the older checkpoint {entry['file']} (step {entry['step']}) because the newer ones "
                     f"are damaged: " + "; ".join(errors))
         return payload
-    raise CheckpointError("no usable checkpoint in " + str(directory) + ":\n  " + "\n  ".join(errors))
+    raise CheckpointError(f"no usable checkpoint in {directory} (restore one from a copy, or train a new run in "
+                          f"another folder):\n  " + "\n  ".join(errors))
+
+
+def checkpoint_folder(path: str | os.PathLike) -> Path | None:
+    """Where the checkpoints of `path` are: a run directory's checkpoints/, or `path` itself when it is such a
+    folder; None when it holds none (then it is no run, or a run that has not checkpointed yet)."""
+    path = Path(path)
+    for directory in (path / "checkpoints", path):
+        if (directory / INDEX).is_file() or has_checkpoints(directory):
+            return directory
+    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> dict:
     """A run directory, a checkpoints folder, or a checkpoint file -> the newest good checkpoint."""
     path = Path(path)
     if path.is_file():
-        return load_file(path)
-    for directory in (path / "checkpoints", path):
-        if (directory / INDEX).is_file() or has_checkpoints(directory):
-            payload = load_latest(directory)
-            if payload is not None:
-                return payload
-    raise CheckpointError(f"no nbgpt checkpoint at {path} (looked for {INDEX} in it and in its checkpoints/)")
+        entries, _ = _read_index(path.parent)  # a checkpoint of a run is checked against its recorded hash
+        recorded = {e["file"]: e["sha256"] for e in entries or ()}
+        try:
+            return load_file(path, recorded.get(path.name))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; {_instead_of(path)}") from None
+    folder = checkpoint_folder(path)
+    payload = load_latest(folder) if folder is not None else None
+    if payload is None:
+        raise CheckpointError(f"no nbgpt checkpoint at {path} (looked for {INDEX} in it and in its checkpoints/)")
+    return payload
 
+
+def _instead_of(path: Path) -> str:
+    """What to load when the checkpoint file `path` cannot be."""
+    if any(other != path for other in path.parent.glob("ckpt_*.pt")):
+        return (f"pass its folder, {path.parent}, instead: loading a folder falls back to the newest of its "
+                f"checkpoints that verifies, and says which")
+    return "restore it from a copy, or train again"

@@ -14,7 +14,7 @@ import json
 import re
 import sys
 
-from .config import coerce, did_you_mean, field_types
+from .config import coerce, did_you_mean, field_types, knob_help
 
 
 def _flag_type(annotation, name: str):
@@ -28,14 +28,17 @@ def _flag_type(annotation, name: str):
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
-                            note: str | None = None) -> None:
-    """A `--field-name` flag per field of `cls`; flags left out stay out of the namespace (the dataclass decides)."""
+                            note: str = "") -> None:
+    """A `--field-name` flag per field of `cls`, helped by the field's own line (nbgpt.config.knob) and its
+    default; flags left out stay out of the namespace (the dataclass decides)."""
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
+    helps = knob_help(cls)
     for name, annotation in field_types(cls).items():
         if name not in skip:
+            text = f"{helps[name]} (default: {defaults[name]!r}{note})".replace("%", "%%")  # argparse formats help
             parser.add_argument("--" + name.replace("_", "-"), dest=name, type=_flag_type(annotation, name),
-                                default=argparse.SUPPRESS, help=note or f"(default: {defaults[name]!r})")
+                                default=argparse.SUPPRESS, help=text)
 
 
 def given(args: argparse.Namespace, *classes) -> dict:
@@ -132,8 +135,8 @@ def _export(args: argparse.Namespace) -> int:
     from .loading import load_model
 
     loaded = load_model(args.checkpoint)
-    out, written, why = export_model(loaded.model, loaded.tokenizer, args.out, args.format)
-    print(json.dumps({"out": str(out), "format": written, "why": why}))
+    exported = export_model(loaded.model, loaded.tokenizer, args.out, args.format)
+    print(json.dumps({**exported._asdict(), "out": str(exported.out)}))
     return 0
 
 
@@ -210,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="set any knob of nbgpt.run_config.RunConfig by name, e.g. -p max_steps 50 (repeatable)")
     run.add_argument("--name", help="run directory name (default: the preset's name)")
-    run.add_argument("--runs-dir", default="runs")
+    run.add_argument("--runs-dir", default="runs", help="the folder that holds run directories (default: runs)")
     run.add_argument("--resume", action="store_true", help="continue an existing run directory")
     run.add_argument("--notebooks", nargs="+", help="run only these notebooks (file names)")
     run.set_defaults(handler=_run)
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config-json", help="a JSON file of TrainConfig fields; flags override it")
     add_dataclass_arguments(train, TrainConfig, skip=("model_overrides",))
     add_dataclass_arguments(train, GPTConfig, skip=("vocab_size",),
-                            note="GPTConfig field: changes the --model preset (kept in TrainConfig.model_overrides)")
+                            note="; a GPTConfig field: it reshapes the --model preset")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="HellaSwag accuracy of a checkpoint, HF GPT-2 directory or hub "

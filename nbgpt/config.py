@@ -42,6 +42,17 @@ def config_warnings_to(echo):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
+def knob(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING):
+    """A config field with its one line of help, written beside it: the class reads like a commented list of
+    its knobs, and `--help` shows the same line for the field's flag (knob_help), so the two never differ."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+def knob_help(cls) -> dict[str, str]:
+    """{field name: its line of help} of a config dataclass ('' for a field declared without knob())."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
 def did_you_mean(name: str, known) -> str:
     """' (did you mean 'max_steps'?)' for a near miss, else ''."""
     close = difflib.get_close_matches(name, sorted(known), n=1)

@@ -1,6 +1,8 @@
 """Handing a trained model to others: HF's GPT-2 format where it can express the model, else nbgpt's own.
 
-    HF GPT-2        config.json + model.safetensors: `transformers.GPT2LMHeadModel.from_pretrained` loads it.
+    HF GPT-2        config.json + model.safetensors: `transformers.GPT2LMHeadModel.from_pretrained` loads it;
+                    with GPT-2's tokenizer files (vocab.json, merges.txt...), so `AutoTokenizer` and
+                    `pipeline("text-generation")` load the folder too.
                     For the gpt2 recipe, and any model without rotary positions, QK-norm or soft-capped logits.
     nbgpt's own     nbgpt_model.json (the GPTConfig and the tokenizer) + model.safetensors (the state_dict):
                     for everything else, the speedrun recipe included. `nbgpt.loading.load_model` (and so
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from .checkpoint import checkpoint_folder
 from .config import ConfigError
 from .files import atomic_write, atomic_write_json, read_json
-from .hf import export_hf, hf_unrepresentable
+from .hf import TOKENIZER_FILES, export_hf, hf_unrepresentable
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_spec, tokenizer_spec
 
@@ -60,17 +64,35 @@ def load_nbgpt(directory: str | os.PathLike) -> tuple[GPT, Tokenizer]:
     return model, tokenizer_from_spec(meta["tokenizer"])
 
 
-def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike,
-                 format: str = "auto") -> tuple[Path, str, str]:
-    """Export in `format`; "auto" is HF's GPT-2 format when it can express the model, else nbgpt's own.
-    Returns the folder, the format written and why that format."""
+def check_export_folder(out_dir: str | os.PathLike) -> None:
+    """An export goes into a new or empty folder of its own. Never over, or mixed with, files already there
+    (a folder with both formats' files loads wrongly), and never in a run's folder, where the run's newer
+    checkpoints and the export's older weights would claim the same path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder; export into a new folder, e.g. {out.parent / 'export'}")
+    run = next((p for p in (out, *out.absolute().parents) if p.is_dir() and checkpoint_folder(p) is not None), None)
+    if run is not None:
+        raise ConfigError(f"{out} is {'' if run == out else 'inside '}the run directory {run}, whose checkpoints "
+                          f"its loaders read; export into a folder of its own, e.g. "
+                          f"{run.parent / (run.name + '-export')}")
+    if out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+        raise ConfigError(f"{out} already holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}; export "
+                          f"into a new or empty folder, e.g. {out.parent / (out.name + '-export')}")
+
+
+class Exported(NamedTuple):
+    out: Path
+    format: str  # "hf" or "nbgpt"
+    why: str  # why that format
+    tokenizer: str  # where the tokenizer went, and who can read it
+
+
+def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, format: str = "auto") -> Exported:
+    """Export in `format`; "auto" is HF's GPT-2 format when it can express the model, else nbgpt's own."""
     if format not in FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
-    # Never overwrite, or mix with, a model already there: a folder with both formats' files loads wrongly.
-    taken = sorted(name for name in MODEL_FILES if (Path(out_dir) / name).exists())
-    if taken:
-        raise ConfigError(f"{out_dir} already holds an exported model ({', '.join(taken)}); export into a new "
-                          f"folder, or delete those files first")
+    check_export_folder(out_dir)
     # HF folders are read (by nbgpt and by transformers users) as GPT-2 BPE models: other token ids would load
     # without complaint and decode to nonsense.
     obstacles = hf_unrepresentable(model.config)
@@ -79,6 +101,11 @@ def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike,
         raise ConfigError(f"HF's GPT-2 format cannot carry {', '.join(obstacles)}; export with --format nbgpt "
                           f"(or auto), nbgpt's own format, which nbgpt.loading.load_model reads")
     if format == "hf" or (format == "auto" and not obstacles):
-        return export_hf(model, out_dir), "hf", "HF's GPT-2 expresses this model"
+        return Exported(export_hf(model, out_dir, tokenizer_files=True), "hf", "HF's GPT-2 expresses this model",
+                        f"GPT-2's BPE in {', '.join(TOKENIZER_FILES)}: transformers' AutoTokenizer and "
+                        f"pipeline('text-generation') load the folder")
     reason = "asked for" if format == "nbgpt" else f"HF's GPT-2 cannot carry {', '.join(obstacles)}"
-    return export_nbgpt(model, tokenizer, out_dir), "nbgpt", reason
+    kept = ("the character vocabulary", "transformers has no tokenizer for nbgpt's character vocabulary") \
+        if tokenizer.name == "char" else ("GPT-2's BPE, by name", "transformers cannot load an nbgpt-format model")
+    return Exported(export_nbgpt(model, tokenizer, out_dir), "nbgpt", reason,
+                    f"{kept[0]}, in {NBGPT_FILE} (nbgpt's loaders rebuild it); no HF tokenizer files: {kept[1]}")

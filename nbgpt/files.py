@@ -43,6 +43,9 @@ def fsync_dir(path: Path) -> None:
 class WriteError(OSError):
     """A file could not be written (disk full, read-only or missing folder, file size limit)."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message is for users: no "[Errno 28]" before it
+
 
 def _read_umask() -> int:
     """The process's umask. os.umask can only set it (set it, then put it back), and it is process-wide, so
@@ -55,6 +58,26 @@ def _read_umask() -> int:
 NEW_FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file
 
 
+def make_dirs(path: str | os.PathLike, fix: str = "choose another folder") -> Path:
+    """`mkdir -p path`, or a WriteError naming why the folder cannot be made (a file in the way, a folder that
+    takes no new entries) and `fix`, what the user can do about it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot create the folder {path}: {_why_no_folder(path, exc)}; {fix}") from None
+    return path
+
+
+def _why_no_folder(path: Path, exc: OSError) -> str:
+    """The nearest existing ancestor decides: a file cannot hold folders; a folder refused one (read-only,
+    permissions, or a virtual file system such as /proc)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "/" and "." always exist
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    return f"{existing} does not accept new folders ({exc.strerror or exc})"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Write through a temp file in the same folder, fsync it, then rename over `path`.
 
@@ -64,7 +87,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     path = Path(path)
     tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         # mkstemp makes the file private (0600); the result should have the permissions any new file gets
         # (0666 less the umask: usually readable by others), as shards and exports are meant to be shared.

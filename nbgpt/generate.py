@@ -13,12 +13,13 @@ import copy
 import mmap
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
+from .config import ConfigError, knob
 from .device import DTYPES, autocast, choose_precision
 from .model import KVCache
 from .tokenizer import Tokenizer
@@ -26,30 +27,35 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # <= 0 means greedy (always the most likely token)
-    top_k: int | None = None  # sample only among the k most likely tokens
-    top_p: float | None = None  # nucleus: the smallest set of tokens whose probability reaches p
-    seed: int | None = None  # a seed reproduces a sample exactly
-    stop: Sequence[str] = field(default_factory=tuple)  # stop (and cut) at the first of these strings
-    stop_at_eot: bool = True
-    num_return_sequences: int = 1
+    max_new_tokens: int = knob(200, "tokens to generate after the prompt")
+    temperature: float = knob(1.0, "divides the logits: below 1 sharpens the distribution, above 1 flattens "
+                                   "it; 0 is greedy (always the most likely token)")
+    top_k: int | None = knob(None, "sample only among the k most likely tokens")
+    top_p: float | None = knob(None, "nucleus: the smallest set of tokens whose probability reaches p")
+    seed: int | None = knob(None, "a seed reproduces a sample exactly")
+    stop: Sequence[str] = knob(help="stop (and cut) at the first of these strings", default_factory=tuple)
+    stop_at_eot: bool = knob(True, "stop at the end-of-text token")
+    num_return_sequences: int = knob(1, "independent samples of the prompt")
 
     def __post_init__(self) -> None:
+        # ConfigError: the one-line error of every bad setting, whether a flag, -p or a notebook set it
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 means greedy: always the most likely token), got "
+                              f"{self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k}")
+            raise ConfigError(f"top_k must be a positive integer or none, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1] or none, got {self.top_p}")
         if self.num_return_sequences < 1:
-            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+            raise ConfigError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0 or self.top_k == 1
+        return self.temperature == 0 or self.top_k == 1
 
 
 def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:

@@ -132,8 +132,10 @@ def load_hf(path_or_name: str | os.PathLike, vocab_multiple: int = 1) -> GPT:
     return model
 
 
-def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
-    """Write `model` as an HF GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads.
+def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer_files: bool = False) -> Path:
+    """Write `model` as an HF GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads, and with
+    `tokenizer_files` GPT-2's tokenizer files too (for a model trained on GPT-2 BPE), so that transformers'
+    `AutoTokenizer` and `pipeline` load the folder as it is.
 
     Refused, naming the settings, for a model HF's GPT-2 cannot express (see hf_unrepresentable)."""
     config = model.config
@@ -163,5 +165,75 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32",
     }
     atomic_write(out / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "pt"})))
-    atomic_write_json(out / "config.json", hf_config)
+    if tokenizer_files:
+        write_gpt2_tokenizer(out, config.block_size)
+    atomic_write_json(out / "config.json", hf_config)  # last: a folder with config.json is complete
+    return out
+
+
+# --------------------------------------------------------------------------- GPT-2's tokenizer, HF's files
+#
+# HF's GPT-2 tokenizer reads the BPE as text: vocab.json maps each token to its id, merges.txt lists the merges
+# in priority order. Both spell a token's bytes through GPT-2's byte-to-character table, and both are derived
+# here from the very ranks nbgpt verifies by sha256, so an export's token ids are nbgpt's token ids.
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def byte_to_char() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte: printable Latin-1 bytes stand for themselves, the other 68
+    (controls, space, soft hyphen...) for the characters from U+0100 on, in byte order, so that no token's
+    text holds whitespace or control characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _merge_of(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The two tokens whose merge made `token`: BPE on its bytes with only the merges ranked before it leaves
+    exactly two parts (merging them is this token's own merge)."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= ranks[token]:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise HFFormatError(f"GPT-2's ranks hold a token {token!r} that no single merge makes")
+    return parts[0], parts[1]
+
+
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """vocab.json's {token text: id} (end-of-text included) and merges.txt's lines, in rank order."""
+    import base64
+
+    from .tokenizer import ENDOFTEXT, gpt2_ranks_bytes
+
+    ranks = {base64.b64decode(token): int(rank) for token, rank in
+             (line.split() for line in gpt2_ranks_bytes().splitlines() if line)}
+    chars = byte_to_char()
+
+    def text(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[ENDOFTEXT] = len(ranks)
+    merges = [" ".join(map(text, _merge_of(ranks, token)))
+              for token, rank in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    return vocab, merges
+
+
+def write_gpt2_tokenizer(out_dir: str | os.PathLike, max_length: int) -> Path:
+    """The files transformers' GPT2Tokenizer reads (see TOKENIZER_FILES), each written atomically."""
+    from .tokenizer import ENDOFTEXT
+
+    out = Path(out_dir)
+    vocab, merges = gpt2_vocab_and_merges()
+    special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    atomic_write(out / "vocab.json", lambda f: f.write(json.dumps(vocab, ensure_ascii=False).encode()))
+    atomic_write(out / "merges.txt", lambda f: f.write(("#version: 0.2\n" + "\n".join(merges) + "\n").encode()))
+    atomic_write_json(out / "special_tokens_map.json", special)
+    atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer", "model_max_length":
+                                                      max_length, "add_prefix_space": False, **special})
     return out

@@ -1,6 +1,7 @@
 """One loader for every model nbgpt evaluates or prompts, whatever it was saved as.
 
-    runs/mine                        the newest good checkpoint of a run (its checkpoints.json)
+    runs/mine                        the newest good checkpoint of a run (its checkpoints.json), even
+                                     when an export of an older step sits beside them
     runs/mine/checkpoints/ckpt_0000500.pt   one nbgpt checkpoint file
     path/to/export                   a folder in nbgpt's own format (nbgpt_model.json + model.safetensors)
     path/to/folder                   an HF-format GPT-2 folder (config.json + model.safetensors)
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import checkpoint_folder, resolve_checkpoint, warn
 from .device import resolve_device
-from .export import NBGPT_FILE, load_nbgpt
+from .export import MODEL_FILES, NBGPT_FILE, load_nbgpt
 from .hf import HFFormatError, load_hf
 from .model import GPT, GPTConfig
 from .tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
@@ -45,7 +46,13 @@ class LoadedModel:
 def load_model(source: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     """The model and tokenizer of a run, checkpoint file, exported folder or hub name (see the module docstring)."""
     path = Path(source)
-    if (path / NBGPT_FILE).is_file():
+    if path.is_dir() and checkpoint_folder(path) is not None:
+        # A run's checkpoints win over an export beside them: the export is a snapshot of some earlier step.
+        loaded = _from_checkpoint(path)
+        if exported := sorted(name for name in MODEL_FILES if (path / name).is_file()):
+            warn(f"{path} holds checkpoints and an exported model ({', '.join(exported)}): loaded its newest "
+                 f"checkpoint, step {loaded.step}, not the export; move the export to a folder of its own")
+    elif (path / NBGPT_FILE).is_file():
         loaded = LoadedModel(*load_nbgpt(path), str(path), format="nbgpt")
     elif path.is_file() or (path.is_dir() and not (path / "config.json").is_file()):
         loaded = _from_checkpoint(path)

@@ -12,29 +12,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, check_known
+from .config import ConfigError, check_known, knob
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # context length: the most tokens the model attends over
-    vocab_size: int = 50257  # real tokens; ids >= vocab_size never appear in data
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm layers
-    position: str = "absolute"  # "absolute" (learned, GPT-2) or "rope" (rotary)
-    rope_base: float = 10000.0
+    block_size: int = knob(1024, "context length: the most tokens the model attends over")
+    vocab_size: int = knob(50257, "real tokens; ids >= vocab_size never appear in data")
+    n_layer: int = knob(12, "transformer blocks")
+    n_head: int = knob(12, "attention heads per block (must divide n_embd)")
+    n_embd: int = knob(768, "width of the residual stream: the embedding size")
+    dropout: float = knob(0.0, "dropout probability while training (0: none, as in GPT-2 pretraining at this scale)")
+    bias: bool = knob(True, "biases in the Linear and LayerNorm layers, as GPT-2 has")
+    position: str = knob("absolute", "absolute (learned, GPT-2) or rope (rotary)")
+    rope_base: float = knob(10000.0, "base of the rotary frequencies (with position=rope)")
     # Round the embedding/LM-head rows up to a multiple of this: 50257 -> 50304 with 64 makes matmuls use
     # friendlier shapes. The extra rows are sliced off the logits, so outputs over real tokens are unchanged.
-    vocab_multiple: int = 1
+    vocab_multiple: int = knob(1, "round the embedding and LM-head rows up to a multiple of this (64: 50257 -> "
+                                  "50304, friendlier matmul shapes); the extra rows are sliced off the logits, so "
+                                  "outputs are unchanged")
     # The speedrun recipe's architecture (nbgpt.recipes); every default is GPT-2's, so parity with it holds.
-    activation: str = "gelu"  # the MLP's nonlinearity: "gelu" (tanh-approximated, GPT-2) or "relu2" (relu(x)²)
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys, so attention logits stay within ±√D
-    zero_init_proj: bool = False  # the blocks' output projections start at zero: every block starts as identity
-    tie_embeddings: bool = True  # the LM head is the token embedding (GPT-2); False gives it a matrix of its own
-    logit_softcap: float = 0.0  # c > 0 squashes logits smoothly into (-c, c): c·tanh(logits / c); 0 = off
+    activation: str = knob("gelu", "the MLP's nonlinearity: gelu (tanh-approximated, GPT-2) or relu2 "
+                           "(relu(x)²)")
+    qk_norm: bool = knob(False, "RMS-normalise each head's queries and keys, so attention logits stay within ±√D")
+    zero_init_proj: bool = knob(False, "the blocks' output projections start at zero: every block starts as identity")
+    tie_embeddings: bool = knob(True, "the LM head is the token embedding (GPT-2); false gives it a matrix of its "
+                                      "own")
+    logit_softcap: float = knob(0.0, "c > 0 squashes logits smoothly into (-c, c): c·tanh(logits / c); 0 = off")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):

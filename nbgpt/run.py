@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,8 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
                 if stop.signum is not None:
                     raise RunStopped(f"stopped by {signal_name(stop.signum)} in {notebook}; the partial notebook "
                                      f"is kept at {output}", stop.signum) from None
+                if (stopped := kernel_stopped(exc, notebook, output)) is not None:
+                    raise stopped from None
                 if not isinstance(exc, PapermillExecutionError):
                     raise
                 raise RunError(f"{notebook} failed in cell {exc.cell_index} (execution count "
@@ -122,6 +126,25 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
             if stop.signum is not None:  # the signal came between cells: stop before the next notebook
                 raise RunStopped(f"stopped by {signal_name(stop.signum)} after {notebook}", stop.signum)
     return summarize(run_dir, executed)
+
+
+def kernel_stopped(exc: Exception, notebook: str, output: Path) -> RunStopped | None:
+    """A stop signal sent to the notebook's kernel rather than to `nbgpt run`: the first ends training with a
+    checkpoint (TrainingStopped in the cell), a second ends the kernel at once (papermill: DeadKernelError).
+    Either way the run resumes from its checkpoints, like a run stopped through `nbgpt run`."""
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, DeadKernelError):  # its exit status is not ours to read: a kill is a SIGTERM's kin
+        return RunStopped(f"the kernel running {notebook} died (a second stop signal ends it at once, as do kill "
+                          f"-9 and the out-of-memory killer); the checkpoints on disk are intact and the partial "
+                          f"notebook is kept at {output}", signal.SIGTERM)
+    if isinstance(exc, PapermillExecutionError) and exc.ename == "TrainingStopped":
+        named = re.search(r"\bSIG[A-Z]+\b", exc.evalue)  # TrainingStopped's message names its signal
+        signum = signal.Signals.__members__.get(named.group() if named else "", signal.SIGTERM)
+        return RunStopped(f"{notebook} stopped by {signal_name(signum)} to its kernel, with a checkpoint; the "
+                          f"partial notebook is kept at {output}", signum)
+    return None
 
 
 def recorded_preset(run_dir: Path) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, check_fields, check_known, coerce, did_you_mean, field_types
+from .config import ConfigError, check_fields, check_known, coerce, did_you_mean, field_types, knob
 from .generate import SamplingConfig
 from .model import GPTConfig
 from .presets import RUN_PRESETS, get_preset
@@ -35,16 +35,19 @@ def _choice(name: str, value, choices: tuple) -> None:
 
 @dataclass
 class PrepareConfig:
-    source: str = "shakespeare"  # shakespeare | tinyshakespeare | fineweb-edu | hf:NAME[:CONFIG] | a path or glob
-    source_path: str | None = None  # a local copy of tinyshakespeare's input.txt, if offline
-    tokenizer: str = "char"  # "gpt2" (BPE, 50,257 tokens) or "char" (one token per character)
-    shard_tokens: int = 10_000_000  # tokens per shard file (FineWeb-Edu: 100M, as in build-nanogpt)
-    prepare_workers: int = 1  # tokenizer processes; the output is identical whatever the count
-    val_fraction: float | None = 0.1  # the last 10 % of tokens are the validation split (nanoGPT's split)...
-    val_tokens: int | None = None  # ...or the first N tokens (build-nanogpt: the first FineWeb-Edu shard)
-    max_tokens: int | None = None  # stop once this many tokens (validation included) are in shards; None: all
-    text_column: str = "text"  # the text field of jsonl/parquet/hub rows
-    errors: str = "strict"  # "replace" turns bytes that are not UTF-8 into U+FFFD instead of stopping
+    source: str = knob("shakespeare", "shakespeare | tinyshakespeare | fineweb-edu | hf:NAME[:CONFIG] | a path or "
+                       "glob")
+    source_path: str | None = knob(None, "a local copy of tinyshakespeare's input.txt, if offline")
+    tokenizer: str = knob("char", "gpt2 (BPE, 50,257 tokens) or char (one token per character)")
+    shard_tokens: int = knob(10_000_000, "tokens per shard file (FineWeb-Edu: 100M, as in build-nanogpt)")
+    prepare_workers: int = knob(1, "tokenizer processes; the output is identical whatever the count")
+    val_fraction: float | None = knob(0.1, "the share of tokens, the last ones, held out for validation "
+                                           "(nanoGPT's split)")
+    val_tokens: int | None = knob(None, "hold out the first N tokens for validation instead (build-nanogpt: "
+                                        "the first FineWeb-Edu shard)")
+    max_tokens: int | None = knob(None, "stop once this many tokens (validation included) are in shards; none: all")
+    text_column: str = knob("text", "the text field of jsonl/parquet/hub rows")
+    errors: str = knob("strict", "bytes that are not UTF-8: strict stops, replace makes them U+FFFD, ignore drops them")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -62,9 +65,9 @@ class PrepareConfig:
 
 @dataclass
 class BaselineConfig:
-    bigram_steps: int = 200  # training steps of the bigram baseline
-    load_openai_weights: bool = False  # also sample from OpenAI's GPT-2 124M (needs the HF hub or a local copy)
-    openai_weights: str = "gpt2"  # hub name or local HF-format directory
+    bigram_steps: int = knob(200, "training steps of the bigram baseline")
+    load_openai_weights: bool = knob(False, "also sample from OpenAI's GPT-2 124M (needs the HF hub or a local copy)")
+    openai_weights: str = knob("gpt2", "hub name or local HF-format directory")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -72,11 +75,12 @@ class BaselineConfig:
 
 @dataclass
 class EvalConfig:
-    hellaswag_path: str | None = None  # hellaswag_val.jsonl; None: the cache, then a one-time download
-    hellaswag_limit: int | None = None  # score only the first N examples (None: all 10,042)
-    max_batch_tokens: int = 4096  # tokens scored per forward pass
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    hellaswag_path: str | None = knob(None, "hellaswag_val.jsonl (none: the cache, then a one-time download)")
+    hellaswag_limit: int | None = knob(None, "score only the first N examples (none: all 10,042)")
+    max_batch_tokens: int = knob(4096, "tokens scored per forward pass")
+    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps (auto: the best available)")
+    precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on "
+                          "GPUs, fp32 on CPUs)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -86,9 +90,10 @@ class EvalConfig:
 class SampleConfig(SamplingConfig):
     """SamplingConfig's knobs plus what to say and where to run."""
 
-    prompt: str = ""
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    prompt: str = knob("", "text the sample continues ('': start from end-of-text)")
+    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps (auto: the best available)")
+    precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on "
+                          "GPUs, fp32 on CPUs)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -115,7 +120,7 @@ def knobs() -> dict[str, list[tuple[str | None, object]]]:
 
 @dataclass
 class RunConfig:
-    nproc: int = 1  # training processes (GPUs); > 1 launches torchrun from notebook 03
+    nproc: int = knob(1, "training processes (GPUs); > 1 launches torchrun from notebook 03")
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .files import make_dirs
 from .processes import alive, ancestors
 
 
@@ -34,7 +35,7 @@ class RunLock:
             return 0
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent, "choose another run directory (--runs-dir, --out-dir)")
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

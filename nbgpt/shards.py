@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .config import ConfigError
-from .files import atomic_write, atomic_write_json, read_json, remove_stale_temp_files, sha256_file
+from .files import atomic_write, atomic_write_json, make_dirs, read_json, remove_stale_temp_files, sha256_file
 from .sources import Source, SourceError, get_source
 from .tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
@@ -171,7 +171,7 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     if finished is not None:
         return PrepareResult(out, finished, built=False)
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out, "choose another output folder for the dataset")
     tok, vocab_path = _dataset_tokenizer(tokenizer, src, out, max_tokens)
     writer = ShardWriter(out, shard_tokens, key={"settings": settings, "tokenizer": tok.identity()},
                          max_tokens=max_tokens)

@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,8 @@ import torch
 
 from . import train_state
 from .checkpoint import save_checkpoint
-from .config import ConfigWarning, check_fields, check_known, config_warnings_to, field_types, typed_mapping
+from .config import (ConfigWarning, check_fields, check_known, config_warnings_to, field_types, knob,
+                     typed_mapping)
 from .device import autocast, peak_flops, resolve_device, synchronize
 from .distributed import all_reduce_max, all_reduce_mean, shutdown
 from .divergence import DivergenceGuard, TrainingDiverged
@@ -43,62 +44,70 @@ from .train_setup import (Runtime, build_loaders, build_model, build_optimizers,
 @dataclass
 class TrainConfig:
     # where
-    data_dir: str = ""  # a prepared dataset (manifest.json + shards)
-    out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl and train_config.json go here
-    # model: a GPTConfig preset, reshaped by any GPTConfig fields ({"n_layer": 2, "bias": False}); vocab_size
-    # always comes from the dataset's tokenizer
-    model: str = "tiny"
-    model_overrides: dict = field(default_factory=dict)
-    init_from: str = "scratch"  # or an HF GPT-2 directory / hub name to fine-tune from
+    data_dir: str = knob("", "a prepared dataset (manifest.json + shards)")
+    out_dir: str = knob("runs/default", "checkpoints/, metrics.jsonl and train_config.json go here")
+    model: str = knob("tiny", "a model preset (tiny, mini, small, cpu-char, small-char, gpt2, gpt2-medium, ...); "
+                      "GPTConfig fields reshape it, and the dataset's tokenizer sets vocab_size")
+    model_overrides: dict = knob(help='GPTConfig fields that reshape the model preset, e.g. {"n_layer": 2}',
+                                 default_factory=dict)
+    init_from: str = knob("scratch", "scratch, or an HF GPT-2 directory / hub name to fine-tune from")
     # batch: the defaults suit the tiny model on a CPU; the gpt2-124m preset has GPT-2's 0.5M tokens per step
-    total_batch_tokens: int = 8192  # tokens per optimizer step, all ranks and micro-steps together
-    micro_batch: int = 32  # sequences per forward pass per rank
-    seq_len: int | None = None  # defaults to the model's block_size
-    # recipe: "gpt2" or "speedrun", a named bundle of the fields below and the model's (nbgpt.recipes)
-    recipe: str = "gpt2"
+    total_batch_tokens: int = knob(8192, "tokens per optimizer step, all ranks and micro-steps together")
+    micro_batch: int = knob(32, "sequences per forward pass per rank")
+    seq_len: int | None = knob(None, "tokens per training window (none: the model's block_size)")
+    recipe: str = knob("gpt2", "gpt2 or speedrun: a named bundle of optimizer, schedule and architecture settings "
+                       "(nbgpt.recipes)")
     # schedule
-    max_steps: int = 200
-    max_seconds: float | None = None  # wall-clock budget: the schedule's horizon is fitted to it (see schedule.fitted_max_steps)
-    max_lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # after warmup: "cosine" decay, or "trapezoid": constant, then a linear cooldown
-    cooldown_fraction: float = 0.4  # trapezoid: the last 40 % of the steps cool down to min_lr_ratio * max_lr
-    weight_decay: float = 0.1
-    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest
-    embedding_lr_scale: float = 1.0  # the input embeddings' (wte, wpe; a tied head is wte) rate, in multiples of max_lr
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    max_steps: int = knob(200, "optimizer steps to train: the schedule's horizon")
+    max_seconds: float | None = knob(None, "wall-clock budget in seconds (none: no budget); the schedule's horizon "
+                                           "is fitted to it")
+    max_lr: float = knob(1e-3, "peak learning rate, reached after warmup_steps")
+    min_lr_ratio: float = knob(0.1, "the learning rate decays to min_lr_ratio * max_lr")
+    warmup_steps: int = knob(20, "steps of linear learning-rate warmup up to max_lr")
+    schedule: str = knob("cosine", "after warmup: cosine decay, or trapezoid (constant, then a linear cooldown)")
+    cooldown_fraction: float = knob(0.4, "trapezoid: the share of the steps spent cooling down to min_lr_ratio * "
+                                         "max_lr")
+    weight_decay: float = knob(0.1, "decoupled weight decay of the weight matrices (biases and norms get none)")
+    optimizer: str = knob("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
+    embedding_lr_scale: float = knob(1.0, "the input embeddings' learning rate (wte, wpe; a tied head is wte), in "
+                                          "multiples of max_lr")
+    beta1: float = knob(0.9, "Adam's first-moment (momentum) decay")
+    beta2: float = knob(0.95, "Adam's second-moment decay")
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this before each step")
     # evaluation, samples, checkpoints
-    eval_interval: int = 50  # with max_seconds, an upper bound: see schedule.evaluation_interval
-    eval_batches: int = 20
-    final_eval_batches: int | None = None  # batches of the final evaluation (None: eval_batches; 0: whole split)
-    sample_interval: int = 0
-    sample_prompt: str = ""
-    sample_tokens: int = 64
-    hellaswag_interval: int = 0
-    hellaswag_path: str | None = None
-    hellaswag_limit: int | None = None
-    checkpoint_interval: int = 100
-    keep_checkpoints: int = 3
-    resume: bool = True  # continue from the newest good checkpoint in out_dir if there is one
-    log_interval: int = 10  # steps between progress lines (train.log, the terminal, the notebook)
-    max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient before training stops
+    eval_interval: int = knob(50, "steps between validation-loss evaluations (0: only at the end); with max_seconds, "
+                                  "an upper bound")
+    eval_batches: int = knob(20, "batches averaged per validation-loss evaluation")
+    final_eval_batches: int | None = knob(None, "batches of the final evaluation (none: eval_batches; 0: the whole "
+                                                "split)")
+    sample_interval: int = knob(0, "steps between text samples written to the log (0: none)")
+    sample_prompt: str = knob("", "prompt of those samples ('': start from end-of-text)")
+    sample_tokens: int = knob(64, "tokens per sample")
+    hellaswag_interval: int = knob(0, "steps between HellaSwag evaluations while training (0: none)")
+    hellaswag_path: str | None = knob(None, "hellaswag_val.jsonl (none: the cache, then a one-time download)")
+    hellaswag_limit: int | None = knob(None, "score only the first N HellaSwag examples (none: all 10,042)")
+    checkpoint_interval: int = knob(100, "steps between checkpoints (0: only at the end; a stop signal also writes "
+                                         "one)")
+    keep_checkpoints: int = knob(3, "how many of the newest checkpoints to keep; older ones are deleted")
+    resume: bool = knob(True, "continue from the newest good checkpoint in out_dir if there is one")
+    log_interval: int = knob(10, "steps between progress lines (train.log, the terminal, the notebook)")
+    max_bad_steps: int = knob(3, "consecutive steps with a non-finite loss or gradient before training stops")
     # hardware
-    seed: int = 1337
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: bool = False
-    threads: int | None = None  # CPU threads for torch (None: torch's default)
+    seed: int = knob(1337, "random seed of the initialisation, the data order and samples")
+    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps (auto: the best available)")
+    precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on "
+                                  "GPUs, fp32 on CPUs)")
+    compile: bool = knob(False, "torch.compile the model: faster steps after a one-time compile")
+    threads: int | None = knob(None, "CPU threads for torch (none: torch's default)")
     # data order
-    shuffle: bool = False
-    align_documents: bool = False
-    progress: bool = True
-    # watching from elsewhere: every metrics.jsonl record mirrored to "wandb" or "tensorboard" (nbgpt.trackers)
-    tracker: str = "none"
-    tracker_project: str = "nbgpt"  # the W&B project
-    tracker_run_name: str | None = None  # the W&B run's name (None: the run directory's name)
+    shuffle: bool = knob(False, "visit the training windows in a fresh random order each epoch (else in order)")
+    align_documents: bool = knob(False, "start training windows at document starts (else every seq_len tokens)")
+    progress: bool = knob(True, "show progress bars")
+    # watching from elsewhere
+    tracker: str = knob("none", "none, wandb or tensorboard: every metrics.jsonl record mirrored there "
+                                "(nbgpt.trackers)")
+    tracker_project: str = knob("nbgpt", "the W&B project")
+    tracker_run_name: str | None = knob(None, "the W&B run's name (none: the run directory's name)")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -217,3 +217,29 @@ def test_a_malformed_config_json_is_one_line(tmp_path):
     result = nbgpt("train", "--config-json", str(broken))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{broken} is not valid JSON" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_every_flag_has_its_knobs_one_line_of_help():
+    """--help shows each knob's own line (its knob() beside the field), then its default."""
+    import argparse
+
+    from nbgpt.run_config import knobs
+
+    shown = subprocess.run([sys.executable, "-m", "nbgpt", "train", "--help"], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert shown.returncode == 0
+    assert "--max-lr MAX_LR peak learning rate, reached after warmup_steps (default: 0.001)" in " ".join(
+        shown.stdout.split())
+    assert "--n-layer N_LAYER transformer blocks (default: 12; a GPTConfig field: it reshapes the --model preset)" \
+        in " ".join(shown.stdout.split())
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    bare = [f"{command} {action.option_strings[-1]}" for command, parser in commands.items()
+            for action in parser._actions if action.option_strings and not action.help
+            or (action.help or "").startswith("(default")]
+    assert bare == []
+    from nbgpt.config import knob_help
+    from nbgpt.run_config import STEPS
+
+    classes = [*STEPS.values(), GPTConfig]  # every class a -p name reaches, and so every knob of nbgpt run
+    unhelped = [name for name in knobs() if name != "nproc" and not any(knob_help(c).get(name) for c in classes)]
+    assert unhelped == []

@@ -126,7 +126,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, char_data):
     Trainer(tiny_train_config(char_data, run, max_steps=2, checkpoint_interval=1)).fit()
     newest = run / "checkpoints" / "ckpt_0000002.pt"
     torch.save({"format": "nbgpt-checkpoint-1", "model": Payload()}, newest)
-    with pytest.raises(CheckpointError, match="refused without running them"):
+    with pytest.raises(CheckpointError, match="refers to getattr, code .*: refused without running it"):
         load_file(newest)
     index = json.loads((run / "checkpoints" / "checkpoints.json").read_text())
     index["checkpoints"][-1]["sha256"] = __import__("nbgpt.files", fromlist=["x"]).sha256_file(newest)
@@ -257,3 +257,64 @@ def test_two_runs_on_one_directory_are_refused(tmp_path, char_data):
     with RunLock(run) as lock:
         assert lock.held and int((run / ".lock").read_text()) == os.getpid()
     assert not (run / ".lock").exists()
+
+
+def test_a_folder_that_cannot_be_made_is_one_line_naming_the_obstacle(tmp_path):
+    """A path under an existing file (NotADirectoryError) or in a file system that takes no folders (/proc)."""
+    (tmp_path / "README.md").write_text("a file, not a folder")
+
+    def nbgpt(*args):
+        return subprocess.run([sys.executable, "-m", "nbgpt", *args], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=300, env={**os.environ, "NBGPT_OFFLINE": "1"})
+
+    prepared = nbgpt("prepare", "shakespeare", "README.md/data")
+    assert (prepared.returncode, prepared.stderr) == (2, "nbgpt: WriteError: cannot create the folder README.md/data: "
+                                                         "README.md is a file, not a folder; choose another output "
+                                                         "folder for the dataset\n")
+    under_a_file = nbgpt("run", "--preset", "tiny", "--runs-dir", "README.md/runs")
+    assert under_a_file.returncode == 2 and under_a_file.stderr == (
+        f"nbgpt: WriteError: cannot create the folder {tmp_path}/README.md/runs/tiny: {tmp_path}/README.md is a file, "
+        f"not a folder; choose another run directory (--runs-dir, --out-dir)\n")
+    in_proc = nbgpt("run", "--preset", "tiny", "--runs-dir", "/proc/nbgpt-runs")
+    assert in_proc.returncode == 2 and in_proc.stderr == (
+        "nbgpt: WriteError: cannot create the folder /proc/nbgpt-runs/tiny: /proc does not accept new folders (No "
+        "such file or directory); choose another run directory (--runs-dir, --out-dir)\n")
+
+
+def test_a_byte_corrupted_checkpoint_is_called_damaged_never_malicious(tmp_path):
+    """Flipping one byte of the pickle inside a checkpoint makes torch's weights-only unpickler fail with advice to
+    set weights_only=False: nbgpt says the file is damaged, which one, and what loads instead."""
+    import zipfile
+
+    from nbgpt.model import GPT, GPTConfig
+    from nbgpt.tokenizer import CharTokenizer, tokenizer_spec
+
+    tokenizer = CharTokenizer.from_text("to be or not to be\n")
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (10, 20):
+        save_checkpoint(checkpoints, step, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                            "tokenizer": tokenizer_spec(tokenizer)})
+    newest = checkpoints / "ckpt_0000020.pt"
+    with zipfile.ZipFile(newest) as archive:  # the pickle inside the checkpoint's zip, stored uncompressed
+        pickled = archive.read(next(name for name in archive.namelist() if name.endswith("data.pkl")))
+    data = bytearray(newest.read_bytes())
+    data[data.index(pickled) + 2] ^= 0xFF  # the opcode after the protocol header
+    newest.write_bytes(bytes(data))
+    (tmp_path / "copy.pt").write_bytes(bytes(data))  # the same file outside its run: no recorded hash
+
+    def sample(source):
+        return subprocess.run([sys.executable, "-m", "nbgpt", "sample", "--checkpoint", str(source), "--prompt", "to",
+                               "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+
+    in_run, alone, run = sample(newest), sample(tmp_path / "copy.pt"), sample(tmp_path / "run")
+    assert (in_run.returncode, in_run.stderr) == (2, (
+        f"nbgpt: CheckpointError: checkpoint {newest} is damaged: it does not match the sha256 recorded when it was "
+        f"written (truncated or corrupted since); pass its folder, {checkpoints}, instead: loading a folder falls "
+        f"back to the newest of its checkpoints that verifies, and says which\n"))
+    assert (alone.returncode, alone.stderr) == (2, (
+        f"nbgpt: CheckpointError: checkpoint {tmp_path / 'copy.pt'} is damaged: torch cannot read it "
+        f"(UnpicklingError), so it was truncated or corrupted after it was written; restore it from a copy, or "
+        f"train again\n"))
+    assert run.returncode == 0 and run.stderr.startswith(
+        "using the older checkpoint ckpt_0000010.pt (step 10) because the newer ones are damaged"), run.stderr

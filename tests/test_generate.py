@@ -1,3 +1,7 @@
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -96,7 +100,7 @@ def test_seeds_top_k_and_top_p(char_tok):
     sample = lambda **kw: generator.complete("the", SamplingConfig(max_new_tokens=30, stop_at_eot=False, **kw))
     assert sample(seed=1) == sample(seed=1)
     assert sample(seed=1) != sample(seed=2)
-    assert sample(seed=5, top_k=1) == sample(temperature=0.0) == sample(seed=9, temperature=-1.0)
+    assert sample(seed=5, top_k=1) == sample(temperature=0.0)  # (a negative temperature is refused)
     assert sample(seed=5, top_p=1e-6) == sample(temperature=0.0)  # nucleus of one token is greedy
 
 
@@ -198,3 +202,19 @@ def test_bigram_generates_without_cache(char_tok):
     bigram = BigramLM(char_tok.vocab_size)
     text = Generator(bigram, char_tok).complete("the", SamplingConfig(max_new_tokens=10, seed=0, stop_at_eot=False))
     assert len(text) == 10
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--top-k", "0", "top_k must be a positive integer or none, got 0"),
+    ("--top-p", "1.5", "top_p must be in (0, 1] or none, got 1.5"),
+    ("--max-new-tokens", "-1", "max_new_tokens must be >= 0, got -1"),
+    ("--temperature", "-1", "temperature must be >= 0 (0 means greedy: always the most likely token), got -1.0")])
+def test_bad_sampling_settings_are_one_line_from_the_cli_and_the_dataclass(flag, value, message):
+    """SamplingConfig checks them, so `nbgpt sample`, `-p` and the notebooks all get the same line."""
+    from nbgpt.config import ConfigError
+
+    result = subprocess.run([sys.executable, "-m", "nbgpt", "sample", "--checkpoint", "no-such-run", flag, value],
+                            capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr) == (2, f"nbgpt: ConfigError: {message}\n")
+    with pytest.raises(ConfigError, match=re.escape(message.rsplit(", got", 1)[0])):
+        SamplingConfig(**{flag[2:].replace("-", "_"): float(value)})

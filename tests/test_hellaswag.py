@@ -127,3 +127,17 @@ def test_unavailable_offline_says_how(tmp_path, monkeypatch):
     monkeypatch.delenv("NBGPT_HELLASWAG", raising=False)
     with pytest.raises(HellaSwagUnavailable, match="NBGPT_HELLASWAG=/path/to/hellaswag_val.jsonl"):
         load_examples()
+
+
+def test_a_directory_as_hellaswag_path_is_named_as_one(tmp_path, model, gpt2_tokenizer):
+    from nbgpt.checkpoint import save_checkpoint
+    from nbgpt.tokenizer import tokenizer_spec
+
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, {"model": model.state_dict(),
+                                                          "model_config": model.config.to_dict(),
+                                                          "tokenizer": tokenizer_spec(gpt2_tokenizer)})
+    result = subprocess.run([sys.executable, "-m", "nbgpt", "eval", "--checkpoint", str(tmp_path / "run"),
+                             "--hellaswag-path", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr) == (2, (
+        f"nbgpt: HellaSwagUnavailable: HellaSwag's validation set: {tmp_path} (from the path argument) is a "
+        f"directory; expected the file itself, e.g. {tmp_path / 'hellaswag_val.jsonl'}\n"))

@@ -1,6 +1,7 @@
 """The one model loader: HF folders, hub names through the Hugging Face cache, and the offline message,
 exercised through `python -m nbgpt sample` as a user runs it."""
 
+import json
 import os
 import stat
 import subprocess
@@ -115,7 +116,7 @@ def test_nbgpt_format_round_trip_of_a_speedrun_model(tmp_path, gpt2_tokenizer):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    out, written, why = export_model(model, gpt2_tokenizer, tmp_path / "export")
+    out, written, why, _ = export_model(model, gpt2_tokenizer, tmp_path / "export")
     assert why == "HF's GPT-2 cannot carry position='rope', qk_norm=True, logit_softcap=30"
     assert written == "nbgpt" and sorted(p.name for p in out.iterdir()) == ["model.safetensors", NBGPT_FILE]
     loaded = load_model(out)
@@ -157,7 +158,7 @@ def test_export_never_overwrites_or_mixes_with_an_exported_model(tmp_path):
     for fmt in ("hf", "nbgpt"):
         again = subprocess.run(export + ["--format", fmt], capture_output=True, text=True, timeout=300)
         assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr[-2000:]
-        assert "already holds an exported model (model.safetensors, nbgpt_model.json)" in again.stderr
+        assert "already holds model.safetensors, nbgpt_model.json; export into a new or empty folder" in again.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
@@ -172,6 +173,86 @@ def test_a_char_model_is_not_exported_as_hf_gpt2(tmp_path):
     model = GPT(GPTConfig(vocab_size=char.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(ConfigError, match="cannot carry tokenizer 'char' .*export with --format nbgpt"):
         export_model(model, char, tmp_path / "hf", "hf")
-    out, written, why = export_model(model, char, tmp_path / "auto")
+    out, written, why, tokenizer = export_model(model, char, tmp_path / "auto")
     assert (written, why) == ("nbgpt", "HF's GPT-2 cannot carry tokenizer 'char' (HF GPT-2 means GPT-2's BPE)")
+    assert tokenizer == ("the character vocabulary, in nbgpt_model.json (nbgpt's loaders rebuild it); no HF "
+                         "tokenizer files: transformers has no tokenizer for nbgpt's character vocabulary")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "nbgpt_model.json"]
     assert load_model(out).tokenizer.identity() == char.identity()
+
+
+def save_char_checkpoint(checkpoints, step, seed):
+    from nbgpt.checkpoint import save_checkpoint
+    from nbgpt.model import GPT, GPTConfig
+    from nbgpt.tokenizer import CharTokenizer, tokenizer_spec
+
+    tokenizer = CharTokenizer.from_text("to be or not to be\n")
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(checkpoints, step, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                        "tokenizer": tokenizer_spec(tokenizer)})
+
+
+def test_export_stays_out_of_run_directories_and_their_checkpoints_win(tmp_path):
+    """`nbgpt export --out runs/ddp` once put an export where the run's loaders looked, and every later load of
+    runs/ddp (sample, notebooks 04/05) read that stale export instead of the newer checkpoints."""
+    run = tmp_path / "runs" / "ddp"
+    save_char_checkpoint(run / "checkpoints", 10, seed=0)
+    (tmp_path / "README.md").write_text("a file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+
+    def export(out):
+        return subprocess.run([sys.executable, "-m", "nbgpt", "export", "--checkpoint", "runs/ddp", "--out", out],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    refusals = {out: export(out) for out in ("runs/ddp", "runs/ddp/export", "runs/ddp/checkpoints", "README.md",
+                                              "notes")}
+    assert {out: (r.returncode, r.stderr) for out, r in refusals.items()} == {
+        "runs/ddp": (2, f"nbgpt: ConfigError: runs/ddp is the run directory runs/ddp, whose checkpoints its loaders "
+                        f"read; export into a folder of its own, e.g. runs/ddp-export\n"),
+        "runs/ddp/export": (2, f"nbgpt: ConfigError: runs/ddp/export is inside the run directory {run}, whose "
+                               f"checkpoints its loaders read; export into a folder of its own, e.g. {run}-export\n"),
+        "runs/ddp/checkpoints": (2, f"nbgpt: ConfigError: runs/ddp/checkpoints is the run directory "
+                                    f"runs/ddp/checkpoints, whose checkpoints its loaders read; export into a folder "
+                                    f"of its own, e.g. runs/ddp/checkpoints-export\n"),
+        "README.md": (2, "nbgpt: ConfigError: README.md is a file, not a folder; export into a new folder, e.g. "
+                         "export\n"),
+        "notes": (2, "nbgpt: ConfigError: notes already holds todo.txt; export into a new or empty folder, e.g. "
+                     "notes-export\n")}
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"] and (tmp_path / "README.md").read_text() == "a file"
+
+    # A run directory that holds an export anyway (an older nbgpt wrote it there) loads its newest checkpoint.
+    assert export("runs/ddp-export").returncode == 0
+    for exported in (tmp_path / "runs" / "ddp-export").iterdir():
+        exported.rename(run / exported.name)
+    save_char_checkpoint(run / "checkpoints", 20, seed=1)
+    assert load_model(run).step == 20
+    sampled = subprocess.run([sys.executable, "-m", "nbgpt", "sample", "--checkpoint", str(run), "--prompt", "to",
+                              "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0 and sampled.stderr.startswith(
+        f"{run} holds checkpoints and an exported model (model.safetensors, nbgpt_model.json): loaded its newest "
+        f"checkpoint, step 20, not the export; move the export to a folder of its own\n"), sampled.stderr
+
+
+def test_hf_export_carries_gpt2s_tokenizer_for_autotokenizer_and_pipeline(tmp_path, gpt2_tokenizer, monkeypatch):
+    """vocab.json + merges.txt written from the ranks nbgpt verifies: transformers' tokenizer gives nbgpt's ids."""
+    tiny_gpt2_folder(tmp_path / "hf")
+    exported = subprocess.run([sys.executable, "-m", "nbgpt", "export", "--checkpoint", str(tmp_path / "hf"), "--out",
+                               str(tmp_path / "export")], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert json.loads(exported.stdout)["tokenizer"] == (
+        "GPT-2's BPE in vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json: transformers' "
+        "AutoTokenizer and pipeline('text-generation') load the folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert len(theirs) == 50257 and theirs.eos_token_id == gpt2_tokenizer.eot
+    text = ("Hello, world! It's 2026: naïve café, Ελληνικά, 日本語 and emoji 🙂🚀.\n\n\tTabs\t\tand   runs of    "
+            "spaces, numbers 3.14159 and 1,234,567; they'll've 'quoted' CAPS-LOCK\r\nend   ")
+    assert theirs(text)["input_ids"] == gpt2_tokenizer.encode(text)
+    assert theirs.decode(gpt2_tokenizer.encode(text)) == text
+    generate = transformers.pipeline("text-generation", model=str(tmp_path / "export"))
+    out = generate("Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    ours = Generator(load_model(tmp_path / "export").model, gpt2_tokenizer).complete(
+        "Hello", SamplingConfig(max_new_tokens=5, temperature=0.0, stop_at_eot=False))
+    assert out == "Hello" + ours

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -190,3 +191,40 @@ def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
     assert "resuming at step 6" in executed
     assert [r["step"] for r in read_metrics(tmp_path / "tiny", "train")] == list(range(9))
     assert resolve_checkpoint(tmp_path / "tiny")["step"] == 9
+
+
+def stop_the_kernel_mid_training(runs_dir, signum, after_step, *args):
+    """Start (or resume) a tiny run, send `signum` to the notebook kernel itself (not to
+    `nbgpt run`) once training has logged a step past `after_step`, and return the finished `nbgpt run`."""
+    import time
+
+    from nbgpt.processes import children
+
+    cmd = [sys.executable, "-m", "nbgpt", "run", "--runs-dir", str(runs_dir), "--preset", "tiny", "-p", "max_steps",
+           "100000", "-p", "checkpoint_interval", "2", *args]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not any(r["step"] > after_step for r in read_metrics(runs_dir / "tiny", "train")):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)  # polling interval of the condition above
+    os.kill(children(process.pid)[0], signum)
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+def test_a_signal_to_the_notebook_kernel_stops_the_run_in_one_line_with_the_resume_command(tmp_path):
+    """SIGTERM to the kernel stops training with a checkpoint; a kernel that dies (a second SIGTERM exits it at
+    once, as kill -9 does) leaves the checkpoints intact: either way one line, the resume command and the exit
+    status of a stopped run, no traceback."""
+    resume = f"Resume with: python -m nbgpt run --runs-dir {tmp_path} --name tiny --resume"
+    rc, _, err = stop_the_kernel_mid_training(tmp_path, signal.SIGTERM, 2, "--notebooks", *NOTEBOOKS[:3])
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    partial = tmp_path / "tiny" / "03_train.ipynb"
+    assert err.strip().splitlines()[-1] == (f"nbgpt run: 03_train.ipynb stopped by SIGTERM to its kernel, with a "
+                                            f"checkpoint; the partial notebook is kept at {partial}. {resume}")
+    stopped_at = resolve_checkpoint(tmp_path / "tiny")["step"]
+    rc, _, err = stop_the_kernel_mid_training(tmp_path, signal.SIGKILL, stopped_at + 2, "--resume",
+                                             "--notebooks", NOTEBOOKS[2])
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("nbgpt run: the kernel running 03_train.ipynb died (a second stop "
+                                                   "signal ends it at once") and err.strip().endswith(resume)
+    assert resolve_checkpoint(tmp_path / "tiny")["step"] > stopped_at  # training resumed and checkpointed again

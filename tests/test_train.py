@@ -228,7 +228,7 @@ def test_corrupt_checkpoint_falls_back(char_data, tmp_path):
     messages = []
     trainer = Trainer(tiny_train_config(char_data, run, max_steps=20), echo=messages.append)
     assert trainer.step == 10
-    assert any("ckpt_0000020.pt does not match its recorded sha256" in m for m in messages)
+    assert any("ckpt_0000020.pt is damaged: it does not match the sha256 recorded" in m for m in messages)
     (run / "checkpoints" / "ckpt_0000010.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         Trainer(tiny_train_config(char_data, run, max_steps=20))
