@@ -186,7 +186,9 @@ def test_divergence_journey_skips_bad_steps_and_names_the_last_good_checkpoint(c
     named = error[0].split("the last good checkpoint is ")[1].split(". ")[0]
     assert Path(named).is_file()
     records = strict_json_lines(run / "metrics.jsonl")  # no NaN tokens
-    assert [r["step"] for r in records if r.get("nonfinite")][-3:] == [1, 2, 3]
+    # training stops at the third non-finite step in a row (which step first overflows depends on the CPU's kernels)
+    bad = [r["step"] for r in records if r.get("nonfinite")]
+    assert bad[-3:] == [bad[-1] - 2, bad[-1] - 1, bad[-1]] and max(r.get("step", 0) for r in records) == bad[-1]
     for checkpoint in (run / "checkpoints").glob("ckpt_*.pt"):  # nothing non-finite was ever written
         model = torch.load(checkpoint, weights_only=True)["model"]
         assert all(torch.isfinite(t).all() for t in model.values()), checkpoint
