@@ -7,7 +7,7 @@ the least disturbed by other work on the machine). A speed-up that this hardware
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_device, synchronize
 from .model import GPT, GPTConfig
 from .shards import TokenStore
-from .train import TrainConfig
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+# The micro-batch the cell times on a GPU at most: the speed-ups show at any size, and the cell must leave the
+# GPU's memory to training (nbgpt.memory plans this cell's peak at min(micro_batch, SPEEDUP_MICRO_BATCH)).
+SPEEDUP_MICRO_BATCH = 4
 
 
 def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
@@ -53,7 +59,9 @@ def speedup_table(train: TrainConfig) -> list[dict]:
     run's model on its device (fresh weights: speed does not depend on what was learned)."""
     device = resolve_device(train.device)
     config = train.model_config(TokenStore(train.data_dir).tokenizer().vocab_size)
-    micro_batch, seq_len = train.micro_batch, train.seq_len or config.block_size
+    # micro_batch="auto" is resolved by the trainer, which this cell precedes
+    micro_batch = train.micro_batch if isinstance(train.micro_batch, int) else SPEEDUP_MICRO_BATCH
+    seq_len = train.seq_len or config.block_size
     cuda = device.type == "cuda"
     model = GPT(config).to(device)
     x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device=device)

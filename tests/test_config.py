@@ -156,7 +156,7 @@ def test_recipe_overrides_the_preset_and_explicit_values_override_the_recipe(tmp
     assert plain.recipe == "gpt2" and recipe_values(plain, "gpt2") == RECIPES["gpt2"]
     speedrun = RunConfig.from_preset("gpt2-124m", check_run("gpt2-124m", {"recipe": "speedrun"}, tmp_path / "a")).train
     assert recipe_values(speedrun) == RECIPES["speedrun"] and speedrun.max_lr != 6e-4  # not the 2019 rate
-    assert (speedrun.micro_batch, speedrun.model_overrides["vocab_multiple"]) == (64, 64)  # the preset's stand
+    assert (speedrun.micro_batch, speedrun.model_overrides["vocab_multiple"]) == ("auto", 64)  # the preset's stand
     typed = check_run("gpt2-124m", {"recipe": "speedrun", "qk_norm": "False", "max_lr": "0.02"}, tmp_path / "b")
     ablated = RunConfig.from_preset("gpt2-124m", typed).train
     assert recipe_values(ablated) == {**RECIPES["speedrun"], "qk_norm": False, "max_lr": 0.02}
