@@ -155,7 +155,8 @@ class TrainConfig:
         if self.total_batch_tokens % tokens_per_micro_step:
             raise ConfigError(
                 f"total_batch_tokens={self.total_batch_tokens} is not a multiple of micro_batch × seq_len × "
-                f"world_size = {micro_batch} × {seq_len} × {world_size} = {tokens_per_micro_step}; "
+                f"world_size = {micro_batch} × {seq_len} × {world_size} = {tokens_per_micro_step}"
+                f"{' (micro_batch=auto, at its smallest)' if self.micro_batch == AUTO else ''}; "
                 f"change total_batch_tokens, micro_batch or the number of processes (nproc)")
         return seq_len, self.total_batch_tokens // tokens_per_micro_step
 
