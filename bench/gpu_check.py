@@ -10,6 +10,8 @@ Sections (each either figures or the reason it was skipped, all in one JSON and 
   decoding      nbgpt's KV-cached decoding against transformers' `generate`, greedy, batch 1
   hellaswag     examples/s of nbgpt's batched scorer
   notebook      notebooks 01 and 03 through papermill, the gpt2-124m preset shrunk to a few steps
+  presets       each GPU preset's two training steps at its auto micro-batch, precision, optimizer and compile
+                setting: max_memory_reserved beside nbgpt.memory's plan
 The run is time-boxed (--budget-s): rows that no longer fit are skipped, saying so. Without CUDA every section
 is skipped with the reason; --smoke runs them all on the CPU, eager, with a two-layer model (the test suite does, so
 this script cannot rot). Reports go to --out (default bench/out/) as gpu_check.{json,md}, and to $OUT if set.
@@ -425,12 +427,63 @@ def notebook(ctx: Context) -> dict:
     return {"rows": [row], "ok": len(train) == s.notebook_steps and result.final_val_loss is not None}
 
 
+# ----------------------------------------------------------------------------------------------- presets
+
+GPU_PRESETS = ("gpt2-124m", "gpt2-124m-t4x2", "gpt2-124m-speedrun", "gpt2-124m-speedrun-t4x2")
+
+
+def presets(ctx: Context) -> dict:
+    """Every GPU preset's training step on this GPU as the preset runs it (micro_batch="auto" resolved for this
+    card by nbgpt.memory, its precision, optimizer and compile setting), two optimizer steps of two micro-steps
+    each: the allocator's peak (max_memory_reserved) beside the plan's estimate. --smoke: the tiny model, eager."""
+    rows = [preset_row(ctx, name) for name in GPU_PRESETS]
+    return {"rows": rows, "ok": all(row["finite"] for row in rows)}
+
+
+def preset_row(ctx: Context, name: str) -> dict:
+    from nbgpt.memory import GIB, plan_for
+    from nbgpt.run_config import RunConfig
+
+    cuda = ctx.device.type == "cuda"
+    run_dir = ctx.work / f"preset-{name}"
+    run_dir.mkdir()
+    (run_dir / "data").symlink_to(ctx.train_data)
+    preset = RunConfig.from_preset(name)
+    # one GPU stands for each of the preset's: the same sequences per GPU per step (smoke: a few, on the CPU)
+    tokens = preset.train.total_batch_tokens // preset.nproc if cuda else 4 * ctx.shapes.micro_batch * ctx.seq_len
+    shrink = {} if cuda else dict(model=ctx.shapes.model, compile=False)
+    common = dict(nproc=1, max_seconds=None, warmup_steps=1, eval_interval=0, hellaswag_interval=0,
+                  sample_interval=0, checkpoint_interval=0, device=ctx.device.type, progress=False, **shrink)
+    per_gpu = RunConfig.from_preset(name, dict(total_batch_tokens=tokens, **common), run_dir).train
+    precision = choose_precision(ctx.device, per_gpu.precision)
+    memory = torch.cuda.get_device_properties(ctx.device).total_memory / GIB if cuda else 16.0
+    plan = plan_for(per_gpu, gpt2_tokenizer().vocab_size, 1, precision, name, memory)
+    micro = plan.micro_batch or 1
+    config = RunConfig.from_preset(name, dict(micro_batch=micro, total_batch_tokens=2 * micro * ctx.seq_len,
+                                              max_steps=2, **common), run_dir).train
+    free_memory()
+    trainer = Trainer(config, echo=lambda _: None)
+    try:
+        losses = [trainer.train_step()["loss"] for _ in range(2)]
+    finally:
+        trainer.close()
+    planned = plan.phases["train_compiled" if config.compile else "train_eager"]
+    row = {"preset": name, "micro_batch": micro, "precision": trainer.precision, "optimizer": config.optimizer,
+           "compile": config.compile, "plan_gib": planned, "plan_fits": plan.fits,
+           "finite": all(torch.isfinite(torch.tensor(loss)).item() for loss in losses)}
+    if cuda:
+        reserved = torch.cuda.max_memory_reserved(ctx.device) / GIB
+        row.update(reserved_gib=reserved, allocated_gib=torch.cuda.max_memory_allocated(ctx.device) / GIB,
+                   reserved_over_plan=reserved / planned)
+    return row
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 TRAINING = ("training", training, 60)
 # (name, function, seconds it needs at least: a section starts only with that much of the budget left)
 SECTIONS = [TRAINING, ("speedrun", speedrun, 30), ("compiled_run", compiled_run, 60), ("decoding", decoding, 15), ("hellaswag", hellaswag, 10),
-            ("notebook", notebook, 60)]
+            ("notebook", notebook, 60), ("presets", presets, 120)]
 
 
 def run_section(ctx: Context, function, needs_s: float) -> dict:
