@@ -235,9 +235,13 @@ class Trainer:
         self.store = open_store(config)
         self.tokenizer = self.store.tokenizer()
         self.model, self.model_config = build_model(config, self.tokenizer.vocab_size, self.device)
-        # "auto" becomes a number here, on the device this rank trains on; train.log says which and why
-        self.micro_batch, self.micro_batch_why = resolve_micro_batch(config, self.model_config.vocab_size,
-                                                                     self.dist.world_size, self.device, self.precision)
+        # "auto" becomes a number here, on the device this rank trains on; train.log says which and why. Every
+        # rank takes the smallest any rank chose, so that GPUs of different sizes still step together.
+        mine, self.micro_batch_why = resolve_micro_batch(config, self.model_config.vocab_size, self.dist.world_size,
+                                                         self.device, self.precision)
+        self.micro_batch = int(-all_reduce_max(-torch.tensor(mine, device=self.device), self.dist).item())
+        if self.micro_batch != mine:
+            self.micro_batch_why += f"; {self.micro_batch} on every rank, the smallest another rank's GPU allows"
         self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size,
                                                                   self.micro_batch)
         self.train_loader, self.val_loader = build_loaders(config, self.micro_batch, self.store, self.seq_len,
