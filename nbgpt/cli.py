@@ -187,6 +187,8 @@ PHASE_NAMES = {"train_eager": "training step, eager", "train_compiled": "trainin
 
 def plan_lines(preset: str, plan) -> list[str]:
     """nbgpt plan's table: the GPU, the micro-batch and why, the peak of each phase, and whether it fits."""
+    from .memory import MARGIN, NON_TORCH_GIB
+
     lines = [f"nbgpt plan: {preset} on {plan.nproc} × {plan.gpu} ({plan.gpu_memory_gib:g} GiB each), "
              f"{plan.precision}, compile {'on' if plan.compile else 'off'}"]
     if plan.micro_batch is not None:
@@ -196,8 +198,8 @@ def plan_lines(preset: str, plan) -> list[str]:
     used = "train_compiled" if plan.compile else "train_eager"
     for name, gib in plan.phases.items():
         lines.append(f"  {PHASE_NAMES[name]:<28}{gib:>17.2f}{'   <- the run uses this' if name == used else ''}")
-    lines += ["", f"usable: {plan.budget_gib:.2f} GiB of {plan.gpu_memory_gib:g} GiB ({plan.to_dict()['non_torch_gib']:g} "
-                  f"GiB outside torch, then a {plan.to_dict()['margin_fraction']:.0%} margin) · peak "
+    lines += ["", f"usable: {plan.budget_gib:.2f} GiB of {plan.gpu_memory_gib:g} GiB ({NON_TORCH_GIB:g} "
+                  f"GiB outside torch, then a {MARGIN:.0%} margin) · peak "
                   f"{plan.peak_gib:.2f} GiB · fits: {'yes' if plan.fits else 'NO'}"]
     return lines + [f"note: {note}" for note in plan.notes]
 
