@@ -464,13 +464,14 @@ def preset_row(ctx: Context, name: str) -> dict:
     free_memory()
     trainer = Trainer(config, echo=lambda _: None)
     try:
-        losses = [trainer.train_step()["loss"] for _ in range(2)]
+        records = [trainer.train_step() for _ in range(2)]
     finally:
         trainer.close()
     planned = plan.phases["train_compiled" if config.compile else "train_eager"]
     row = {"preset": name, "micro_batch": micro, "precision": trainer.precision, "optimizer": config.optimizer,
-           "compile": config.compile, "plan_gib": planned, "plan_fits": plan.fits,
-           "finite": all(torch.isfinite(torch.tensor(loss)).item() for loss in losses)}
+           "compile": config.compile, "tokens_per_s": records[-1]["tokens_per_s"],  # the first step compiles
+           "plan_gib": planned, "plan_fits": plan.fits,
+           "finite": all(torch.isfinite(torch.tensor(r["loss"])).item() for r in records)}
     if cuda:
         reserved = torch.cuda.max_memory_reserved(ctx.device) / GIB
         row.update(reserved_gib=reserved, allocated_gib=torch.cuda.max_memory_allocated(ctx.device) / GIB,
