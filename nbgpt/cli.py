@@ -228,6 +228,23 @@ class Parser(argparse.ArgumentParser):
         return names
 
 
+def add_plan_command(commands, presets: list[str]) -> None:
+    """`nbgpt plan`: a preset's run priced in GPU memory, with the same --preset and -p as `nbgpt run`."""
+    plan = commands.add_parser("plan", help="peak GPU memory per phase of a preset's run, and the micro-batch it "
+                                            "will use (works on a CPU-only machine)")
+    plan.add_argument("--preset", required=True, choices=presets)
+    plan.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                      help="set any knob of nbgpt.run_config.RunConfig by name, as nbgpt run does (repeatable)")
+    plan.add_argument("--nproc", type=_flag_type(int, "nproc"), help="GPUs (default: the preset's nproc)")
+    target = plan.add_mutually_exclusive_group()
+    target.add_argument("--gpu", help="a known GPU: a100-40gb, a100-80gb, h100, h200, l4, t4, a10g, l40s, v100-16gb, "
+                                      "v100-32gb, rtx-4090 (default: this machine's GPU)")
+    target.add_argument("--gpu-memory", type=_flag_type(float, "gpu_memory"), metavar="GiB",
+                        help="any GPU, by its total memory in GiB (as torch.cuda reports it)")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.set_defaults(handler=_plan)
+
+
 MODEL_SOURCES = ("run directory, checkpoint file, exported folder (HF GPT-2 or nbgpt format), or hub name such as "
                  "gpt2 (see nbgpt.loading)")
 
@@ -252,19 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--notebooks", nargs="+", help="run only these notebooks (file names)")
     run.set_defaults(handler=_run)
 
-    plan = commands.add_parser("plan", help="peak GPU memory per phase of a preset's run, and the micro-batch it "
-                                            "will use (works on a CPU-only machine)")
-    plan.add_argument("--preset", required=True, choices=sorted(RUN_PRESETS))
-    plan.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                      help="set any knob of nbgpt.run_config.RunConfig by name, as nbgpt run does (repeatable)")
-    plan.add_argument("--nproc", type=_flag_type(int, "nproc"), help="GPUs (default: the preset's nproc)")
-    target = plan.add_mutually_exclusive_group()
-    target.add_argument("--gpu", help="a known GPU: a100-40gb, a100-80gb, h100, h200, l4, t4, a10g, l40s, v100-16gb, "
-                                      "v100-32gb, rtx-4090 (default: this machine's GPU)")
-    target.add_argument("--gpu-memory", type=_flag_type(float, "gpu_memory"), metavar="GiB",
-                        help="any GPU, by its total memory in GiB (as torch.cuda reports it)")
-    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    plan.set_defaults(handler=_plan)
+    add_plan_command(commands, sorted(RUN_PRESETS))
 
     prep = commands.add_parser("prepare", help="tokenize a corpus into shards")
     prep.add_argument("source", help="shakespeare | tinyshakespeare | fineweb-edu | hf:NAME[:CONFIG] | path/glob")
