@@ -13,13 +13,16 @@ Sections (each either figures or the reason it was skipped, all in one JSON and 
                 finite and equal (within 16-bit rounding) to scoring one example at a time
   notebook      notebooks 01 and 03 through papermill, the gpt2-124m preset shrunk to a few steps (two compiles:
                 notebook 03's speed-up table and the training)
-The run is time-boxed (--budget-s): a section starts only with the seconds it needs left (SECTIONS), and the
-training section, run last, fills what the others left; rows and sections that no longer fit are skipped,
-saying so. `make gpu-check` fits one 10-minute command on one H100: its CUDA tests, then this with what is left
-of GPU_BUDGET_S. The reports are rewritten (atomically) after every section, so a time limit or a kill keeps
-every figure measured so far; a section not reached says so. Without CUDA every section is skipped with the
-reason; --smoke runs them all on the CPU, eager, with a two-layer model (the test suite does, so this script
-cannot rot). Reports go to --out (default bench/out/) as gpu_check.{json,md}, and to $OUT if set.
+  presets       each GPU preset's two training steps at its auto micro-batch, precision, optimizer and compile
+                setting: max_memory_reserved beside nbgpt.memory's plan
+The run is time-boxed (--budget-s): a section starts only with the seconds it needs left (SECTIONS), in the
+order of what matters most (the presets' memory first), and the training section, run last, fills what the
+others left; rows and sections that no longer fit are skipped, saying so. `make gpu-check` is meant to fit one
+10-minute command on one H100: its CUDA tests, then this with what is left of GPU_BUDGET_S. The reports are
+rewritten (atomically) after every section, so a time limit or a kill keeps every figure measured so far; a
+section not reached says so. Without CUDA every section is skipped with the reason; --smoke runs them all on the
+CPU, eager, with a two-layer model (the test suite does, so this script cannot rot). Reports go to --out
+(default bench/out/) as gpu_check.{json,md}, and to $OUT if set.
 Usage: python bench/gpu_check.py [--smoke] [--budget-s 450] [--out DIR]
 """
 
@@ -280,6 +283,14 @@ SPEEDRUN_PRESET = "gpt2-124m-speedrun-t4x2"
 SPEEDRUN_ACCUMULATION = 8  # micro-steps per timed step: the optimizer's share is 4x the preset's (32), a bound
 
 
+def t4_micro_batch() -> int:
+    """The micro-batch the 2×T4 speedrun preset ("auto") takes on a T4, by nbgpt's memory plan."""
+    from nbgpt.memory import plan_memory
+    from nbgpt.run_config import RunConfig
+
+    return plan_memory(RunConfig.from_preset(SPEEDRUN_PRESET), gpu="t4").micro_batch
+
+
 def speedrun(ctx: Context) -> dict:
     """The 2×T4 speedrun preset's training as it runs there (recipe, micro-batch, precision, eager), on one GPU:
     tokens/s, seconds per micro-step and peak memory, which bench/t4_plan.py turns into sessions and hours."""
@@ -289,8 +300,7 @@ def speedrun(ctx: Context) -> dict:
     run_dir = ctx.work / "speedrun"
     run_dir.mkdir()
     (run_dir / "data").symlink_to(ctx.train_data)  # the run directory's dataset, as `nbgpt run` lays it out
-    preset = RunConfig.from_preset(SPEEDRUN_PRESET).train
-    micro = s.micro_batch if ctx.smoke else preset.micro_batch
+    micro = s.micro_batch if ctx.smoke else t4_micro_batch()
     overrides = dict(micro_batch=micro, total_batch_tokens=micro * ctx.seq_len * SPEEDRUN_ACCUMULATION,
                      max_steps=s.warmup_steps + s.timed_steps, max_seconds=None, warmup_steps=1, eval_interval=0,
                      hellaswag_interval=0, sample_interval=0, checkpoint_interval=0, device=ctx.device.type,
@@ -487,17 +497,69 @@ def notebook(ctx: Context) -> dict:
     return {"rows": [row], "ok": len(train) == s.notebook_steps and result.final_val_loss is not None}
 
 
+# ----------------------------------------------------------------------------------------------- presets
+
+GPU_PRESETS = ("gpt2-124m", "gpt2-124m-t4x2", "gpt2-124m-speedrun", "gpt2-124m-speedrun-t4x2")
+
+
+def presets(ctx: Context) -> dict:
+    """Every GPU preset's training step on this GPU as the preset runs it (micro_batch="auto" resolved for this
+    card by nbgpt.memory, its precision, optimizer and compile setting), two optimizer steps of two micro-steps
+    each: the allocator's peak (max_memory_reserved) beside the plan's estimate. --smoke: the tiny model, eager."""
+    rows = [preset_row(ctx, name) for name in GPU_PRESETS]
+    return {"rows": rows, "ok": all(row["finite"] for row in rows)}
+
+
+def preset_row(ctx: Context, name: str) -> dict:
+    from nbgpt.memory import GIB, plan_for
+    from nbgpt.run_config import RunConfig
+
+    cuda = ctx.device.type == "cuda"
+    run_dir = ctx.work / f"preset-{name}"
+    run_dir.mkdir()
+    (run_dir / "data").symlink_to(ctx.train_data)
+    preset = RunConfig.from_preset(name)
+    # one GPU stands for each of the preset's: the same sequences per GPU per step (smoke: a few, on the CPU)
+    tokens = preset.train.total_batch_tokens // preset.nproc if cuda else 4 * ctx.shapes.micro_batch * ctx.seq_len
+    shrink = {} if cuda else dict(model=ctx.shapes.model, compile=False)
+    common = dict(nproc=1, max_seconds=None, warmup_steps=1, eval_interval=0, hellaswag_interval=0,
+                  sample_interval=0, checkpoint_interval=0, device=ctx.device.type, progress=False, **shrink)
+    per_gpu = RunConfig.from_preset(name, dict(total_batch_tokens=tokens, **common), run_dir).train
+    precision = choose_precision(ctx.device, per_gpu.precision)
+    memory = torch.cuda.get_device_properties(ctx.device).total_memory / GIB if cuda else 16.0
+    plan = plan_for(per_gpu, gpt2_tokenizer().vocab_size, 1, precision, name, memory)
+    micro = plan.micro_batch or 1
+    config = RunConfig.from_preset(name, dict(micro_batch=micro, total_batch_tokens=2 * micro * ctx.seq_len,
+                                              max_steps=2, **common), run_dir).train
+    free_memory()
+    trainer = Trainer(config, echo=lambda _: None)
+    try:
+        records = [trainer.train_step() for _ in range(2)]
+    finally:
+        trainer.close()
+    planned = plan.phases["train_compiled" if config.compile else "train_eager"]
+    row = {"preset": name, "micro_batch": micro, "precision": trainer.precision, "optimizer": config.optimizer,
+           "compile": config.compile, "tokens_per_s": records[-1]["tokens_per_s"],  # the first step compiles
+           "plan_gib": planned, "plan_fits": plan.fits,
+           "finite": all(torch.isfinite(torch.tensor(r["loss"])).item() for r in records)}
+    if cuda:
+        reserved = torch.cuda.max_memory_reserved(ctx.device) / GIB
+        row.update(reserved_gib=reserved, allocated_gib=torch.cuda.max_memory_allocated(ctx.device) / GIB,
+                   reserved_over_plan=reserved / planned)
+    return row
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 TRAINING = ("training", training, 60)
-# (name, function, seconds it needs at least: a section starts only with that much of the budget left). On one
-# H100 within `make gpu-check`'s 540 s: ~90 s of CUDA tests and ~15 s of data and peaks, then sections of a
-# fixed size: speedrun 30 s, one compiled run with evaluations 75 s, decoding 30 s, HellaSwag in two precisions
-# 30 s, the notebooks 240 s (papermill's kernels, tokenizing, and two compiles: notebook 03's speed-up table,
-# then the training). Training comes last: its rows, bf16 first, fill whatever the others left (eager rows take
-# seconds, compiled ones ~45 s each), and the rows that no longer fit say so.
-SECTIONS = [("speedrun", speedrun, 30), ("compiled_run", compiled_run, 75), ("decoding", decoding, 30),
-            ("hellaswag", hellaswag, 30), ("notebook", notebook, 240), TRAINING]
+# (name, function, seconds it needs at least: a section starts only with that much of the budget left), most
+# important first. Estimates for one H100 within `make gpu-check`'s 540 s, none measured yet: ~90 s of CUDA tests
+# and ~15 s of data and peaks, then the presets' memory rows 120 s (two compiles), speedrun 30 s, one compiled
+# run with evaluations 75 s, decoding 30 s, HellaSwag in two precisions 30 s, the notebooks 240 s (papermill's
+# kernels, tokenizing, and two compiles). Training comes last: its rows, bf16 first, fill whatever the others
+# left, and the rows and sections that no longer fit say so.
+SECTIONS = [("presets", presets, 120), ("speedrun", speedrun, 30), ("compiled_run", compiled_run, 75),
+            ("decoding", decoding, 30), ("hellaswag", hellaswag, 30), ("notebook", notebook, 240), TRAINING]
 NOT_REACHED = "not reached: the check stopped before this section (a time limit or a kill)"
 
 

@@ -1,5 +1,6 @@
 """Command line: every flag is a field of a config dataclass, typed by its annotation.
 
+`nbgpt plan` prices a run's GPU memory (nbgpt.memory) from the same --preset and -p as `run`.
 `nbgpt train` takes TrainConfig's fields and GPTConfig's (which go into TrainConfig.model_overrides), `prepare`
 PrepareConfig's, `eval` EvalConfig's, `sample` SampleConfig's; `run -p NAME VALUE` takes any of them by flat
 name. Values are read by nbgpt.config.coerce, the same parser for flags, `-p`, JSON and presets. `nbgpt export`
@@ -170,6 +171,42 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .memory import plan_memory
+    from .run_config import RunConfig, typed_values
+
+    overrides = dict(args.parameters or [])
+    if args.nproc is not None:
+        overrides["nproc"] = args.nproc
+    plan = plan_memory(RunConfig.from_preset(args.preset, typed_values(overrides)), args.gpu, args.gpu_memory)
+    print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan_lines(args.preset, plan)))
+    return 0 if plan.fits else 1
+
+
+PHASE_NAMES = {"train_eager": "training step, eager", "train_compiled": "training step, compiled",
+               "eval": "validation loss", "hellaswag": "HellaSwag", "sample": "sampling",
+               "speedups": "notebook 03 speed-up cell"}
+
+
+def plan_lines(preset: str, plan) -> list[str]:
+    """nbgpt plan's table: the GPU, the micro-batch and why, the peak of each phase, and whether it fits."""
+    from .memory import MARGIN, NON_TORCH_GIB
+
+    lines = [f"nbgpt plan: {preset} on {plan.nproc} × {plan.gpu} ({plan.gpu_memory_gib:g} GiB each), "
+             f"{plan.precision}, compile {'on' if plan.compile else 'off'}"]
+    if plan.micro_batch is not None:
+        lines.append(f"micro_batch: {plan.micro_batch} sequences per GPU per micro-step, "
+                     f"{plan.sequences_per_rank // plan.micro_batch} micro-step(s) per optimizer step")
+    lines += [f"  {plan.why}", "", f"  {'phase':<28}{'peak GiB per GPU':>17}"]
+    used = "train_compiled" if plan.compile else "train_eager"
+    for name, gib in plan.phases.items():
+        lines.append(f"  {PHASE_NAMES[name]:<28}{gib:>17.2f}{'   <- the run uses this' if name == used else ''}")
+    lines += ["", f"usable: {plan.budget_gib:.2f} GiB of {plan.gpu_memory_gib:g} GiB ({NON_TORCH_GIB:g} "
+                  f"GiB outside torch, then a {MARGIN:.0%} margin) · peak "
+                  f"{plan.peak_gib:.2f} GiB · fits: {'yes' if plan.fits else 'NO'}"]
+    return lines + [f"note: {note}" for note in plan.notes]
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, plus a did-you-mean for a misspelt flag (`--max-stepz` names `--max-steps`) or choice
     (`--preset gpt2-124m-speedrn` names `gpt2-124m-speedrun`)."""
@@ -192,6 +229,23 @@ class Parser(argparse.ArgumentParser):
                 for command in action.choices.values():
                     names.update(command.option_names())
         return names
+
+
+def add_plan_command(commands, presets: list[str]) -> None:
+    """`nbgpt plan`: a preset's run priced in GPU memory, with the same --preset and -p as `nbgpt run`."""
+    plan = commands.add_parser("plan", help="peak GPU memory per phase of a preset's run, and the micro-batch it "
+                                            "will use (works on a CPU-only machine)")
+    plan.add_argument("--preset", required=True, choices=presets)
+    plan.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                      help="set any knob of nbgpt.run_config.RunConfig by name, as nbgpt run does (repeatable)")
+    plan.add_argument("--nproc", type=_flag_type(int, "nproc"), help="GPUs (default: the preset's nproc)")
+    target = plan.add_mutually_exclusive_group()
+    target.add_argument("--gpu", help="a known GPU: a100-40gb, a100-80gb, h100, h200, l4, t4, a10g, l40s, v100-16gb, "
+                                      "v100-32gb, rtx-4090 (default: this machine's GPU)")
+    target.add_argument("--gpu-memory", type=_flag_type(float, "gpu_memory"), metavar="GiB",
+                        help="any GPU, by its total memory in GiB (as torch.cuda reports it)")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.set_defaults(handler=_plan)
 
 
 MODEL_SOURCES = ("run directory, checkpoint file, exported folder (HF GPT-2 or nbgpt format), or hub name such as "
@@ -217,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an existing run directory")
     run.add_argument("--notebooks", nargs="+", help="run only these notebooks (file names)")
     run.set_defaults(handler=_run)
+
+    add_plan_command(commands, sorted(RUN_PRESETS))
 
     prep = commands.add_parser("prepare", help="tokenize a corpus into shards")
     prep.add_argument("source", help="shakespeare | tinyshakespeare | fineweb-edu | hf:NAME[:CONFIG] | path/glob")

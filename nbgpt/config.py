@@ -89,6 +89,11 @@ def coerce(annotation, value, name: str):
 
 def _convert(kind, value):
     origin = typing.get_origin(kind) or kind
+    if origin in (typing.Union, types.UnionType):  # e.g. `int | str`: the first member that takes the value
+        for member in typing.get_args(kind):
+            with contextlib.suppress(ValueError, TypeError):
+                return _convert(member, value)
+        raise ValueError
     if kind is bool:
         return _to_bool(value)
     if kind in (int, float):

@@ -18,8 +18,6 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
 from .checkpoint import checkpoint_folder
 from .config import ConfigError
 from .files import atomic_write, atomic_write_json, read_json

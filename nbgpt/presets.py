@@ -34,17 +34,18 @@ RUN_PRESETS: dict[str, dict] = {
     "gpt2-124m": dict(
         source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
         prepare_workers=8, model="gpt2", vocab_multiple=64, bigram_steps=200, total_batch_tokens=524_288,
-        micro_batch=64, max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=20,
+        micro_batch="auto", max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=20,
         hellaswag_interval=250, checkpoint_interval=1000, keep_checkpoints=3, precision="auto", compile=True,
         nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4, top_k=50,
     ),
     # The same recipe on Kaggle's free 2×T4 (16 GB each, no bf16): fp16 + GradScaler, both GPUs through the
-    # launcher, 8 × 1024-token micro-batches with 32 accumulation steps, and a checkpoint every ~30 minutes
+    # launcher, as many 1024-token sequences per micro-batch as fit a T4 (nbgpt plan: 8, with 32 accumulation
+    # steps), and a checkpoint every ~30 minutes
     # so a 12-hour session limit costs little; `nbgpt run --preset gpt2-124m-t4x2 --resume` continues.
     "gpt2-124m-t4x2": dict(
         source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
         prepare_workers=4, model="gpt2", vocab_multiple=64, bigram_steps=200, total_batch_tokens=524_288,
-        micro_batch=8, max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=10,
+        micro_batch="auto", max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=10,
         hellaswag_interval=1000, hellaswag_limit=2000, checkpoint_interval=100, keep_checkpoints=2,
         precision="fp16", compile=False, nproc=2, prompt="Hello, I'm a language model,", max_new_tokens=64,
         num_return_sequences=4, top_k=50,
@@ -59,7 +60,7 @@ RUN_PRESETS: dict[str, dict] = {
     "gpt2-124m-speedrun": dict(
         recipe="speedrun", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000,
         val_tokens=100_000_000, prepare_workers=8, model="gpt2", vocab_multiple=64, bigram_steps=200,
-        total_batch_tokens=524_288, micro_batch=64, max_steps=5_722, eval_interval=250,
+        total_batch_tokens=524_288, micro_batch="auto", max_steps=5_722, eval_interval=250,
         eval_batches=20, hellaswag_interval=250, checkpoint_interval=1000, keep_checkpoints=3, precision="auto",
         compile=True, nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4,
         top_k=50,
@@ -76,7 +77,7 @@ RUN_PRESETS: dict[str, dict] = {
     "gpt2-124m-speedrun-t4x2": dict(
         recipe="speedrun", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000,
         val_tokens=100_000_000, max_tokens=2_800_000_000, prepare_workers=4, model="gpt2", vocab_multiple=64,
-        bigram_steps=200, total_batch_tokens=524_288, micro_batch=8, max_steps=5_000, max_seconds=30 * 3600.0,
+        bigram_steps=200, total_batch_tokens=524_288, micro_batch="auto", max_steps=5_000, max_seconds=30 * 3600.0,
         eval_interval=250, eval_batches=10, hellaswag_interval=1000, hellaswag_limit=2000,
         checkpoint_interval=100, keep_checkpoints=2, precision="fp16", compile=False, nproc=2,
         prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4, top_k=50,

@@ -21,6 +21,7 @@ from .checkpoint import latest_checkpoint
 from .config import ConfigError, ConfigWarning, config_warnings_to
 from .files import atomic_write_json, read_json
 from .logtail import LogTail
+from .memory import refuse_unfit
 from .metrics import read_metrics
 from .processes import children, signal_tree
 from .run_config import RunConfig, typed_values
@@ -55,13 +56,16 @@ def notebooks_dir() -> Path:
 def check_run(preset: str, overrides: dict, run_dir: Path, echo=print) -> dict:
     """Build the run's whole RunConfig before any notebook starts; returns the overrides, typed.
 
-    A bad value, an unknown name, a batch that does not split over nproc or a tracker that cannot work stops
-    here, in a second, rather than notebooks later; settings that contradict each other are echoed as warnings.
+    A bad value, an unknown name, a batch that does not split over nproc, a tracker that cannot work or, on a GPU
+    machine, a model that does not fit its GPU even at micro-batch 1 (nbgpt.memory) stops here, in seconds,
+    rather than notebooks later; settings that contradict each other are echoed as warnings.
     """
     try:
         with config_warnings_to(lambda line: echo(f"[nbgpt] {line}")):
             typed = typed_values(overrides)
-            check_tracker(RunConfig.from_preset(preset, typed, run_dir).train.tracker)  # not installed, no login
+            checked = RunConfig.from_preset(preset, typed, run_dir)
+            check_tracker(checked.train.tracker)  # not installed, no login
+            refuse_unfit(checked)
     except ConfigError as exc:
         raise RunError(f"invalid configuration: {exc}") from None
     return typed

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,14 @@ import torch.nn.functional as F
 from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_device, synchronize
 from .model import GPT, GPTConfig
 from .shards import TokenStore
-from .train import TrainConfig
 
-SPEEDUP_MICRO_BATCH = 4  # the most sequences the table times per step on a GPU (see the module's docstring)
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+# The micro-batch the cell times on a GPU at most: the speed-ups show at any size, and the cell must leave the
+# GPU's memory to training (nbgpt.memory plans this cell's peak at min(micro_batch, SPEEDUP_MICRO_BATCH)).
+SPEEDUP_MICRO_BATCH = 4
+
 
 
 def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
@@ -55,8 +60,11 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | No
     return step
 
 
-def timing_micro_batch(micro_batch: int, device: torch.device) -> int:
-    """The sequences per timed step: the run's micro-batch, at most SPEEDUP_MICRO_BATCH on a GPU."""
+def timing_micro_batch(micro_batch: int | str, device: torch.device) -> int:
+    """The sequences per timed step: the run's micro-batch, at most SPEEDUP_MICRO_BATCH on a GPU. This cell runs
+    before the trainer resolves micro_batch="auto", which times SPEEDUP_MICRO_BATCH sequences."""
+    if not isinstance(micro_batch, int):
+        return SPEEDUP_MICRO_BATCH
     return min(micro_batch, SPEEDUP_MICRO_BATCH) if device.type == "cuda" else micro_batch
 
 

@@ -27,6 +27,7 @@ from .device import autocast, peak_flops, resolve_device, synchronize
 from .distributed import all_reduce_max, all_reduce_mean, shutdown
 from .divergence import DivergenceGuard, TrainingDiverged
 from .loader import DataLoader
+from .memory import AUTO, resolve_micro_batch
 from .metrics import MetricsLog
 from .model import MODEL_PRESETS, ConfigError, GPTConfig, flops_per_token
 from .optim import build_adamw
@@ -53,7 +54,8 @@ class TrainConfig:
     init_from: str = knob("scratch", "scratch, or an HF GPT-2 directory / hub name to fine-tune from")
     # batch: the defaults suit the tiny model on a CPU; the gpt2-124m preset has GPT-2's 0.5M tokens per step
     total_batch_tokens: int = knob(8192, "tokens per optimizer step, all ranks and micro-steps together")
-    micro_batch: int = knob(32, "sequences per forward pass per rank")
+    micro_batch: int | str = knob(32, "sequences per forward pass per rank, or auto: the most that fit the GPU "
+                                      "(nbgpt.memory)")
     seq_len: int | None = knob(None, "tokens per training window (none: the model's block_size)")
     recipe: str = knob("gpt2", "gpt2 or speedrun: a named bundle of optimizer, schedule and architecture settings "
                        "(nbgpt.recipes)")
@@ -127,7 +129,10 @@ class TrainConfig:
             raise ConfigError(f"tracker must be none, wandb or tensorboard, got {self.tracker!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("total_batch_tokens", "micro_batch", "max_steps"):
+        if self.micro_batch != AUTO and not (isinstance(self.micro_batch, int) and self.micro_batch >= 1):
+            raise ConfigError(f"micro_batch must be a positive integer or {AUTO!r} (the most that fit the GPU), got "
+                              f"{self.micro_batch!r}")
+        for name in ("total_batch_tokens", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for message in contradictions(self):
@@ -154,17 +159,20 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size})
 
-    def batch_layout(self, block_size: int, world_size: int) -> tuple[int, int]:
-        """(seq_len, grad_accum_steps): how total_batch_tokens splits over ranks and micro-steps."""
+    def batch_layout(self, block_size: int, world_size: int, micro_batch: int | None = None) -> tuple[int, int]:
+        """(seq_len, grad_accum_steps): how total_batch_tokens splits over ranks and micro-steps of
+        `micro_batch` sequences (default: the configured one; "auto" is checked at 1, which it may become)."""
+        micro_batch = micro_batch or (1 if self.micro_batch == AUTO else self.micro_batch)
         seq_len = self.seq_len or block_size
         if seq_len > block_size:
             raise ConfigError(f"seq_len={seq_len} exceeds the model's block_size={block_size}; lower seq_len or "
                               f"raise block_size")
-        tokens_per_micro_step = self.micro_batch * seq_len * world_size
+        tokens_per_micro_step = micro_batch * seq_len * world_size
         if self.total_batch_tokens % tokens_per_micro_step:
             raise ConfigError(
                 f"total_batch_tokens={self.total_batch_tokens} is not a multiple of micro_batch × seq_len × "
-                f"world_size = {self.micro_batch} × {seq_len} × {world_size} = {tokens_per_micro_step}; "
+                f"world_size = {micro_batch} × {seq_len} × {world_size} = {tokens_per_micro_step}"
+                f"{' (micro_batch=auto, at its smallest)' if self.micro_batch == AUTO else ''}; "
                 f"change total_batch_tokens, micro_batch or the number of processes (nproc)")
         return seq_len, self.total_batch_tokens // tokens_per_micro_step
 
@@ -235,6 +243,8 @@ class Trainer:
             if self.peak is None:
                 self.log_event(f"MFU not reported: peak unknown for {torch.cuda.get_device_name(self.device)} in "
                                f"{self.precision} (nbgpt.device.GPU_PEAK_FLOPS has no datasheet figure for it)")
+            if config.micro_batch == AUTO:
+                self.log_event(self.micro_batch_why)
             for line in setup_warnings:
                 self.log_event(line)
         except BaseException:
@@ -247,9 +257,17 @@ class Trainer:
         self.store = open_store(config)
         self.tokenizer = self.store.tokenizer()
         self.model, self.model_config = build_model(config, self.tokenizer.vocab_size, self.device)
-        self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size)
-        self.train_loader, self.val_loader = build_loaders(config, self.store, self.seq_len, self.dist,
-                                                           self.log_event)
+        # "auto" becomes a number here, on the device this rank trains on; train.log says which and why. Every
+        # rank takes the smallest any rank chose, so that GPUs of different sizes still step together.
+        mine, self.micro_batch_why = resolve_micro_batch(config, self.model_config.vocab_size, self.dist.world_size,
+                                                         self.device, self.precision)
+        self.micro_batch = int(-all_reduce_max(-torch.tensor(mine, device=self.device), self.dist).item())
+        if self.micro_batch != mine:
+            self.micro_batch_why += f"; {self.micro_batch} on every rank, the smallest another rank's GPU allows"
+        self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size,
+                                                                  self.micro_batch)
+        self.train_loader, self.val_loader = build_loaders(config, self.micro_batch, self.store, self.seq_len,
+                                                           self.dist, self.log_event)
         self.optimizers = build_optimizers(self.model, config, self.device.type)
         self.scaler = grad_scaler(self.device, self.precision)
         self.forward_model, self.train_model = wrap_model(self.model, config, runtime)

@@ -65,13 +65,14 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> t
     return model.to(device), model.config
 
 
-def build_loaders(config: TrainConfig, store: TokenStore, seq_len: int, dist: DistInfo,
+def build_loaders(config: TrainConfig, micro_batch: int, store: TokenStore, seq_len: int, dist: DistInfo,
                   log_event: Callable[[str], None]) -> tuple[DataLoader, DataLoader | None]:
-    """This rank's share of the train split, and of the val split when it holds at least one batch.
+    """This rank's share of the train split, and of the val split when it holds at least one batch, in
+    batches of `micro_batch` sequences (config.micro_batch resolved: it may say "auto").
 
     The train loader's epochs are whole optimizer steps of total_batch_tokens, so that the windows a step reads
     do not depend on nproc or micro_batch: a run may continue with others (see nbgpt.loader)."""
-    shard = dict(batch_size=config.micro_batch, seq_len=seq_len, rank=dist.rank, world_size=dist.world_size)
+    shard = dict(batch_size=micro_batch, seq_len=seq_len, rank=dist.rank, world_size=dist.world_size)
     train = DataLoader(store, "train", shuffle=config.shuffle, seed=config.seed,
                        align_documents=config.align_documents,
                        step_sequences=config.total_batch_tokens // seq_len, **shard)

@@ -107,8 +107,8 @@ def test_bad_configuration_stops_before_any_notebook(tmp_path):
     """The batch must split over nproc processes: found in the parent process, before papermill starts."""
     result = nbgpt("run", "--runs-dir", str(tmp_path), "--preset", "gpt2-124m", "-p", "nproc", "3")
     assert result.returncode == 2
-    assert ("total_batch_tokens=524288 is not a multiple of micro_batch × seq_len × world_size = 64 × 1024 × 3"
-            in result.stderr)
+    assert ("total_batch_tokens=524288 is not a multiple of micro_batch × seq_len × world_size = 1 × 1024 × 3 = "
+            "3072 (micro_batch=auto, at its smallest)" in result.stderr)
     assert "[nbgpt] 01_tokenize.ipynb" not in result.stdout and not (tmp_path / "gpt2-124m").exists()
     typo = nbgpt("run", "--runs-dir", str(tmp_path), "--preset", "tiny", "-p", "max_step", "30")
     assert typo.returncode == 2 and "did you mean 'max_steps'" in typo.stderr
@@ -156,7 +156,7 @@ def test_recipe_overrides_the_preset_and_explicit_values_override_the_recipe(tmp
     assert plain.recipe == "gpt2" and recipe_values(plain, "gpt2") == RECIPES["gpt2"]
     speedrun = RunConfig.from_preset("gpt2-124m", check_run("gpt2-124m", {"recipe": "speedrun"}, tmp_path / "a")).train
     assert recipe_values(speedrun) == RECIPES["speedrun"] and speedrun.max_lr != 6e-4  # not the 2019 rate
-    assert (speedrun.micro_batch, speedrun.model_overrides["vocab_multiple"]) == (64, 64)  # the preset's stand
+    assert (speedrun.micro_batch, speedrun.model_overrides["vocab_multiple"]) == ("auto", 64)  # the preset's stand
     typed = check_run("gpt2-124m", {"recipe": "speedrun", "qk_norm": "False", "max_lr": "0.02"}, tmp_path / "b")
     ablated = RunConfig.from_preset("gpt2-124m", typed).train
     assert recipe_values(ablated) == {**RECIPES["speedrun"], "qk_norm": False, "max_lr": 0.02}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("training", "speedrun", "compiled_run", "decoding", "hellaswag", "notebook")
+SECTIONS = ("training", "speedrun", "compiled_run", "decoding", "hellaswag", "notebook", "presets")
 FIGURES = ("tokens_per_s", "examples_per_s")
 
 

@@ -1,0 +1,112 @@
+"""The memory plan (nbgpt.memory, `nbgpt plan`) and micro_batch="auto": traced on fake tensors, checked
+against real peaks of the real training step on this CPU, and resolved by the trainer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_train_config
+
+from nbgpt.config import ConfigError
+from nbgpt.memory import CPU_AUTO_MICRO_BATCH, KNOWN_GPUS, PHASES, CudaAutocast, find_gpu, refuse_unfit
+from nbgpt.run_config import RunConfig
+from nbgpt.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nbgpt(*args):
+    return subprocess.run([sys.executable, "-m", "nbgpt", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ})
+
+
+def test_plan_prices_every_phase_and_chooses_the_largest_micro_batch_that_fits():
+    """gpt2-124m-t4x2 on a T4: micro_batch=auto is a divisor of the 256 sequences per GPU per step that fits
+    the T4's budget, and forcing the next divisor up is refused as not fitting (exit status 1)."""
+    result = nbgpt("plan", "--preset", "gpt2-124m-t4x2", "--gpu", "t4", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["gpu"], plan["nproc"], plan["precision"], plan["sequences_per_rank"]) == ("T4", 2, "fp16", 256)
+    assert set(plan["phases"]) == set(PHASES) and all(gib > 0 for gib in plan["phases"].values())
+    assert plan["fits"] and plan["budget_gib"] < KNOWN_GPUS["T4"][0]
+    batch = plan["micro_batch"]
+    assert 256 % batch == 0 and plan["phases"]["train_eager"] <= plan["budget_gib"]
+    assert plan["phases"]["train_eager"] > plan["phases"]["eval"] > 1.85  # more than the weights and their state
+    larger = nbgpt("plan", "--preset", "gpt2-124m-t4x2", "--gpu", "t4", "-p", "micro_batch", str(2 * batch))
+    assert larger.returncode == 1 and "fits: NO" in larger.stdout, larger.stdout + larger.stderr
+    assert f"micro_batch: {2 * batch} sequences per GPU" in larger.stdout
+    assert "training step, eager" in larger.stdout and "upper bound" in larger.stdout  # the compiled figure's caveat
+
+
+def test_plan_targets_known_gpus_by_alias_or_any_size():
+    assert find_gpu("a100-40gb") == find_gpu("A100 40GB") == "A100 40GB" and find_gpu("H100") == "H100 80GB"
+    unknown = nbgpt("plan", "--preset", "tiny", "--gpu", "a100-20gb")
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+    assert "unknown GPU 'a100-20gb'; known: a100-40gb, a100-80gb, h100" in unknown.stderr
+    sized = nbgpt("plan", "--preset", "tiny", "--gpu-memory", "6", "--nproc", "1", "--json")
+    plan = json.loads(sized.stdout)
+    assert (plan["gpu"], plan["gpu_memory_gib"], plan["micro_batch"], plan["fits"]) == ("6 GiB GPU", 6.0, 16, True)
+
+
+def test_a_model_that_cannot_fit_at_micro_batch_one_is_refused():
+    run = RunConfig.from_preset("tiny", {"micro_batch": "auto"})
+    refuse_unfit(run, gpu_memory_gib=4.0)  # fits: nothing to say
+    with pytest.raises(ConfigError, match=r"does not fit a 1.001 GiB GPU \(1 GiB\) even at micro_batch=1: "):
+        refuse_unfit(run, gpu_memory_gib=1.001)  # ~1 MiB left for torch: less than the weights and their state
+    refuse_unfit(run)  # no GPU here, none named: nothing to judge by
+
+
+def test_micro_batch_takes_a_positive_number_or_auto():
+    assert TrainConfig.from_dict({"micro_batch": "auto"}).micro_batch == "auto"
+    assert TrainConfig.from_dict({"micro_batch": "12"}).micro_batch == 12
+    for bad in ("0", "big", -3):
+        with pytest.raises(ConfigError, match=r"micro_batch must be a positive integer or 'auto'"):
+            TrainConfig.from_dict({"micro_batch": bad})
+    gpu_presets = ("gpt2-124m", "gpt2-124m-t4x2", "gpt2-124m-speedrun", "gpt2-124m-speedrun-t4x2")
+    assert {RunConfig.from_preset(name).train.micro_batch for name in gpu_presets} == {"auto"}
+
+
+def test_auto_on_a_cpu_keeps_the_batch_by_accumulating_and_says_why(char_data, tmp_path):
+    config = tiny_train_config(char_data, tmp_path, micro_batch="auto", total_batch_tokens=24 * 32, max_steps=2,
+                                eval_interval=2, warmup_steps=1)
+    trainer = Trainer(config, echo=lambda line: None)
+    try:
+        assert (trainer.micro_batch, trainer.grad_accum_steps) == (12, 2)  # 24 sequences: 12 is the largest <= 16
+        x, _ = trainer.train_loader.next_batch()
+        assert tuple(x.shape) == (12, 32)
+        assert trainer.train_step()["loss"] > 0
+    finally:
+        trainer.close()
+    log = (tmp_path / "train.log").read_text()
+    assert (f"micro_batch=auto on cpu: 12, the largest divisor of the 24 sequences per process per step up to "
+            f"{CPU_AUTO_MICRO_BATCH}") in log
+
+
+def test_the_trace_casts_as_cuda_autocast_does():
+    """On a GPU, QK-norm's rms_norm and the softmax run in fp32 under autocast; on a CPU they stay in bf16."""
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    with CudaAutocast(torch.bfloat16):
+        h = F.linear(x, w)
+        assert h.dtype == torch.bfloat16 and (h @ w.bfloat16()).dtype == torch.bfloat16
+        assert F.rms_norm(h, (8,)).dtype == torch.float32 and h.softmax(-1).dtype == torch.float32
+        assert torch.tanh(h).dtype == torch.bfloat16  # not on CUDA's lists: the dtype it is given
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.rms_norm(F.linear(x, w), (8,)).dtype == torch.bfloat16
+
+
+@pytest.mark.registry
+def test_the_plan_is_within_15_percent_of_the_real_peak_on_this_cpu():
+    """bench/memory_check.py: the plan's training-step peak beside the resident-memory growth of the real
+    Trainer's steps in a fresh process (AdamW fp32, Muon + AdamW bf16, AdamW fp16 + GradScaler)."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_check.py")], capture_output=True,
+                            text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"bench"')))
+    ratios = {row["config"]: row["ratio"] for row in payload["rows"]}
+    assert set(ratios) == {"adamw-fp32", "muon-bf16", "fp16-scaler"}
+    assert all(0.85 <= ratio <= 1.15 for ratio in ratios.values()), payload["rows"]
