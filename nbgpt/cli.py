@@ -235,7 +235,7 @@ def add_plan_command(commands, presets: list[str]) -> None:
     """`nbgpt plan`: a preset's run priced in GPU memory, with the same --preset and -p as `nbgpt run`."""
     plan = commands.add_parser("plan", help="peak GPU memory per phase of a preset's run, and the micro-batch it "
                                             "will use (works on a CPU-only machine)")
-    plan.add_argument("--preset", required=True, choices=presets)
+    plan.add_argument("--preset", required=True, choices=presets, help="the run preset to plan (see nbgpt run)")
     plan.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                       help="set any knob of nbgpt.run_config.RunConfig by name, as nbgpt run does (repeatable)")
     plan.add_argument("--nproc", type=_flag_type(int, "nproc"), help="GPUs (default: the preset's nproc)")
