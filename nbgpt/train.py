@@ -32,7 +32,7 @@ from .optim import build_adamw
 from .progress import ProgressLog, progress_bar
 from .recipes import RECIPES, check_recipe, with_recipe
 from .runlock import RunLock
-from .schedule import Clock, Schedule, fitted_max_steps, lr_at
+from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
 from .stop import StopSignals, TrainingStopped, signal_name
 from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, open_store,
@@ -461,6 +461,8 @@ class Trainer:
                 self.log_event(f"warning: the {self.config.max_seconds:g}-second budget allowed {self.max_steps} steps, "
                                f"no more than warmup_steps={self.config.warmup_steps}: the learning rate never "
                                f"peaked; raise max_seconds or lower warmup_steps")
+            if shortfall := budget_shortfall(self.config, self.step):
+                self.log_event(shortfall)
             self._periodic(emit, final=True)
         signum = stop.agreed(self.dist, self.device)
         if signum or self.schedule.checkpoint(self.step, final, until):

@@ -104,3 +104,36 @@ def test_speedup_table_times_what_this_machine_can_show(budget_run):
         assert float(rows[name]["baseline ms"]) > 0 and float(rows[name]["speed-up ×"]) > 0
     if not torch.cuda.is_available():
         assert rows["TF32 matmuls"]["speed-up ×"].startswith("needs a GPU")
+
+
+def nbgpt_cli(*args, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "nbgpt", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+
+
+TINY_FLAGS = ("--model", "tiny", "--block-size", 32, "--micro-batch", 8, "--total-batch-tokens", 256,
+              "--warmup-steps", 3, "--eval-batches", 2, "--precision", "fp32", "--log-interval", 5)
+
+
+def test_a_budget_that_ends_training_early_says_so_in_one_line(char_data, tmp_path):
+    """A slow or busy machine reaches fewer of max_steps in max_seconds: the terminal and train.log say so
+    once, with the share of the speed and the budget that would give the full run."""
+    out = tmp_path / "short"
+    done = nbgpt_cli("train", "--data-dir", char_data, "--out-dir", out, *TINY_FLAGS, "--max-steps", 1_000_000,
+                     "--max-seconds", 2, "--eval-interval", 0)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "ended training after" in line]
+    assert len(lines) == 1, done.stdout[-3000:]
+    assert "of max_steps=1,000,000 steps" in lines[0] and "0% of the speed" in lines[0]
+    assert "max_seconds=" in lines[0] and "make demo ARGS=" in lines[0]
+    assert (out / "train.log").read_text().count(lines[0]) == 1
+
+
+def test_a_budget_that_is_not_the_limit_says_nothing(budget_run):
+    out, _ = budget_run
+    assert "ended training after" not in (out / "train.log").read_text()
