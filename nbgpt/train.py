@@ -43,7 +43,9 @@ from .train_setup import (Runtime, build_loaders, build_model, build_optimizers,
 class TrainConfig:
     # where
     data_dir: str = ""  # a prepared dataset (manifest.json + shards)
-    out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl and train_config.json go here
+    # checkpoints/, metrics.jsonl and train.log go here; not the notebooks' run directory (runs/default), so
+    # that `nbgpt train` and an interactive notebook run never continue each other's checkpoints
+    out_dir: str = "runs/train"
     # model: a GPTConfig preset, reshaped by any GPTConfig fields ({"n_layer": 2, "bias": False}); vocab_size
     # always comes from the dataset's tokenizer
     model: str = "tiny"
