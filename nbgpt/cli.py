@@ -138,6 +138,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .progress import eval_scope
     from .run import RunError, RunStopped, run_pipeline
 
     overrides = dict(args.parameters or [])  # text: RunConfig's fields parse it by their types
@@ -161,7 +162,8 @@ def _run(args: argparse.Namespace) -> int:
     if result.samples:
         print(f"samples:            {result.samples}")
     if result.final_val_loss is not None:
-        print(f"final val loss:     {result.final_val_loss:.4f}")
+        print(f"final val loss:     {result.final_val_loss:.4f} at step {result.final_eval['step']}"
+              f"{eval_scope(result.final_eval)}")
     if result.hellaswag:
         print(f"hellaswag:          {json.dumps(result.hellaswag)}")
     return 0

@@ -70,6 +70,7 @@ class RunResult:
     samples: Path | None
     final_val_loss: float | None
     hellaswag: dict | None
+    final_eval: dict | None = None  # the record of final_val_loss (its step, and what it averaged)
 
 
 def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | None = None, runs_dir: str = "runs",
@@ -174,4 +175,4 @@ def summarize(run_dir: Path, executed: list[Path]) -> RunResult:
     hellaswag = read_json(run_dir / "hellaswag.json") if (run_dir / "hellaswag.json").is_file() else None
     samples = run_dir / "samples.txt"
     return RunResult(run_dir, executed, sorted(run_dir.glob("*.png")), samples if samples.is_file() else None,
-                     evals[-1]["val_loss"] if evals else None, hellaswag)
+                     evals[-1]["val_loss"] if evals else None, hellaswag, evals[-1] if evals else None)

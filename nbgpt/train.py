@@ -254,9 +254,11 @@ class Trainer:
             return
         train_state.check_compatible(self, payload)
         train_state.restore(self, payload)
-        if self.dist.is_main:
-            self.metrics.truncate_from(self.step)  # the steps after the checkpoint are about to be redone
-        self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})")
+        finished = train_state.nothing_to_train(self)
+        if self.dist.is_main:  # the steps after the checkpoint are about to be redone; with none left, the
+            # evaluations of the checkpoint's own step (the run's final ones) still describe it
+            self.metrics.truncate_from(self.step + 1 if finished else self.step)
+        self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})" + (f": {finished}" if finished else ""))
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -350,8 +352,7 @@ class Trainer:
             return None
         self.forward_model.eval()
         self.val_loader.reset()
-        batches = self.config.eval_batches if batches is None else batches
-        batches = min(batches or self.val_loader.steps_per_epoch, self.val_loader.steps_per_epoch)
+        batches = self.val_batches(batches)
         total = torch.zeros((), device=self.device)
         for _ in range(batches):
             x, y = self.val_loader.next_batch()
@@ -362,6 +363,12 @@ class Trainer:
         value = all_reduce_mean(total / batches, self.dist).item()
         self.last_val_loss = value
         return value
+
+    def val_batches(self, batches: int | None = None) -> int:
+        """The validation batches an evaluation of `batches` averages (None: eval_batches; 0: the whole split)."""
+        whole = self.val_loader.steps_per_epoch
+        batches = self.config.eval_batches if batches is None else batches
+        return min(batches or whole, whole)
 
     def sample(self) -> str:
         from .generate import Generator, SamplingConfig
@@ -396,7 +403,9 @@ class Trainer:
         schedule, step = self.schedule, self.step
         batches = self.config.final_eval_batches if final else None
         if schedule.evaluation(step, self.max_steps, final) and (val := self.evaluate(batches)) is not None:
-            emit({"kind": "eval", "step": step, "val_loss": val})
+            used = self.val_batches(batches)  # labelled: the final evaluation may average more than the others
+            emit({"kind": "eval", "step": step, "val_loss": val, "val_batches": used,
+                  "whole_split": used == self.val_loader.steps_per_epoch})
         if schedule.hellaswag(step, final) and (scores := self.hellaswag()) is not None:
             emit({"kind": "hellaswag", "step": step, **scores})
         if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank

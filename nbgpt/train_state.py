@@ -122,3 +122,15 @@ def restore(trainer: Trainer, payload: dict) -> None:
     if trainer.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's
         trainer.max_steps = min(trainer.config.max_steps, payload["max_steps"])
     trainer.last_val_loss = payload.get("val_loss")
+
+
+def nothing_to_train(trainer: Trainer) -> str | None:
+    """Why a resumed trainer has no step left to train, as the line that says what to do, else None."""
+    step, config = trainer.step, trainer.config
+    if step < trainer.max_steps:
+        return None
+    if config.max_seconds is not None and step < config.max_steps:  # the horizon was fitted to the time budget
+        return (f"nothing was trained: the checkpoint at step {step} ended its max_seconds={config.max_seconds:g} "
+                f"budget; to train longer, start a new run (another out_dir or --name) with a larger max_seconds")
+    return (f"nothing was trained: the checkpoint is at step {step}, already at or past max_steps="
+            f"{config.max_steps}; to train further, raise max_steps above {step} (e.g. -p max_steps {2 * step})")

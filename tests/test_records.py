@@ -1,6 +1,8 @@
 """What the notebooks show is what happened: evaluation points under a time budget, the schedule as logged,
 no empty charts, attention weights that are the model's own, the optimizer's real parameter groups."""
 
+import json
+
 import matplotlib
 import pytest
 import torch
@@ -137,3 +139,43 @@ def test_a_budget_that_ends_training_early_says_so_in_one_line(char_data, tmp_pa
 def test_a_budget_that_is_not_the_limit_says_nothing(budget_run):
     out, _ = budget_run
     assert "ended training after" not in (out / "train.log").read_text()
+
+
+def test_redirected_output_is_whole_lines_and_a_resume_past_max_steps_says_it_trained_nothing(char_data, tmp_path):
+    """`nbgpt train > log 2>&1`: no carriage-return bars glued onto the log's lines; the final evaluation over
+    the whole split is labelled as such (record, line, plot); resuming a run already past max_steps says that
+    nothing was trained and keeps the checkpoint's final evaluation as the last one."""
+    import os
+    import subprocess
+    import sys
+
+    from nbgpt.plots import loss_figure
+
+    out, log = tmp_path / "run", tmp_path / "train.out"
+    flags = ["--data-dir", str(char_data), "--out-dir", str(out), *map(str, TINY_FLAGS), "--eval-interval", "3",
+             "--final-eval-batches", "0", "--checkpoint-interval", "3"]
+    with open(log, "w") as f:
+        first = subprocess.run([sys.executable, "-m", "nbgpt", "train", *flags, "--max-steps", "6"], stdout=f,
+                               stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    text = log.read_text()
+    assert first.returncode == 0, text[-2000:]
+    assert "\r" not in text
+    glued = [line for line in text.splitlines()
+             if ("training:" in line and not line.startswith("training:")) or ("| loss" in line and not line.startswith("step "))]
+    assert not glued, glued
+    evals = read_metrics(out, "eval")
+    assert [(r["step"], r["val_batches"], r["whole_split"]) for r in evals[:-1]] == [(0, 2, False), (3, 2, False)]
+    final = evals[-1]
+    assert final["step"] == 6 and final["whole_split"] and final["val_batches"] > 2
+    assert f"step      6 | val loss {final['val_loss']:.4f} (whole validation split, {final['val_batches']} batches)" in text
+    labels = [line.get_label() for line in loss_figure(out).axes[0].get_lines()]
+    assert "validation loss (2 batches)" in labels
+    assert f"validation loss (whole validation split, {final['val_batches']} batches)" in labels
+
+    again = nbgpt_cli("train", *flags, "--max-steps", 4)
+    assert again.returncode == 0, again.stderr[-2000:]
+    said = [line for line in again.stdout.splitlines() if "nothing was trained" in line]
+    assert len(said) == 1 and "step 6, already at or past max_steps=4" in said[0] and "-p max_steps 12" in said[0]
+    assert (out / "train.log").read_text().count(said[0]) == 1
+    assert read_metrics(out, "eval")[-1] == final  # the checkpoint's own final evaluation, not step 3's
+    assert json.loads(again.stdout.splitlines()[-1])["val_loss"] == final["val_loss"]
