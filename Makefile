@@ -38,8 +38,11 @@ browser:
 test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# A second `make demo` replaces the first one's run (nbgpt run --replace: only a run it started itself);
+# ARGS passes options on, e.g. make demo ARGS="-p max_seconds 900" or ARGS="--name demo2".
+ARGS ?=
 demo: install
-	$(PY) -m nbgpt run --preset $(PRESET)
+	$(PY) -m nbgpt run --preset $(PRESET) --replace $(ARGS)
 
 # JupyterLab over the repository: notebooks/ to explore (their run_dir, ../runs/default, is the repo's runs/)
 # and runs/ with the executed notebooks of `make demo`. Jupyter refuses to run as root (a container, a rented

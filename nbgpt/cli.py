@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = run_pipeline(args.preset, overrides, name=args.name, runs_dir=args.runs_dir, resume=args.resume,
-                              notebooks=args.notebooks)
+                              notebooks=args.notebooks, replace=args.replace)
     except RunStopped as exc:
         print(f"nbgpt run: {exc}. Resume with: python -m nbgpt run --runs-dir {args.runs_dir} --name "
               f"{args.name or args.preset} --resume", file=sys.stderr)
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", default="runs")
     run.add_argument("--resume", action="store_true", help="continue an existing run directory")
     run.add_argument("--notebooks", nargs="+", help="run only these notebooks (file names)")
+    run.add_argument("--replace", action="store_true",
+                     help="start over when runs/<name> holds an earlier run that was itself started with --replace "
+                          "(make demo's); any other run there is kept and the command refused")
     run.set_defaults(handler=_run)
 
     prep = commands.add_parser("prepare", help="tokenize a corpus into shards")

@@ -183,3 +183,32 @@ def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
     assert "resuming at step 6" in executed
     assert [r["step"] for r in read_metrics(tmp_path / "tiny", "train")] == list(range(9))
     assert resolve_checkpoint(tmp_path / "tiny")["step"] == 9
+
+
+def test_make_demo_runs_again_replacing_only_its_own_run(tmp_path):
+    """A second `make demo` used to exit 2 ("already exists"). Through the Makefile (a shrunk preset via PRESET
+    and ARGS): the second replaces the first, saying so; a run of the user's is kept, and so is the previous
+    demo when the new one is refused for a bad setting."""
+    runs = tmp_path / "runs"
+    venv = Path(sys.prefix)
+
+    def make_demo(args):
+        cmd = ["make", "--no-print-directory", "-C", str(ROOT), "-o", f"{venv}/.installed", f"VENV={venv}", "demo",
+               "PRESET=tiny", f"ARGS=--runs-dir {runs} --notebooks 01_tokenize.ipynb {args}"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    first = make_demo("")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    (runs / "tiny" / "from-the-first-run.txt").write_text("")
+    refused = make_demo("-p max_stepz 3")
+    assert refused.returncode != 0 and "max_stepz" in refused.stderr
+    assert (runs / "tiny" / "from-the-first-run.txt").exists()
+    second = make_demo("")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "held an earlier run started with --replace (make demo): replacing it" in second.stdout
+    assert not (runs / "tiny" / "from-the-first-run.txt").exists() and (runs / "tiny" / "data").is_dir()
+    mine = nbgpt_run("--preset", "tiny", "--name", "mine", "--notebooks", "01_tokenize.ipynb", runs_dir=runs)
+    assert mine.returncode == 0, mine.stderr[-2000:]
+    kept = make_demo("--name mine")
+    assert kept.returncode != 0 and "was not started with --replace" in kept.stderr and "it is kept" in kept.stderr
+    assert (runs / "mine" / "01_tokenize.ipynb").is_file()
