@@ -212,3 +212,19 @@ def test_make_demo_runs_again_replacing_only_its_own_run(tmp_path):
     kept = make_demo("--name mine")
     assert kept.returncode != 0 and "was not started with --replace" in kept.stderr and "it is kept" in kept.stderr
     assert (runs / "mine" / "01_tokenize.ipynb").is_file()
+
+
+def test_make_lab_opens_working_copies_so_the_tracked_notebooks_stay_clean(tmp_path):
+    """JupyterLab saves outputs into the notebook it runs: `make lab` opens copies (made once, never
+    overwritten), not notebooks/, which git tracks. LAB_ARGS=--version starts nothing but the copying."""
+    lab, venv = tmp_path / "lab", Path(sys.prefix)
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "-o", f"{venv}/.installed", f"VENV={venv}", "lab",
+           f"LAB_DIR={lab}", "LAB_ARGS=--version"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    for name in NOTEBOOKS:
+        assert (lab / name).read_bytes() == (ROOT / "notebooks" / name).read_bytes()
+    (lab / NOTEBOOKS[2]).write_text((lab / NOTEBOOKS[2]).read_text().replace("# 3 · Train", "# 3 · Train, my notes"))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and f"{lab / NOTEBOOKS[2]} kept" in again.stdout
+    assert "my notes" in (lab / NOTEBOOKS[2]).read_text()
