@@ -89,8 +89,8 @@ RUN_PRESETS: dict[str, dict] = {
 
 # Sequences of 64 tokens per optimizer step for the CPU demo model, by the precision the CPU runs fastest.
 # bf16 (~50 k tokens/s on 2 AVX-512 cores): 32, the winner of the time-to-quality sweep (bench/RESULTS.md).
-# fp32 (~15-25 k tokens/s): half that, so a slower CPU still makes about as many updates in its budget; at
-# 32 × 64 an AVX2 CPU made 610 steps and ended 0.12 nats ahead of nanoGPT (issue 15). On an emulated AVX2 CPU
+# fp32 (~15-25 k tokens/s): half that, so the demo's steps take about as long on a CPU without fast bf16; at
+# 32 × 64 an AVX2 CPU made 610 steps in a time budget and ended 0.12 nats ahead of nanoGPT. On an emulated AVX2 CPU
 # 16 × 64 ends 0.26 nats ahead in 100 s; 12 ties with it and 8 loses, because Muon's per-step cost does not
 # shrink with the batch (bench/RESULTS.md, "Every CPU").
 CPU_BATCH = {"bf16": 32, "fp32": 16}
