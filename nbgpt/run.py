@@ -101,8 +101,8 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
     if missing:
         raise RunError(f"notebook(s) {missing} not found in {source}")
     if replacing:  # only now: a run refused for a bad setting keeps the previous one
-        echo(f"[nbgpt] {run_dir} held an earlier run started with --replace (make demo): replacing it with a new one")
-        clear_run(run_dir)
+        clear_run(run_dir, f"[nbgpt] {run_dir} held an earlier run started with --replace (make demo): replacing "
+                           f"it with a new one", echo)
     replace = replace or (resume and replaceable(run_dir, preset))  # a resumed demo stays replaceable
     parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
     executed = []
@@ -149,10 +149,11 @@ def replaceable(run_dir: Path, preset: str) -> bool:
     return saved.get("preset") == preset and saved.get("replace") is True
 
 
-def clear_run(run_dir: Path) -> None:
-    """Delete what a run directory holds, under its lock (a run still going is refused, not emptied). A linked
-    dataset (data -> a shared folder) loses the link, never the folder."""
+def clear_run(run_dir: Path, notice: str, echo=print) -> None:
+    """Say `notice`, then delete what a run directory holds, under its lock (a run still going is refused, not
+    emptied). A linked dataset (data -> a shared folder) loses the link, never the folder."""
     with RunLock(run_dir) as lock:
+        echo(notice)
         for entry in run_dir.iterdir():
             if entry == lock.path:
                 continue
