@@ -130,7 +130,8 @@ def nothing_to_train(trainer: Trainer) -> str | None:
     if step < trainer.max_steps:
         return None
     if config.max_seconds is not None and step < config.max_steps:  # the horizon was fitted to the time budget
-        return (f"nothing was trained: the checkpoint at step {step} ended its max_seconds={config.max_seconds:g} "
-                f"budget; to train longer, start a new run (another out_dir or --name) with a larger max_seconds")
+        return (f"nothing was trained: the checkpoint at step {step} ends the schedule that its max_seconds="
+                f"{config.max_seconds:g} budget fitted, and a resumed run keeps that schedule; to train longer, start "
+                f"a new run (another out_dir or --name) with a larger max_seconds")
     return (f"nothing was trained: the checkpoint is at step {step}, already at or past max_steps="
             f"{config.max_steps}; to train further, raise max_steps above {step} (e.g. -p max_steps {2 * step})")
