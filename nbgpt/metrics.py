@@ -2,7 +2,8 @@
 
 Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu; a step skipped for a
 non-finite loss or gradient has "nonfinite": true and null where a number was not finite), "eval"
-(step, val_loss, val_batches: the validation batches averaged, whole_split: whether that was all of them), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "event" (message).
+(step, val_loss, val_batches: the validation batches averaged, whole_split: whether that was all of them),
+"hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "event" (message).
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
     # The lock is ours; the kernels papermill starts, and the torchrun workers they launch, are admitted as
     # our descendants. train.log is written by the training notebook's trainer and streamed here.
     with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop:
-        atomic_write_json(run_dir / RUN_FILE, {"preset": preset, "overrides": typed, **({"replace": True} if replace else {})})
+        marked = {"replace": True} if replace else {}  # see replaceable()
+        atomic_write_json(run_dir / RUN_FILE, {"preset": preset, "overrides": typed, **marked})
         for notebook in chosen:
             output = run_dir / notebook
             echo(f"[nbgpt] {notebook} -> {output}")
