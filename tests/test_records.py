@@ -161,13 +161,15 @@ def test_redirected_output_is_whole_lines_and_a_resume_past_max_steps_says_it_tr
     assert first.returncode == 0, text[-2000:]
     assert "\r" not in text
     glued = [line for line in text.splitlines()
-             if ("training:" in line and not line.startswith("training:")) or ("| loss" in line and not line.startswith("step "))]
+             if ("training:" in line and not line.startswith("training:"))
+             or ("| loss" in line and not line.startswith("step "))]
     assert not glued, glued
     evals = read_metrics(out, "eval")
     assert [(r["step"], r["val_batches"], r["whole_split"]) for r in evals[:-1]] == [(0, 2, False), (3, 2, False)]
     final = evals[-1]
     assert final["step"] == 6 and final["whole_split"] and final["val_batches"] > 2
-    assert f"step      6 | val loss {final['val_loss']:.4f} (whole validation split, {final['val_batches']} batches)" in text
+    scope = f"(whole validation split, {final['val_batches']} batches)"
+    assert f"step      6 | val loss {final['val_loss']:.4f} {scope}" in text
     labels = [line.get_label() for line in loss_figure(out).axes[0].get_lines()]
     assert "validation loss (2 batches)" in labels
     assert f"validation loss (whole validation split, {final['val_batches']} batches)" in labels
