@@ -30,8 +30,8 @@ RUN_PRESETS: dict[str, dict] = {
         source="shakespeare", tokenizer="char", shard_tokens=10_000_000, val_fraction=0.1,
         model="cpu-char", bigram_steps=200, max_steps=3_000, max_seconds=600.0, optimizer="muon", max_lr=1e-2,
         min_lr_ratio=0.0, warmup_steps=30, eval_interval=500, eval_batches=8, final_eval_batches=0,
-        checkpoint_interval=1000, weight_decay=0.1, prompt="ROMEO:\n", max_new_tokens=400, num_return_sequences=2,
-        temperature=0.8, top_k=40,
+        checkpoint_interval=1000, log_interval=100, weight_decay=0.1, prompt="ROMEO:\n", max_new_tokens=400,
+        num_return_sequences=2, temperature=0.8, top_k=40,
     ),
     # build-nanogpt's GPT-2 (124M) recipe on FineWeb-Edu 10B tokens, one 8×A100/H100 node.
     "gpt2-124m": dict(
