@@ -181,3 +181,18 @@ def test_redirected_output_is_whole_lines_and_a_resume_past_max_steps_says_it_tr
     assert (out / "train.log").read_text().count(said[0]) == 1
     assert read_metrics(out, "eval")[-1] == final  # the checkpoint's own final evaluation, not step 3's
     assert json.loads(again.stdout.splitlines()[-1])["val_loss"] == final["val_loss"]
+
+
+def test_resuming_a_finished_budget_run_says_why_nothing_trains(char_data, tmp_path):
+    """A time-budgeted run keeps the horizon its budget fitted: resumed with a larger max_steps it still ends
+    where it ended, and says so (with what does train longer) rather than reporting an old loss silently."""
+    lines = []
+    done = Trainer(tiny_train_config(char_data, tmp_path, max_steps=6, max_seconds=3600.0, eval_interval=0))
+    done.fit()
+    done.close()
+    again = Trainer(tiny_train_config(char_data, tmp_path, max_steps=12, max_seconds=3600.0, eval_interval=0),
+                    echo=lines.append)
+    assert again.fit()["step"] == 6
+    again.close()
+    said = [line for line in lines if "nothing was trained" in line]
+    assert len(said) == 1 and "a resumed run keeps that schedule" in said[0] and "larger max_seconds" in said[0]
