@@ -38,15 +38,24 @@ browser:
 test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# A second `make demo` replaces the first one's run (nbgpt run --replace: only a run it started itself);
+# ARGS passes options on, e.g. make demo ARGS="-p max_seconds 900" or ARGS="--name demo2".
+ARGS ?=
 demo: install
-	$(PY) -m nbgpt run --preset $(PRESET)
+	$(PY) -m nbgpt run --preset $(PRESET) --replace $(ARGS)
 
-# JupyterLab over the repository: notebooks/ to explore (their run_dir, ../runs/default, is the repo's runs/)
-# and runs/ with the executed notebooks of `make demo`. Jupyter refuses to run as root (a container, a rented
-# GPU box) unless told it is meant to.
+# JupyterLab over the repository, opened on $(LAB_DIR)/: working copies of notebooks/, made on first use and
+# never overwritten (delete one for a fresh copy), so running and saving them leaves the tracked notebooks
+# clean. A kernel runs in its notebook's folder: their run_dir, ../runs/default, is the repo's runs/default,
+# beside runs/ with the executed notebooks of `make demo`. Jupyter refuses to run as root (a container, a
+# rented GPU box) unless told it is meant to.
+LAB_DIR ?= lab
 LAB_ARGS ?=
 lab: install
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --FileContentsManager.preferred_dir=notebooks \
+	@mkdir -p $(LAB_DIR); for notebook in notebooks/*.ipynb; do name=$${notebook##*/}; \
+		if [ -e "$(LAB_DIR)/$$name" ]; then echo "lab: $(LAB_DIR)/$$name kept (yours; delete it for a fresh copy)"; \
+		else cp "$$notebook" "$(LAB_DIR)/$$name" && echo "lab: $(LAB_DIR)/$$name copied from notebooks/"; fi; done
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --FileContentsManager.preferred_dir=$(LAB_DIR) \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # Every benchmark in turn (about 20 minutes on 2 cores); each prints JSON and a table, see bench/RESULTS.md.

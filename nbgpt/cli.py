@@ -142,6 +142,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .progress import eval_scope
     from .run import RunError, RunStopped, run_pipeline
 
     overrides = dict(args.parameters or [])  # text: RunConfig's fields parse it by their types
@@ -151,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = run_pipeline(args.preset, overrides, name=args.name, runs_dir=args.runs_dir, resume=args.resume,
-                              notebooks=args.notebooks)
+                              notebooks=args.notebooks, replace=args.replace)
     except RunStopped as exc:
         print(f"nbgpt run: {exc}. Resume with: python -m nbgpt run --runs-dir {args.runs_dir} --name "
               f"{args.name or args.preset} --resume", file=sys.stderr)
@@ -165,7 +166,8 @@ def _run(args: argparse.Namespace) -> int:
     if result.samples:
         print(f"samples:            {result.samples}")
     if result.final_val_loss is not None:
-        print(f"final val loss:     {result.final_val_loss:.4f}")
+        print(f"final val loss:     {result.final_val_loss:.4f} at step {result.final_eval['step']}"
+              f"{eval_scope(result.final_eval)}")
     if result.hellaswag:
         print(f"hellaswag:          {json.dumps(result.hellaswag)}")
     return 0
@@ -270,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", default="runs", help="the folder that holds run directories (default: runs)")
     run.add_argument("--resume", action="store_true", help="continue an existing run directory")
     run.add_argument("--notebooks", nargs="+", help="run only these notebooks (file names)")
+    run.add_argument("--replace", action="store_true",
+                     help="start over when runs/<name> holds an earlier run that was itself started with --replace "
+                          "(make demo's); any other run there is kept and the command refused")
     run.set_defaults(handler=_run)
 
     add_plan_command(commands, sorted(RUN_PRESETS))

@@ -2,9 +2,10 @@
 
 Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_per_s, mfu, null on a GPU whose
 peak is unknown; a step skipped for a non-finite loss or gradient has "nonfinite": true and null where a number was
-not finite), "eval" (step, val_loss), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "config"
-(step training starts or resumes at, device, precision, world_size, parameters, and config: every TrainConfig
-field), "event" (message). With a tracker (nbgpt.trackers), each record written goes there too.
+not finite), "eval" (step, val_loss, val_batches: the validation batches averaged, whole_split: whether that was
+all of them), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "config" (step training starts or
+resumes at, device, precision, world_size, parameters, and config: every TrainConfig field), "event" (message).
+With a tracker (nbgpt.trackers), each record written goes there too.
 """
 
 from __future__ import annotations

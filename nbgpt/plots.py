@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 from .files import atomic_write, read_json
 from .hellaswag import GPT2_124M_ACC_NORM, GPT3_124M_ACC_NORM
 from .metrics import read_metrics
+from .progress import eval_scope
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -36,6 +37,21 @@ def _save(fig, path: str | os.PathLike | None) -> Path | None:
     return path
 
 
+def _plot_evals(ax, evals: list[dict], markersize: int) -> None:
+    """Validation losses as a curve of the points that averaged the usual number of batches, and a marker of
+    its own for any that averaged another (the final evaluation over the whole split): joined by one line,
+    the curve would jump where only the measurement changed."""
+    if not evals:
+        return
+    usual = max({r.get("val_batches") for r in evals}, key=[r.get("val_batches") for r in evals].count)
+    curve = [r for r in evals if r.get("val_batches") == usual]
+    ax.plot([r["step"] for r in curve], [r["val_loss"] for r in curve], "o-", color="tab:orange", linewidth=2,
+            markersize=markersize, label="validation loss" + eval_scope(curve[0]))
+    for record in (r for r in evals if r.get("val_batches") != usual):
+        ax.plot([record["step"]], [record["val_loss"]], "D", color="tab:red", markersize=markersize + 3,
+                label="validation loss" + eval_scope(record))
+
+
 def loss_figure(run_dir: str | os.PathLike, title: str | None = None):
     """Train loss (raw and smoothed) and validation loss against step, with the bigram baseline if known."""
     run_dir = Path(run_dir)
@@ -48,9 +64,7 @@ def loss_figure(run_dir: str | os.PathLike, title: str | None = None):
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="train loss (per step)")
         ax.plot(steps, _smooth(losses, max(1, len(losses) // 50)), color="tab:blue", linewidth=2,
                 label="train loss (smoothed)")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
-                linewidth=2, markersize=4, label="validation loss")
+    _plot_evals(ax, evals, markersize=4)
     bigram = run_dir / "bigram.json"
     if bigram.is_file():
         ax.axhline(read_json(bigram)["val_loss"], color="gray", linestyle="--", label="bigram baseline (val)")
@@ -82,9 +96,9 @@ def evaluation_figure(run_dir: str | os.PathLike, hellaswag: dict | None = None)
     scored = bool(periodic) or bool(hellaswag and "acc_norm" in hellaswag)
     fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(12 if scored else 7, 4.5), squeeze=False)
     left = axes[0][0]
+    _plot_evals(left, evals, markersize=3)
     if evals:
-        left.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
-                  markersize=3)
+        left.legend(fontsize=8)
     left.set_title("validation loss")
     left.set_xlabel("optimizer step")
     left.set_ylabel("cross-entropy (nats/token)")

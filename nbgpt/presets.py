@@ -22,13 +22,16 @@ RUN_PRESETS: dict[str, dict] = {
     ),
     # The laptop demo: Shakespeare's complete works, character level, the small GPT and schedule that won the
     # CPU time-to-quality sweep (bench/RESULTS.md): 4 layers x 128, context 64, Muon + AdamW at peak LR 1e-2
-    # and a cosine to zero fitted to a 180-second training budget; precision and batch from `cpu_recipe`.
+    # and a cosine to zero; precision and batch from `cpu_recipe`. A fixed number of steps, so that the result
+    # does not depend on how busy the machine is: 3,000 steps end at ~1.53 (bf16) and ~1.65 (fp32), taking
+    # ~3 minutes on 2 quiet cores. max_seconds is a cap for a slow or busy machine: the cosine is then fitted
+    # to it, and the run says how much slower it was and what budget would give the full result.
     "cpu-demo": dict(
         source="shakespeare", tokenizer="char", shard_tokens=10_000_000, val_fraction=0.1,
-        model="cpu-char", bigram_steps=200, max_steps=100_000, max_seconds=180.0, optimizer="muon", max_lr=1e-2,
+        model="cpu-char", bigram_steps=200, max_steps=3_000, max_seconds=600.0, optimizer="muon", max_lr=1e-2,
         min_lr_ratio=0.0, warmup_steps=30, eval_interval=500, eval_batches=8, final_eval_batches=0,
-        checkpoint_interval=1000, weight_decay=0.1, prompt="ROMEO:\n", max_new_tokens=400, num_return_sequences=2,
-        temperature=0.8, top_k=40,
+        checkpoint_interval=1000, log_interval=100, weight_decay=0.1, prompt="ROMEO:\n", max_new_tokens=400,
+        num_return_sequences=2, temperature=0.8, top_k=40,
     ),
     # build-nanogpt's GPT-2 (124M) recipe on FineWeb-Edu 10B tokens, one 8×A100/H100 node.
     "gpt2-124m": dict(
@@ -87,8 +90,8 @@ RUN_PRESETS: dict[str, dict] = {
 
 # Sequences of 64 tokens per optimizer step for the CPU demo model, by the precision the CPU runs fastest.
 # bf16 (~50 k tokens/s on 2 AVX-512 cores): 32, the winner of the time-to-quality sweep (bench/RESULTS.md).
-# fp32 (~15-25 k tokens/s): half that, so a slower CPU still makes about as many updates in its budget; at
-# 32 × 64 an AVX2 CPU made 610 steps and ended 0.12 nats ahead of nanoGPT (issue 15). On an emulated AVX2 CPU
+# fp32 (~15-25 k tokens/s): half that, so the demo's steps take about as long on a CPU without fast bf16; at
+# 32 × 64 an AVX2 CPU made 610 steps in a time budget and ended 0.12 nats ahead of nanoGPT. On an emulated AVX2 CPU
 # 16 × 64 ends 0.26 nats ahead in 100 s; 12 ties with it and 8 loses, because Muon's per-step cost does not
 # shrink with the batch (bench/RESULTS.md, "Every CPU").
 CPU_BATCH = {"bf16": 32, "fp32": 16}

@@ -6,34 +6,66 @@ The lines are for people (the terminal of `nbgpt train`, the notebook's output, 
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
 
-def unattended_kernel() -> bool:
-    """True inside a notebook kernel that nobody watches: papermill (nbclient) executes with stdin off.
-
-    A widget bar is saved into the executed notebook as its first frame ("0%"), so there a text bar is
-    used, whose last frame is what the saved output shows.
-    """
+def _kernel():
+    """The IPython kernel this code runs in, or None (a terminal, a script, a torchrun worker)."""
     try:
         from IPython import get_ipython
     except ImportError:
-        return False
-    kernel = getattr(get_ipython(), "kernel", None)
-    return kernel is not None and not getattr(kernel, "_allow_stdin", True)
+        return None
+    return getattr(get_ipython(), "kernel", None)
+
+
+def watched() -> bool:
+    """Whether someone watches the output as it is drawn: a terminal, or a kernel taking input (JupyterLab).
+
+    papermill (nbclient) executes with stdin off, and a redirected stream (`> log 2>&1`) is no terminal: there a
+    bar's redraws ("\r") would be kept one after another in the saved notebook, or glued onto the log's lines.
+    """
+    kernel = _kernel()
+    if kernel is not None:
+        return getattr(kernel, "_allow_stdin", True)
+    return sys.stderr.isatty()
+
+
+class LineFrames(io.TextIOBase):
+    """A stream for tqdm where nobody watches: each frame it draws becomes one whole line, so a log or a saved
+    notebook reads top to bottom. Repeated frames (tqdm redraws the last one on closing) are written once."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, None
+
+    def write(self, text: str) -> int:
+        for frame in text.split("\r"):
+            frame = frame.strip()
+            if frame and frame != self.last:
+                self.stream.write(frame + "\n")
+                self.last = frame
+        self.stream.flush()
+        return len(text)
+
+
+# Seconds between frames where nobody watches: a readable log of a long job, not a flip-book.
+UNWATCHED_INTERVAL = 30.0
 
 
 def progress_bar(**kwargs):
-    """A tqdm bar: the widget in JupyterLab, text in a terminal and in notebooks executed unattended."""
-    if unattended_kernel():
+    """A tqdm bar: the widget in JupyterLab and a redrawn bar in a terminal; elsewhere (a notebook executed by
+    papermill, output redirected to a file) a line every UNWATCHED_INTERVAL seconds."""
+    if watched():
+        from tqdm.auto import tqdm
+    else:
         from tqdm.std import tqdm
 
-        kwargs.setdefault("mininterval", 5.0)  # each redraw is kept in the saved notebook's output
-    else:
-        from tqdm.auto import tqdm
+        kwargs.update(file=LineFrames(sys.stderr), mininterval=UNWATCHED_INTERVAL, maxinterval=UNWATCHED_INTERVAL,
+                      dynamic_ncols=False, ncols=100)
     return tqdm(**kwargs)
 
 
@@ -48,6 +80,16 @@ def _number(value, spec: str) -> str:
 
 def _percent(fraction: float | None) -> str:
     return "n/a" if fraction is None else f"{100 * fraction:.1f}%"  # None: MFU of a GPU whose peak is unknown
+
+
+def eval_scope(record: dict) -> str:
+    """What an evaluation record averaged over, as a label: the final one may cover the whole validation split
+    (final_eval_batches=0) where the others take eval_batches, so its point is not comparable as it stands.
+    Empty for records written before evaluations said so."""
+    if "val_batches" not in record:
+        return ""
+    whole = "whole validation split, " if record.get("whole_split") else ""
+    return f" ({whole}{record['val_batches']} batches)"
 
 
 def format_record(record: dict, max_steps: int, elapsed: float, per_step: float,
@@ -67,7 +109,7 @@ def format_record(record: dict, max_steps: int, elapsed: float, per_step: float,
                 f"{record['tokens_per_s']:,.0f} tok/s | MFU {_percent(record.get('mfu'))} | "
                 f"elapsed {_duration(elapsed)} | ETA {eta}{skipped}")
     if kind == "eval":
-        return f"step {step:6d} | val loss {record['val_loss']:.4f}"
+        return f"step {step:6d} | val loss {record['val_loss']:.4f}{eval_scope(record)}"
     if kind == "hellaswag":
         if "acc_norm" not in record:
             return f"step {step:6d} | HellaSwag skipped: {record.get('skipped', record)}"
@@ -89,6 +131,7 @@ class ProgressLog:
 
     def line(self, text: str) -> None:
         self.echo(text)
+        sys.stdout.flush()  # whole lines, in order, also where stdout is a file shared with stderr (`> log 2>&1`)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text + "\n")

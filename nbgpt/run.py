@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import warnings
 from dataclasses import dataclass
@@ -79,35 +80,46 @@ class RunResult:
     samples: Path | None
     final_val_loss: float | None
     hellaswag: dict | None
+    final_eval: dict | None = None  # the record of final_val_loss (its step, and what it averaged)
 
 
 def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | None = None, runs_dir: str = "runs",
-                 resume: bool = False, notebooks: list[str] | None = None, echo=print) -> RunResult:
+                 resume: bool = False, notebooks: list[str] | None = None, echo=print,
+                 replace: bool = False) -> RunResult:
     """Execute the notebooks of `preset` (all five, or those named) into runs/<name>. Resuming a named run,
-    `preset` may be None: the one in its run.json."""
+    `preset` may be None: the one in its run.json. With `replace` (what `make demo` passes), an earlier run in
+    runs/<name> that was itself started with `replace` is deleted and started over; any other is refused."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     run_dir = Path(runs_dir).resolve() / (name or preset)
     if preset is None:
         preset = recorded_preset(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise RunError(f"{run_dir} already exists; pass --resume to continue it (training resumes from its last "
-                       f"checkpoint) or --name to start a new run")
-    saved = saved_overrides(run_dir, preset)
+    replacing = run_dir.exists() and any(run_dir.iterdir()) and not resume
+    if replacing and not (replace and replaceable(run_dir, preset)):
+        kept = " (it was not started with --replace, as make demo starts its run: it is kept)" if replace else ""
+        raise RunError(f"{run_dir} already exists{kept}; pass --resume to continue it (training resumes from its "
+                       f"last checkpoint) or --name to start a new run")
+    saved = {} if replacing else saved_overrides(run_dir, preset)
     typed = check_run(preset, {**saved, **(overrides or {})}, run_dir, echo)
-    check_continuable(preset, saved, typed, run_dir)
+    if not replacing:
+        check_continuable(preset, saved, typed, run_dir)
     source = notebooks_dir()
     chosen = notebooks or list(NOTEBOOKS)
     missing = [n for n in chosen if not (source / n).is_file()]
     if missing:
         raise RunError(f"notebook(s) {missing} not found in {source}")
+    if replacing:  # only now: a run refused for a bad setting keeps the previous one
+        clear_run(run_dir, f"[nbgpt] {run_dir} held an earlier run started with --replace (make demo): replacing "
+                           f"it with a new one", echo)
+    replace = replace or (resume and replaceable(run_dir, preset))  # a resumed demo stays replaceable
     parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
     executed = []
     # The lock is ours; the kernels papermill starts, and the torchrun workers they launch, are admitted as
     # our descendants. train.log is written by the training notebook's trainer and streamed here.
+    marked = {"replace": True} if replace else {}  # see replaceable()
     with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop, \
-            recorded(run_dir, {"preset": preset, "overrides": typed}):
+            recorded(run_dir, {"preset": preset, "overrides": typed, **marked}):
         for notebook in chosen:
             output = run_dir / notebook
             echo(f"[nbgpt] {notebook} -> {output}")
@@ -156,6 +168,30 @@ def recorded_preset(run_dir: Path) -> str:
     if not (run_dir / RUN_FILE).is_file():
         raise RunError(f"{run_dir} holds no run to resume (no {RUN_FILE}); start it with --preset")
     return read_json(run_dir / RUN_FILE)["preset"]
+
+
+def replaceable(run_dir: Path, preset: str) -> bool:
+    """Whether run_dir holds a run of `preset` started with --replace (its run.json says so): the only kind of
+    run that `--replace` deletes. A user's own runs never carry the mark."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return False
+    saved = read_json(path)
+    return saved.get("preset") == preset and saved.get("replace") is True
+
+
+def clear_run(run_dir: Path, notice: str, echo=print) -> None:
+    """Say `notice`, then delete what a run directory holds, under its lock (a run still going is refused, not
+    emptied). A linked dataset (data -> a shared folder) loses the link, never the folder."""
+    with RunLock(run_dir) as lock:
+        echo(notice)
+        for entry in run_dir.iterdir():
+            if entry == lock.path:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def saved_overrides(run_dir: Path, preset: str) -> dict:
@@ -242,4 +278,4 @@ def summarize(run_dir: Path, executed: list[Path]) -> RunResult:
     hellaswag = read_json(run_dir / "hellaswag.json") if (run_dir / "hellaswag.json").is_file() else None
     samples = run_dir / "samples.txt"
     return RunResult(run_dir, executed, sorted(run_dir.glob("*.png")), samples if samples.is_file() else None,
-                     evals[-1]["val_loss"] if evals else None, hellaswag)
+                     evals[-1]["val_loss"] if evals else None, hellaswag, evals[-1] if evals else None)

@@ -98,6 +98,21 @@ def fitted_max_steps(config: TrainConfig, step: int, elapsed: float, per_step: f
     return min(config.max_steps, step + int(remaining / per_step))
 
 
+def budget_shortfall(config: TrainConfig, step: int) -> str | None:
+    """One line for a run whose time budget ended it before config.max_steps, else None.
+
+    A horizon fitted to max_seconds still anneals, so such a run ends cleanly, but earlier and at a higher
+    loss: on a busy or slow machine that must be said, with the budget that would give the full run."""
+    if config.max_seconds is None or step >= config.max_steps or step == 0:
+        return None
+    share = step / config.max_steps  # the budget's share of the steps = this machine's share of the speed needed
+    needed = math.ceil(config.max_seconds / share / 60) * 60  # the same rate over all the steps, whole minutes
+    return (f"warning: the {config.max_seconds:g}-second budget (max_seconds) ended training after {step:,} of "
+            f"max_steps={config.max_steps:,} steps: this machine trained at {share:.0%} of the speed a full run "
+            f"needs (a busy or slow CPU), so the loss is higher than a full run's; for the full result run again "
+            f"on a quieter machine or with max_seconds={needed} (e.g. make demo ARGS=\"-p max_seconds {needed}\")")
+
+
 class Clock:
     """Training time of the run (what earlier processes spent plus this one's) and the time per training step.
 

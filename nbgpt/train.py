@@ -34,7 +34,7 @@ from .optim import build_adamw
 from .progress import ProgressLog, progress_bar
 from .recipes import RECIPES, check_recipe, with_recipe
 from .runlock import RunLock
-from .schedule import Clock, Schedule, fitted_max_steps, lr_at
+from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
 from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import TRACKERS, check_tracker, open_tracker
@@ -46,7 +46,9 @@ from .train_setup import (Runtime, build_loaders, build_model, build_optimizers,
 class TrainConfig:
     # where
     data_dir: str = knob("", "a prepared dataset (manifest.json + shards)")
-    out_dir: str = knob("runs/default", "checkpoints/, metrics.jsonl and train_config.json go here")
+    # not the notebooks' run directory (runs/default), so that `nbgpt train` and an interactive notebook run never
+    # continue each other's checkpoints
+    out_dir: str = knob("runs/train", "checkpoints/, metrics.jsonl and train.log go here")
     model: str = knob("tiny", "a model preset (tiny, mini, small, cpu-char, small-char, gpt2, gpt2-medium, ...); "
                       "GPTConfig fields reshape it, and the dataset's tokenizer sets vocab_size")
     model_overrides: dict = knob(help='GPTConfig fields that reshape the model preset, e.g. {"n_layer": 2}',
@@ -292,9 +294,11 @@ class Trainer:
             return
         train_state.check_compatible(self, payload)
         train_state.restore(self, payload)
-        if self.dist.is_main:
-            self.metrics.truncate_from(self.step)  # the steps after the checkpoint are about to be redone
-        self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})")
+        finished = train_state.nothing_to_train(self)
+        if self.dist.is_main:  # the steps after the checkpoint are about to be redone; with none left, the
+            # evaluations of the checkpoint's own step (the run's final ones) still describe it
+            self.metrics.truncate_from(self.step + 1 if finished else self.step)
+        self.log_event(f"resumed from step {self.step} ({self.checkpoint_dir})" + (f": {finished}" if finished else ""))
         saved = (payload["loader"]["world_size"], payload["loader"]["batch_size"])
         if saved != (self.dist.world_size, self.train_loader.B):
             self.log_event(f"trained so far on {saved[0]} process(es) x micro_batch {saved[1]}, now "
@@ -410,8 +414,7 @@ class Trainer:
             return None
         self.forward_model.eval()
         self.val_loader.reset()
-        batches = self.config.eval_batches if batches is None else batches
-        batches = min(batches or self.val_loader.steps_per_epoch, self.val_loader.steps_per_epoch)
+        batches = self.val_batches(batches)
         total = torch.zeros((), device=self.device)
         for _ in range(batches):
             x, y = self.val_loader.next_batch()
@@ -422,6 +425,12 @@ class Trainer:
         value = all_reduce_mean(total / batches, self.dist).item()
         self.last_val_loss = value
         return value
+
+    def val_batches(self, batches: int | None = None) -> int:
+        """The validation batches an evaluation of `batches` averages (None: eval_batches; 0: the whole split)."""
+        whole = self.val_loader.steps_per_epoch
+        batches = self.config.eval_batches if batches is None else batches
+        return min(batches or whole, whole)
 
     def sample(self) -> str:
         from .generate import Generator, SamplingConfig
@@ -456,7 +465,9 @@ class Trainer:
         schedule, step = self.schedule, self.step
         batches = self.config.final_eval_batches if final else None
         if schedule.evaluation(step, self.max_steps, final) and (val := self.evaluate(batches)) is not None:
-            emit({"kind": "eval", "step": step, "val_loss": val})
+            used = self.val_batches(batches)  # labelled: the final evaluation may average more than the others
+            emit({"kind": "eval", "step": step, "val_loss": val, "val_batches": used,
+                  "whole_split": used == self.val_loader.steps_per_epoch})
         if schedule.hellaswag(step, final) and (scores := self.hellaswag()) is not None:
             emit({"kind": "hellaswag", "step": step, **scores})
         if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank
@@ -523,6 +534,8 @@ class Trainer:
                 self.log_event(f"warning: the {self.config.max_seconds:g}-second budget allowed {self.max_steps} steps, "
                                f"no more than warmup_steps={self.config.warmup_steps}: the learning rate never "
                                f"peaked; raise max_seconds or lower warmup_steps")
+            if shortfall := budget_shortfall(self.config, self.step):
+                self.log_event(shortfall)
             self._periodic(emit, final=True)
         signum = stop.agreed(self.dist, self.device)
         if signum or self.schedule.checkpoint(self.step, final, until):

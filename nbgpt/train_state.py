@@ -94,14 +94,23 @@ def load_resumable(trainer: Trainer) -> dict | None:
         raise CheckpointError(f"{exc}\nMove {directory} away to start over.") from exc
 
 
+def _tokens(identity: dict) -> str:
+    """A tokenizer identity (nbgpt.tokenizer) in words: its kind and vocabulary size."""
+    return f"{identity.get('kind')}, vocabulary {identity.get('vocab_size')}"
+
+
 def check_compatible(trainer: Trainer, payload: dict) -> None:
     """Refuse a checkpoint this trainer cannot continue: other token ids, another recipe, another model shape,
     another optimizer."""
     directory, tokenizer = trainer.checkpoint_dir, trainer.tokenizer
     if payload["tokenizer"]["identity"] != tokenizer.identity():
+        # Another run's checkpoints in this out_dir, far more often than a dataset that changed under a run.
+        theirs = payload["train_config"].get("data_dir") or "another dataset"
         raise CheckpointError(
-            f"the checkpoint in {directory} was trained with tokenizer {payload['tokenizer']['identity']} "
-            f"but the dataset {trainer.config.data_dir} uses {tokenizer.identity()}; resume with the same data")
+            f"{trainer.out_dir} already holds checkpoints of another run, trained on {theirs} (tokens: "
+            f"{_tokens(payload['tokenizer']['identity'])}), and this run's data {trainer.config.data_dir} has "
+            f"other tokens ({_tokens(tokenizer.identity())}): choose another out_dir (run directory) for this "
+            f"run, or resume that one with its data_dir {theirs}")
     recipe = payload["train_config"].get("recipe", "gpt2")  # checkpoints from before recipes were gpt2's
     if recipe != trainer.config.recipe:
         raise CheckpointError(f"the checkpoint in {directory} was trained with recipe={recipe!r}, this run asks for "
@@ -131,3 +140,16 @@ def restore(trainer: Trainer, payload: dict) -> None:
     if trainer.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's
         trainer.max_steps = min(trainer.config.max_steps, payload["max_steps"])
     trainer.last_val_loss = payload.get("val_loss")
+
+
+def nothing_to_train(trainer: Trainer) -> str | None:
+    """Why a resumed trainer has no step left to train, as the line that says what to do, else None."""
+    step, config = trainer.step, trainer.config
+    if step < trainer.max_steps:
+        return None
+    if config.max_seconds is not None and step < config.max_steps:  # the horizon was fitted to the time budget
+        return (f"nothing was trained: the checkpoint at step {step} ends the schedule that its max_seconds="
+                f"{config.max_seconds:g} budget fitted, and a resumed run keeps that schedule; to train longer, start "
+                f"a new run (another out_dir or --name) with a larger max_seconds")
+    return (f"nothing was trained: the checkpoint is at step {step}, already at or past max_steps="
+            f"{config.max_steps}; to train further, raise max_steps above {step} (e.g. -p max_steps {2 * step})")

@@ -297,3 +297,36 @@ def test_second_signal_exits_at_once_and_keeps_the_latest_good_checkpoint(char_d
     assert err.strip().splitlines()[-1] == "SIGTERM again: exiting now; the checkpoints on disk are intact"
     latest = load_latest(run / "checkpoints")
     assert latest["step"] >= 3 and all(torch.isfinite(t).all() for t in latest["model"].values())
+
+
+
+def test_nbgpt_train_never_continues_the_notebooks_run_and_a_clash_names_the_other_run(char_data, tmp_path):
+    """`nbgpt train` without --out-dir and the notebooks run from notebooks/ (run_dir ../runs/default) used to
+    share runs/default, so notebook 03 then met the other run's checkpoints and blamed the data."""
+    import nbformat
+
+    from nbgpt.run import NOTEBOOKS, notebooks_dir
+    from nbgpt.shards import prepare
+
+    tiny = ["--model", "tiny", "--block-size", "32", "--micro-batch", "8", "--total-batch-tokens", "256",
+            "--warmup-steps", "1", "--eval-interval", "0", "--precision", "fp32", "--max-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "nbgpt", "train", "--data-dir", str(char_data), *tiny],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trained = {p.parent.parent.relative_to(tmp_path) for p in tmp_path.glob("**/checkpoints/*.pt")}
+    for name in NOTEBOOKS:  # each notebook's own default, run from notebooks/ as JupyterLab does
+        cell = next(c for c in nbformat.read(notebooks_dir() / name, 4).cells if "parameters" in c.metadata.get("tags", []))
+        scope = {}
+        exec(cell.source, scope)
+        assert Path("notebooks", scope["run_dir"]).resolve() != (Path.cwd() / next(iter(trained))).resolve()
+    assert trained == {Path("runs/train")}
+    # A clash made on purpose (another run's data into that directory) names the real cause and the way out.
+    (tmp_path / "other.txt").write_text("abcab " * 20_000)
+    prepare(str(tmp_path / "other.txt"), "char", tmp_path / "other", shard_tokens=50_000, progress=False)
+    clash = subprocess.run([sys.executable, "-m", "nbgpt", "train", "--data-dir", str(tmp_path / "other"), *tiny],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert clash.returncode == 2 and "Traceback" not in clash.stderr
+    assert len(clash.stderr.strip().splitlines()) == 1, clash.stderr
+    assert f"runs/train already holds checkpoints of another run, trained on {char_data}" in clash.stderr
+    assert "choose another out_dir" in clash.stderr

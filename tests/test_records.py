@@ -2,6 +2,7 @@
 no empty charts, attention weights that are the model's own, the optimizer's real parameter groups."""
 
 import gc
+import json
 
 import matplotlib
 import pytest
@@ -137,3 +138,93 @@ def test_speedup_table_times_a_small_micro_batch_on_gpus_only():
     assert SPEEDUP_MICRO_BATCH == 4
     assert timing_micro_batch(64, torch.device("cuda")) == 4 and timing_micro_batch(2, torch.device("cuda")) == 2
     assert timing_micro_batch(64, torch.device("cpu")) == 64  # a CPU times the run's own shapes
+
+
+def nbgpt_cli(*args, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "nbgpt", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+
+
+TINY_FLAGS = ("--model", "tiny", "--block-size", 32, "--micro-batch", 8, "--total-batch-tokens", 256,
+              "--warmup-steps", 3, "--eval-batches", 2, "--precision", "fp32", "--log-interval", 5)
+
+
+def test_a_budget_that_ends_training_early_says_so_in_one_line(char_data, tmp_path):
+    """A slow or busy machine reaches fewer of max_steps in max_seconds: the terminal and train.log say so
+    once, with the share of the speed and the budget that would give the full run."""
+    out = tmp_path / "short"
+    done = nbgpt_cli("train", "--data-dir", char_data, "--out-dir", out, *TINY_FLAGS, "--max-steps", 1_000_000,
+                     "--max-seconds", 2, "--eval-interval", 0)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "ended training after" in line]
+    assert len(lines) == 1, done.stdout[-3000:]
+    assert "of max_steps=1,000,000 steps" in lines[0] and "0% of the speed" in lines[0]
+    assert "max_seconds=" in lines[0] and "make demo ARGS=" in lines[0]
+    assert (out / "train.log").read_text().count(lines[0]) == 1
+
+
+def test_a_budget_that_is_not_the_limit_says_nothing(budget_run):
+    out, _ = budget_run
+    assert "ended training after" not in (out / "train.log").read_text()
+
+
+def test_redirected_output_is_whole_lines_and_a_resume_past_max_steps_says_it_trained_nothing(char_data, tmp_path):
+    """`nbgpt train > log 2>&1`: no carriage-return bars glued onto the log's lines; the final evaluation over
+    the whole split is labelled as such (record, line, plot); resuming a run already past max_steps says that
+    nothing was trained and keeps the checkpoint's final evaluation as the last one."""
+    import os
+    import subprocess
+    import sys
+
+    from nbgpt.plots import loss_figure
+
+    out, log = tmp_path / "run", tmp_path / "train.out"
+    flags = ["--data-dir", str(char_data), "--out-dir", str(out), *map(str, TINY_FLAGS), "--eval-interval", "3",
+             "--final-eval-batches", "0", "--checkpoint-interval", "3"]
+    with open(log, "w") as f:
+        first = subprocess.run([sys.executable, "-m", "nbgpt", "train", *flags, "--max-steps", "6"], stdout=f,
+                               stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    text = log.read_text()
+    assert first.returncode == 0, text[-2000:]
+    assert "\r" not in text
+    glued = [line for line in text.splitlines()
+             if ("training:" in line and not line.startswith("training:"))
+             or ("| loss" in line and not line.startswith("step "))]
+    assert not glued, glued
+    evals = read_metrics(out, "eval")
+    assert [(r["step"], r["val_batches"], r["whole_split"]) for r in evals[:-1]] == [(0, 2, False), (3, 2, False)]
+    final = evals[-1]
+    assert final["step"] == 6 and final["whole_split"] and final["val_batches"] > 2
+    scope = f"(whole validation split, {final['val_batches']} batches)"
+    assert f"step      6 | val loss {final['val_loss']:.4f} {scope}" in text
+    labels = [line.get_label() for line in loss_figure(out).axes[0].get_lines()]
+    assert "validation loss (2 batches)" in labels
+    assert f"validation loss (whole validation split, {final['val_batches']} batches)" in labels
+
+    again = nbgpt_cli("train", *flags, "--max-steps", 4)
+    assert again.returncode == 0, again.stderr[-2000:]
+    said = [line for line in again.stdout.splitlines() if "nothing was trained" in line]
+    assert len(said) == 1 and "step 6, already at or past max_steps=4" in said[0] and "-p max_steps 12" in said[0]
+    assert (out / "train.log").read_text().count(said[0]) == 1
+    assert read_metrics(out, "eval")[-1] == final  # the checkpoint's own final evaluation, not step 3's
+    assert json.loads(again.stdout.splitlines()[-1])["val_loss"] == final["val_loss"]
+
+
+def test_resuming_a_finished_budget_run_says_why_nothing_trains(char_data, tmp_path):
+    """A time-budgeted run keeps the horizon its budget fitted: resumed with a larger max_steps it still ends
+    where it ended, and says so (with what does train longer) rather than reporting an old loss silently."""
+    lines = []
+    done = Trainer(tiny_train_config(char_data, tmp_path, max_steps=6, max_seconds=3600.0, eval_interval=0))
+    done.fit()
+    done.close()
+    again = Trainer(tiny_train_config(char_data, tmp_path, max_steps=12, max_seconds=3600.0, eval_interval=0),
+                    echo=lines.append)
+    assert again.fit()["step"] == 6
+    again.close()
+    said = [line for line in lines if "nothing was trained" in line]
+    assert len(said) == 1 and "a resumed run keeps that schedule" in said[0] and "larger max_seconds" in said[0]
