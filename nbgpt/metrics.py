@@ -4,8 +4,9 @@ Record kinds (the "kind" field): "train" (step, loss, lr, grad_norm, dt, tokens_
 peak is unknown; a step skipped for a non-finite loss or gradient has "nonfinite": true and null where a number was
 not finite), "eval" (step, val_loss, val_batches: the validation batches averaged, whole_split: whether that was
 all of them), "hellaswag" (step, acc_norm, acc, count), "sample" (step, text), "config" (step training starts or
-resumes at, device, precision, world_size, parameters, and config: every TrainConfig field), "event" (message).
-With a tracker (nbgpt.trackers), each record written goes there too.
+resumes at, device, precision, world_size, micro_batch: the one in use where config may say "auto", parameters,
+and config: every TrainConfig field), "event" (message). With a tracker (nbgpt.trackers), each record written goes
+there too.
 """
 
 from __future__ import annotations

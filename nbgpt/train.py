@@ -303,7 +303,20 @@ class Trainer:
         if saved != (self.dist.world_size, self.train_loader.B):
             self.log_event(f"trained so far on {saved[0]} process(es) x micro_batch {saved[1]}, now "
                            f"{self.dist.world_size} x {self.train_loader.B} in {self.grad_accum_steps} micro-step(s): "
-                           f"each step reads the same sequences as before")
+                           f"each step reads the same sequences as before"
+                           + self._validation_change(payload["train_config"].get("eval_batches"), *saved))
+
+    def _validation_change(self, eval_batches: int | None, world_size: int, micro_batch: int) -> str:
+        """What a move to another layout does to validation, which reads eval_batches batches of micro_batch on
+        each process: '' when it averages as many sequences as before, else the count and the eval_batches
+        that restores it, so a jump in the validation curve is never mistaken for a change in the model."""
+        per_batch = self.train_loader.B * self.dist.world_size
+        before, now = (eval_batches or 0) * micro_batch * world_size, self.config.eval_batches * per_batch
+        if not before or before == now:
+            return ""
+        fix = f"; -p eval_batches {before // per_batch} keeps it comparable" if before % per_batch == 0 else ""
+        return (f"; validation now averages {now} sequences ({self.config.eval_batches} batches of "
+                f"{self.train_loader.B} on {self.dist.world_size} process(es)), it averaged {before}{fix}")
 
     def _start_records(self) -> None:
         """From the step training starts at, the tracker (if any) follows metrics.jsonl, whose first record
@@ -311,7 +324,8 @@ class Trainer:
         if self.dist.is_main:  # rank 0 alone writes records
             self.metrics.mirror_to(open_tracker(self.config, self.step, self.log_event))
         self.log({"kind": "config", "step": self.step, "device": str(self.device), "precision": self.precision,
-                  "world_size": self.dist.world_size, "parameters": self.model.num_params(),
+                  "world_size": self.dist.world_size, "micro_batch": self.train_loader.B,
+                  "parameters": self.model.num_params(),
                   "config": asdict(self.config)})
 
     def log(self, record: dict) -> None:

@@ -147,7 +147,7 @@ def test_elastic_journey_two_processes_stopped_then_one_with_another_micro_batch
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"4 micro-step(s) per step · resuming at step {stopped_at}" in resumed.stdout
     assert ("trained so far on 2 process(es) x micro_batch 4, now 1 x 2 in 4 micro-step(s): each step reads the "
-            "same sequences as before") in resumed.stdout
+            "same sequences as before\n") in resumed.stdout  # eval_batches scaled: validation is unchanged
     assert positions(runs / "victim") == positions(runs / "straight")
     assert positions(runs / "straight")[15:17] == [(16, 0, 128), (17, 1, 8)] and len(positions(runs / "victim")) == 24
     ours, theirs = read_metrics(runs / "victim", "train"), read_metrics(runs / "straight", "train")

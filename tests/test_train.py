@@ -186,8 +186,11 @@ def test_resume_with_another_micro_batch_reads_the_same_data_and_continues_the_s
     lines = []
     resumed = Trainer(tiny_train_config(char_data, tmp_path / "split", micro_batch=2, **kwargs), echo=lines.append)
     assert (resumed.step, resumed.grad_accum_steps) == (4, 4)
-    assert any(line.startswith("trained so far on 1 process(es) x micro_batch 8, now 1 x 2 in 4 micro-step(s)")
-               for line in lines)
+    moved = [line for line in lines if line.startswith("trained so far on 1 process(es) x micro_batch 8, now 1 x 2 "
+                                                       "in 4 micro-step(s)")]
+    assert len(moved) == 1 and moved[0].endswith(  # eval_batches 2: of 8 × 2 sequences, now of 2 × 2, said with the fix
+        "validation now averages 4 sequences (2 batches of 2 on 1 process(es)), it averaged 16; -p eval_batches 8 "
+        "keeps it comparable")
     resumed.fit()
     resumed.close()
     records = [read_metrics(tmp_path / run, "train") for run in ("straight", "split")]
