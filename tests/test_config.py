@@ -217,3 +217,12 @@ def test_a_malformed_config_json_is_one_line(tmp_path):
     result = nbgpt("train", "--config-json", str(broken))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{broken} is not valid JSON" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("preset,batch,lr", [("gpt3-small", 2**19, 6e-4), ("gpt3-xl", 2**20, 2e-4)])
+def test_gpt3_run_presets_follow_the_papers_recipe(preset, batch, lr):
+    """Table 2.1's batch (0.5M, 1M tokens) and peak rate; warmup over 375M tokens, a cosine down to 10 %."""
+    train = RunConfig.from_preset(preset).train
+    assert (train.total_batch_tokens, train.max_lr, train.min_lr_ratio, train.schedule) == (batch, lr, 0.1, "cosine")
+    assert train.model_config(vocab_size=50257).block_size == 2048 and train.seq_len is None
+    assert abs(train.warmup_steps * batch - 375e6) <= batch / 2
