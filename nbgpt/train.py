@@ -9,7 +9,6 @@ settings and of the model's (nbgpt.recipes).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -36,8 +35,9 @@ from .schedule import Clock, Schedule, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
 from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import TRACKERS, check_tracker, open_tracker
-from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, open_store,
-                          start_runtime, wrap_model)
+from .sharding import full_state
+from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, gradient_sync,
+                          open_store, start_runtime, wrap_model)
 
 
 @dataclass
@@ -90,6 +90,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
+    # how several processes share the work: "ddp" (each holds the whole model, gradients are all-reduced) or
+    # "fsdp" (each holds 1/N of the weights, gradients and optimizer state: nbgpt.sharding). One process: neither
+    parallel: str = "ddp"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     # data order
     shuffle: bool = False
@@ -116,6 +119,9 @@ class TrainConfig:
                               f"got {self.embedding_lr_scale}")
         if self.tracker not in TRACKERS:
             raise ConfigError(f"tracker must be none, wandb or tensorboard, got {self.tracker!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel must be 'ddp' (a whole model per process) or 'fsdp' (weights, gradients "
+                              f"and optimizer state sharded over the processes), got {self.parallel!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("total_batch_tokens", "micro_batch", "max_steps"):
@@ -158,6 +164,19 @@ class TrainConfig:
                 f"world_size = {self.micro_batch} × {seq_len} × {world_size} = {tokens_per_micro_step}; "
                 f"change total_batch_tokens, micro_batch or the number of processes (nproc)")
         return seq_len, self.total_batch_tokens // tokens_per_micro_step
+
+
+def check_parallel(config: TrainConfig, world_size: int) -> None:
+    """Under FSDP no process holds the whole model, and every forward pass is a collective all ranks join
+    alike. Mid-training samples run on rank 0 alone and HellaSwag scores each rank's own examples: neither
+    can run there, so they are refused before training rather than left to hang."""
+    if config.parallel != "fsdp" or world_size == 1:
+        return
+    for name in ("sample_interval", "hellaswag_interval"):
+        if getattr(config, name) > 0:
+            raise ConfigError(f"{name}={getattr(config, name)} cannot run with parallel='fsdp' on {world_size} "
+                              f"processes (no process holds the whole model); set {name}=0 and sample or score "
+                              f"the run's checkpoint afterwards (notebooks 04-05, nbgpt eval / nbgpt sample)")
 
 
 def contradictions(config: TrainConfig) -> list[str]:
@@ -239,11 +258,13 @@ class Trainer:
         self.tokenizer = self.store.tokenizer()
         self.model, self.model_config = build_model(config, self.tokenizer.vocab_size, self.device)
         self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size)
+        check_parallel(config, self.dist.world_size)
         self.train_loader, self.val_loader = build_loaders(config, self.store, self.seq_len, self.dist,
                                                            self.log_event)
+        # before the optimizers: FSDP replaces the parameters by their shards, which the optimizers must own
+        self.forward_model, self.train_model = wrap_model(self.model, config, runtime)
         self.optimizers = build_optimizers(self.model, config, self.device.type)
         self.scaler = grad_scaler(self.device, self.precision)
-        self.forward_model, self.train_model = wrap_model(self.model, config, runtime)
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len,
                                                non_embedding_params=self.model.num_params(non_embedding=True))
         peak = peak_flops(self.device, self.precision)  # None: a GPU with no datasheet figure (MFU unknown)
@@ -296,13 +317,15 @@ class Trainer:
 
         Weights that are not finite are never written: they would become the run's "latest"."""
         path = None
-        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
-        if not finite:
-            self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
+        model_state, optimizer_states = full_state(self.model, self.optimizers)  # under FSDP: rank 0's alone
         rng = train_state.rng_state(self.device, self.dist)  # gathered from every rank
-        if self.dist.is_main and finite:
-            path = save_checkpoint(self.checkpoint_dir, self.step, train_state.capture(self, rng),
-                                   keep=self.config.keep_checkpoints)
+        if self.dist.is_main:
+            if all(bool(torch.isfinite(t).all()) for t in model_state.values()):
+                path = save_checkpoint(self.checkpoint_dir, self.step,
+                                       train_state.capture(self, rng, model_state, optimizer_states),
+                                       keep=self.config.keep_checkpoints)
+            else:
+                self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
@@ -332,9 +355,7 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro_step == self.grad_accum_steps - 1
-            # Under DDP, gradients are all-reduced on backward; accumulate locally until the last micro-step.
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
-            with sync:
+            with gradient_sync(self.model, model, last):
                 with autocast(self.device, self.precision):
                     _, loss = model(x, y)
                 loss = loss / self.grad_accum_steps  # the mean over the whole batch, not a sum of means
