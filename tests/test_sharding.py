@@ -13,19 +13,20 @@ import torch
 
 from conftest import tiny_train_config
 from nbgpt.checkpoint import load_latest
+from nbgpt.loading import load_model
 from nbgpt.metrics import read_metrics
 
 HERE = Path(__file__).parent
 
 
-def torchrun_each(configs: list, nproc: int, tmp_path: Path) -> None:
-    """Train every config in one torchrun of `nproc` gloo processes (tests/train_each.py)."""
+def torchrun_each(configs: list, nproc: int, tmp_path: Path, script: str = "train_each.py", *extra) -> None:
+    """Run every config in one torchrun of `nproc` gloo processes (tests/train_each.py: train each)."""
     paths = []
     for config in configs:
         paths.append(tmp_path / f"{Path(config.out_dir).name}.json")
         paths[-1].write_text(json.dumps(asdict(config)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "train_each.py"), *map(str, paths)]
+           str(HERE / script), *map(str, paths), *map(str, extra)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
@@ -56,6 +57,8 @@ def test_fsdp_trains_as_ddp_does(char_data, tmp_path):
             [r["val_loss"] for r in read_metrics(ddp, "eval")], rel=tol["rtol"] * 10)
         a, b = load_latest(fsdp / "checkpoints"), load_latest(ddp / "checkpoints")
         assert a["step"] == b["step"] == 3 and a["model"].keys() == b["model"].keys()
+        loaded = load_model(fsdp)  # what export, sample, eval and the panel load
+        assert loaded.step == 3 and all(torch.equal(t, a["model"][k]) for k, t in loaded.model.state_dict().items())
         if precision == "bf16":
             # FSDP computes with bf16 copies of every weight, DDP's autocast casts per op: AdamW's normalised
             # steps turn the rounding differences of near-zero gradients (the key bias, whose exact gradient
@@ -83,3 +86,16 @@ def test_fsdp_refuses_what_needs_the_whole_model_on_one_process():
     assert RunConfig.from_preset("gpt3-xl", {"hellaswag_interval": 500, "nproc": 1}).nproc == 1  # nothing sharded
     with pytest.raises(ConfigError, match="parallel must be 'ddp' .* or 'fsdp' .*, got 'zero3'"):
         RunConfig.from_preset("tiny", {"parallel": "zero3"})
+
+
+def test_fsdp_fp16_overflow_in_one_ranks_shard_skips_the_whole_step_on_every_rank(char_data, tmp_path):
+    """GradScaler over sharded gradients: an inf in rank 0's shard alone is seen by every rank (the clipped
+    norm is the whole model's), so no rank moves any parameter, under Muon + AdamW or AdamW alone, and both
+    halve their loss scale alike; the next step goes through."""
+    configs = [tiny_train_config(char_data, tmp_path / optimizer, parallel="fsdp", precision="fp16",
+                                 optimizer=optimizer, micro_batch=4) for optimizer in ("adamw", "muon")]
+    torchrun_each(configs, 2, tmp_path, "fsdp_overflow.py", tmp_path / "results.json")
+    for result in json.loads((tmp_path / "results.json").read_text()):
+        assert result["skipped"] and result["moved"] == [False, False] and not result["next_skipped"]
+        (before, after), other = result["scales"]
+        assert after == before / 2 and other == [before, after]
