@@ -239,9 +239,10 @@ class Trainer:
             self._build(runtime)
             self._resume()
             self._start_records()
+            layout = f"{config.parallel} over {self.dist.world_size} processes · " if self.dist.enabled else ""
             self.log_event(f"device {self.device} · precision {self.precision} (asked: {config.precision}) · "
-                           f"{self.model.num_params():,} parameters · {self.grad_accum_steps} micro-step(s) per "
-                           f"step · {'resuming at' if self.step else 'starting at'} step {self.step}")
+                           f"{self.model.num_params():,} parameters · {layout}{self.grad_accum_steps} micro-step(s) "
+                           f"per step · {'resuming at' if self.step else 'starting at'} step {self.step}")
             if self.peak is None:
                 self.log_event(f"MFU not reported: peak unknown for {torch.cuda.get_device_name(self.device)} in "
                                f"{self.precision} (nbgpt.device.GPU_PEAK_FLOPS has no datasheet figure for it)")

@@ -332,7 +332,8 @@ def test_fsdp_journey_stopped_then_resumed_on_one_and_on_three_processes(corpus,
     assert 4 < first < second < 60, (first, second)
     last = nbgpt(*resume, "-p", "nproc", "3", "-p", "micro_batch", "4")
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
-    assert f"trained so far on 1 process(es) x micro_batch 4, now 3 x 4 in 1 micro-step(s)" in last.stdout
+    assert "fsdp over 3 processes · 1 micro-step(s) per step" in last.stdout
+    assert "trained so far on 1 process(es) x micro_batch 4, now 3 x 4 in 1 micro-step(s)" in last.stdout
     ours, theirs = read_metrics(victim, "train"), read_metrics(runs / "straight", "train")
     assert [(r["step"], r["lr"]) for r in ours] == [(r["step"], r["lr"]) for r in theirs]
     assert [r["loss"] for r in ours[:first]] == [r["loss"] for r in theirs[:first]]
