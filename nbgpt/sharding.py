@@ -31,10 +31,10 @@ def shard(model: nn.Module, precision: str) -> None:
     which takes what is left (embeddings, the tied head, the final LayerNorm).
 
     The mixed-precision policy gathers weights in the run's 16-bit dtype (half the traffic and the memory
-    of a gathered block) and reduces gradients in fp32, so the sharded fp32 master weights and AdamW see
-    the same gradients as under DDP. nbgpt's autocast stays on around the forward pass: it still decides,
-    op by op, what runs in fp32 (LayerNorm, softmax, the loss) as it does under DDP; the policy only sets
-    the dtype the weights arrive in."""
+    of a gathered block) and reduces gradients in fp32 into the fp32 shards the optimizers update, as DDP
+    all-reduces fp32 gradients of fp32 weights. nbgpt's autocast stays on around the forward pass: it
+    still decides, op by op, what runs in fp32 (LayerNorm, softmax, the loss) as it does under DDP; the
+    policy only sets the dtype the weights arrive in."""
     dtype = DTYPES[precision]
     policy = MixedPrecisionPolicy(param_dtype=None if dtype is torch.float32 else dtype, reduce_dtype=torch.float32)
     for block in model.h:
