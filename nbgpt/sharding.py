@@ -76,7 +76,12 @@ def gathered(optimizer: torch.optim.Optimizer) -> dict:
     optimizer that holds only some of the model's parameters, as Muon's AdamW does.)"""
     state = optimizer.state_dict()
     main = torch.distributed.get_rank() == 0
-    whole_state = {index: {key: whole(value).cpu() if isinstance(value, DTensor) else value
+
+    def kept(value):  # every rank joins each gather; only rank 0 copies the result out and keeps it
+        full = whole(value)
+        return full.cpu() if main else None
+
+    whole_state = {index: {key: kept(value) if isinstance(value, DTensor) else value
                            for key, value in entries.items()} for index, entries in state["state"].items()}
     return {**state, "state": whole_state} if main else {}
 

@@ -35,4 +35,5 @@ for path in sys.argv[1:-1]:
 if trainer.dist.rank == 0:
     with open(sys.argv[-1], "w") as f:
         json.dump(results, f)
+torch.distributed.barrier()  # no rank leaves the group while another still uses it
 shutdown(trainer.dist)

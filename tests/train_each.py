@@ -7,6 +7,8 @@ here the group is left once, after the last run."""
 import json
 import sys
 
+import torch
+
 import nbgpt.train
 from nbgpt.distributed import shutdown
 from nbgpt.train import TrainConfig, Trainer
@@ -17,4 +19,5 @@ for path in sys.argv[1:]:
         trainer = Trainer(TrainConfig.from_dict(json.load(f)), echo=lambda line: None)
     trainer.fit()
     trainer.close()
+torch.distributed.barrier()  # no rank leaves the group while another still uses it
 shutdown(trainer.dist)
