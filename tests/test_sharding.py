@@ -20,13 +20,16 @@ HERE = Path(__file__).parent
 
 
 def torchrun_each(configs: list, nproc: int, tmp_path: Path, script: str = "train_each.py", *extra) -> None:
-    """Run every config in one torchrun of `nproc` gloo processes (tests/train_each.py: train each)."""
+    """Run every config in one torchrun of `nproc` gloo processes (tests/train_each.py: train each). A
+    (config, N) pair trains it up to step N, where the same config listed next resumes it."""
     paths = []
     for config in configs:
-        paths.append(tmp_path / f"{Path(config.out_dir).name}.json")
-        paths[-1].write_text(json.dumps(asdict(config)))
+        config, until = config if isinstance(config, tuple) else (config, None)
+        path = tmp_path / f"{Path(config.out_dir).name}.json"
+        path.write_text(json.dumps(asdict(config)))
+        paths.append(f"{path}@{until}" if until else str(path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / script), *map(str, paths), *map(str, extra)]
+           str(HERE / script), *paths, *map(str, extra)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
@@ -39,17 +42,23 @@ def test_fsdp_trains_as_ddp_does(char_data, tmp_path):
     whole model's, from the sharded gradients), the final weights and every optimizer state (AdamW's moments,
     Muon's momentum, gathered from the shards into the checkpoint's format) for AdamW and Muon in fp32; in
     bf16 the losses, norms and the weights as a whole.
-    Two micro-steps per step: the first accumulates without reducing. Eval runs through the sharded model."""
+    Two micro-steps per step: the first accumulates without reducing. Eval runs through the sharded model. The
+    fp32 FSDP runs stop at step 1 and resume: the weights, moments and momentum go back into their shards."""
     common = dict(max_steps=3, warmup_steps=1, eval_interval=3, checkpoint_interval=3, total_batch_tokens=16 * 32,
                   micro_batch=4, block_size=32)
-    configs = [tiny_train_config(char_data, tmp_path / f"{parallel}-{optimizer}-{precision}", parallel=parallel,
-                                 optimizer=optimizer, precision=precision, **common)
-               for optimizer, precision in CASES for parallel in ("ddp", "fsdp")]
+    configs = []
+    for optimizer, precision in CASES:
+        for parallel in ("ddp", "fsdp"):
+            config = tiny_train_config(char_data, tmp_path / f"{parallel}-{optimizer}-{precision}", parallel=parallel,
+                                       optimizer=optimizer, precision=precision, **common)
+            configs += [(config, 1), config] if (parallel, precision) == ("fsdp", "fp32") else [config]
     torchrun_each(configs, 2, tmp_path)
     for optimizer, precision in CASES:
         ddp, fsdp = (tmp_path / f"{parallel}-{optimizer}-{precision}" for parallel in ("ddp", "fsdp"))
         tol = dict(rtol=1e-5, atol=2e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
         ours, theirs = read_metrics(fsdp, "train"), read_metrics(ddp, "train")
+        assert [r["step"] for r in ours] == [0, 1, 2]
+        assert ("resumed from step 1" in (fsdp / "train.log").read_text()) == (precision == "fp32")
         for key in ("loss", "grad_norm"):
             torch.testing.assert_close(torch.tensor([r[key] for r in ours]), torch.tensor([r[key] for r in theirs]),
                                        **tol, msg=f"{optimizer} {precision} {key}")
