@@ -3,6 +3,7 @@ steps, then one in which rank 0 alone finds an inf in its shard of one gradient 
 reduce-scatter has written the shard). Writes, per config, whether that step was skipped, whether any rank's
 parameters moved, and every rank's loss scale before and after, to the JSON file named last."""
 
+import gc
 import json
 import sys
 
@@ -37,3 +38,5 @@ if trainer.dist.rank == 0:
         json.dump(results, f)
 torch.distributed.barrier()  # no rank leaves the group while another still uses it
 shutdown(trainer.dist)
+del trainer  # freed before the interpreter's exit, as `nbgpt train` does (nbgpt/cli.py)
+gc.collect()

@@ -4,6 +4,7 @@ in this process: run by torchrun, several small runs share one start-up of its w
 A Trainer leaves the process group when it closes, and torchrun's rendezvous serves one group per worker:
 here the group is left once, after the last run."""
 
+import gc
 import json
 import sys
 
@@ -22,3 +23,5 @@ for argument in sys.argv[1:]:
     trainer.close()
 torch.distributed.barrier()  # no rank leaves the group while another still uses it
 shutdown(trainer.dist)
+del trainer  # freed before the interpreter's exit, as `nbgpt train` does (nbgpt/cli.py)
+gc.collect()
