@@ -93,6 +93,16 @@ MODEL_PRESETS: dict[str, dict] = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257),
+    # GPT-3's sizes (Brown et al., 2020, Table 2.1): GPT-2's architecture at a 2048-token context. GPT-3
+    # alternated dense and locally banded sparse attention layers; these are dense throughout, as
+    # build-nanogpt's GPT-3 remarks assume. The table gives XL 24 heads of d_head 128, which cannot both hold
+    # at d_model 2048 (24 × 128 = 3072): here XL has 16 heads of 128, keeping the width and head size.
+    "gpt3-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=2048, vocab_size=50257),  # 125M
+    "gpt3-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=2048, vocab_size=50257),  # 350M
+    "gpt3-large": dict(n_layer=24, n_head=16, n_embd=1536, block_size=2048, vocab_size=50257),  # 760M
+    "gpt3-xl": dict(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=50257),  # 1.3B
+    "gpt3-2.7b": dict(n_layer=32, n_head=32, n_embd=2560, block_size=2048, vocab_size=50257),
+    "gpt3-6.7b": dict(n_layer=32, n_head=32, n_embd=4096, block_size=2048, vocab_size=50257),
     # Small models that train in minutes on a laptop CPU (vocab_size is set from the tokenizer).
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
     "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .device import fast_dtype
+from .sharding import like, whole
 
 # Coefficients (a, b, c) of the quintic f(x) = a x + b x³ + c x⁵ that Newton–Schulz applies to every singular
 # value (Jordan et al., 2024). f has a steep slope at 0 (a = 3.4445), so small singular values grow quickly,
@@ -86,7 +87,11 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # M <- μ M + (1 - μ) G
                 direction = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                update = orthogonalise(direction, group["ns_steps"], self.ns_dtype)
+                # Orthogonalising needs the whole matrix: under FSDP each rank holds rows of it, so the
+                # direction is all-gathered (one extra all-gather per matrix per step, the size of the weight
+                # in fp32), every rank orthogonalises it, and each keeps the rows of its own shard. The
+                # momentum buffer stays sharded like the weight.
+                update = like(orthogonalise(whole(direction), group["ns_steps"], self.ns_dtype), p)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
         return loss

@@ -9,7 +9,6 @@ settings and of the model's (nbgpt.recipes).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -38,8 +37,9 @@ from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
 from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import TRACKERS, check_tracker, open_tracker
-from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, open_store,
-                          start_runtime, wrap_model)
+from .sharding import full_state
+from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, gradient_sync,
+                          open_store, start_runtime, wrap_model)
 
 
 @dataclass
@@ -102,6 +102,9 @@ class TrainConfig:
     precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on "
                                   "GPUs, fp32 on CPUs)")
     compile: bool = knob(False, "torch.compile the model: faster steps after a one-time compile")
+    parallel: str = knob("ddp", "how processes share the work: ddp (each holds the whole model, gradients are "
+                                "all-reduced) or fsdp (each holds 1/N of the weights, gradients and optimizer "
+                                "state: nbgpt.sharding); one process: neither")
     threads: int | None = knob(None, "CPU threads for torch (none: torch's default)")
     # data order
     shuffle: bool = knob(False, "visit the training windows in a fresh random order each epoch (else in order)")
@@ -129,6 +132,9 @@ class TrainConfig:
                               f"got {self.embedding_lr_scale}")
         if self.tracker not in TRACKERS:
             raise ConfigError(f"tracker must be none, wandb or tensorboard, got {self.tracker!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel must be 'ddp' (a whole model per process) or 'fsdp' (weights, gradients "
+                              f"and optimizer state sharded over the processes), got {self.parallel!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.micro_batch != AUTO and not (isinstance(self.micro_batch, int) and self.micro_batch >= 1):
@@ -177,6 +183,19 @@ class TrainConfig:
                 f"{' (micro_batch=auto, at its smallest)' if self.micro_batch == AUTO else ''}; "
                 f"change total_batch_tokens, micro_batch or the number of processes (nproc)")
         return seq_len, self.total_batch_tokens // tokens_per_micro_step
+
+
+def check_parallel(config: TrainConfig, world_size: int) -> None:
+    """Under FSDP no process holds the whole model, and every forward pass is a collective all ranks join
+    alike. Mid-training samples run on rank 0 alone and HellaSwag scores each rank's own examples: neither
+    can run there, so they are refused before training rather than left to hang."""
+    if config.parallel != "fsdp" or world_size == 1:
+        return
+    for name in ("sample_interval", "hellaswag_interval"):
+        if getattr(config, name) > 0:
+            raise ConfigError(f"{name}={getattr(config, name)} cannot run with parallel='fsdp' on {world_size} "
+                              f"processes (no process holds the whole model); set {name}=0 and sample or score "
+                              f"the run's checkpoint afterwards (notebooks 04-05, nbgpt eval / nbgpt sample)")
 
 
 def contradictions(config: TrainConfig) -> list[str]:
@@ -239,9 +258,10 @@ class Trainer:
             self._build(runtime)
             self._resume()
             self._start_records()
+            layout = f"{config.parallel} over {self.dist.world_size} processes · " if self.dist.enabled else ""
             self.log_event(f"device {self.device} · precision {self.precision} (asked: {config.precision}) · "
-                           f"{self.model.num_params():,} parameters · {self.grad_accum_steps} micro-step(s) per "
-                           f"step · {'resuming at' if self.step else 'starting at'} step {self.step}")
+                           f"{self.model.num_params():,} parameters · {layout}{self.grad_accum_steps} micro-step(s) "
+                           f"per step · {'resuming at' if self.step else 'starting at'} step {self.step}")
             if self.peak is None:
                 self.log_event(f"MFU not reported: peak unknown for {torch.cuda.get_device_name(self.device)} in "
                                f"{self.precision} (nbgpt.device.GPU_PEAK_FLOPS has no datasheet figure for it)")
@@ -268,11 +288,13 @@ class Trainer:
             self.micro_batch_why += f"; {self.micro_batch} on every rank, the smallest another rank's GPU allows"
         self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size,
                                                                   self.micro_batch)
+        check_parallel(config, self.dist.world_size)
         self.train_loader, self.val_loader = build_loaders(config, self.micro_batch, self.store, self.seq_len,
                                                            self.dist, self.log_event)
+        # before the optimizers: FSDP replaces the parameters by their shards, which the optimizers must own
+        self.forward_model, self.train_model = wrap_model(self.model, config, runtime)
         self.optimizers = build_optimizers(self.model, config, self.device.type)
         self.scaler = grad_scaler(self.device, self.precision)
-        self.forward_model, self.train_model = wrap_model(self.model, config, runtime)
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len,
                                                non_embedding_params=self.model.num_params(non_embedding=True))
         peak = peak_flops(self.device, self.precision)  # None: a GPU with no datasheet figure (MFU unknown)
@@ -341,13 +363,15 @@ class Trainer:
 
         Weights that are not finite are never written: they would become the run's "latest"."""
         path = None
-        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
-        if not finite:
-            self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
+        model_state, optimizer_states = full_state(self.model, self.optimizers)  # under FSDP: rank 0's alone
         rng = train_state.rng_state(self.device, self.dist)  # gathered from every rank
-        if self.dist.is_main and finite:
-            path = save_checkpoint(self.checkpoint_dir, self.step, train_state.capture(self, rng),
-                                   keep=self.config.keep_checkpoints)
+        if self.dist.is_main:
+            if all(bool(torch.isfinite(t).all()) for t in model_state.values()):
+                path = save_checkpoint(self.checkpoint_dir, self.step,
+                                       train_state.capture(self, rng, model_state, optimizer_states),
+                                       keep=self.config.keep_checkpoints)
+            else:
+                self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
@@ -377,9 +401,7 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro_step == self.grad_accum_steps - 1
-            # Under DDP, gradients are all-reduced on backward; accumulate locally until the last micro-step.
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
-            with sync:
+            with gradient_sync(self.model, model, last):
                 with autocast(self.device, self.precision):
                     _, loss = model(x, y)
                 loss = loss / self.grad_accum_steps  # the mean over the whole batch, not a sum of means

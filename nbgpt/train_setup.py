@@ -7,6 +7,7 @@ them in order, so its constructor reads as a list of what training needs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -19,6 +20,7 @@ from .distributed import DistInfo, init_distributed
 from .loader import DataLoader
 from .model import GPT, ConfigError, GPTConfig
 from .optim import build_adamw, build_muon
+from .sharding import is_sharded, shard
 from .shards import DataError, TokenStore
 
 if TYPE_CHECKING:
@@ -102,11 +104,15 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 
 def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(forward_model, train_model): the model compiled if asked, and that wrapped in DDP across ranks.
+    """(forward_model, train_model): the model compiled if asked, and that wrapped in DDP across ranks; or,
+    with parallel="fsdp", the model sharded in place (nbgpt.sharding) and then compiled, both roles in one.
+    A single process has nothing to share or shard: it trains the plain model either way.
 
     Evaluation uses forward_model: DDP's wrapper would only add gradient hooks and rank synchronisation."""
+    if runtime.dist.enabled and config.parallel == "fsdp":
+        shard(model, runtime.precision)
     forward_model = torch.compile(model) if config.compile else model
-    if not runtime.dist.enabled:
+    if not runtime.dist.enabled or config.parallel == "fsdp":
         return forward_model, forward_model
     device_ids = [runtime.dist.local_rank] if runtime.device.type == "cuda" else None
     # DDP re-sends the module's buffers from rank 0 before every forward by default. GPT's only buffers are
@@ -118,3 +124,24 @@ def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> tuple[torch
     # of them there, which saves one model's worth of gradient memory.
     return forward_model, DistributedDataParallel(forward_model, device_ids=device_ids,
                                                   gradient_as_bucket_view=True, **no_buffer_sync)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, train_model: torch.nn.Module, sync: bool):
+    """A micro-step's backward: gradients reduced over the ranks when `sync` (the last micro-step), else only
+    accumulated on each rank, which saves a reduction per micro-step. DDP all-reduces whole gradients; FSDP
+    reduce-scatters them into each rank's shard, and until then keeps the unsharded gradients it accumulates
+    (in fp32: 4 bytes per parameter of the whole model on every rank, the price of one reduction per step)."""
+    if sync:
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif isinstance(train_model, DistributedDataParallel):
+        with train_model.no_sync():
+            yield
+    else:
+        yield

@@ -21,6 +21,7 @@ from .checkpoint import CheckpointError, has_checkpoints, load_latest
 from .distributed import DistInfo, all_gather_objects
 from .files import remove_stale_temp_files
 from .model import ConfigError
+from .sharding import load_full_state
 from .tokenizer import tokenizer_spec
 
 if TYPE_CHECKING:
@@ -64,10 +65,11 @@ def set_rng_state(state: dict, device: torch.device, rank: int) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def capture(trainer: Trainer, rng: dict) -> dict:
-    """The checkpoint payload of the trainer's current state, with `rng`, the rng_state every rank joined."""
+def capture(trainer: Trainer, rng: dict, model_state: dict, optimizer_states: list[dict]) -> dict:
+    """The checkpoint payload of the trainer's current state, with what every rank joined to gather: `rng`
+    (rng_state) and the whole model's and optimizers' state dicts (nbgpt.sharding.full_state)."""
     return {
-        "model": trainer.model.state_dict(), "optimizer": [o.state_dict() for o in trainer.optimizers],
+        "model": model_state, "optimizer": optimizer_states,
         "scaler": trainer.scaler.state_dict(), "loader": trainer.train_loader.state_dict(), "rng": rng,
         "model_config": trainer.model_config.to_dict(), "train_config": asdict(trainer.config),
         "tokenizer": tokenizer_spec(trainer.tokenizer), "max_steps": trainer.max_steps,
@@ -129,9 +131,7 @@ def check_compatible(trainer: Trainer, payload: dict) -> None:
 
 def restore(trainer: Trainer, payload: dict) -> None:
     """Put a compatible checkpoint's state back into the trainer (see check_compatible)."""
-    trainer.model.load_state_dict(payload["model"])
-    for optimizer, state in zip(trainer.optimizers, payload["optimizer"]):
-        optimizer.load_state_dict(state)
+    load_full_state(trainer.model, trainer.optimizers, payload["model"], payload["optimizer"])
     trainer.scaler.load_state_dict(payload["scaler"])
     trainer.train_loader.load_state_dict(payload["loader"])
     set_rng_state(payload["rng"], trainer.device, trainer.dist.rank)

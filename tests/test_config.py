@@ -243,3 +243,12 @@ def test_every_flag_has_its_knobs_one_line_of_help():
     classes = [*STEPS.values(), GPTConfig]  # every class a -p name reaches, and so every knob of nbgpt run
     unhelped = [name for name in knobs() if name != "nproc" and not any(knob_help(c).get(name) for c in classes)]
     assert unhelped == []
+
+
+@pytest.mark.parametrize("preset,batch,lr", [("gpt3-small", 2**19, 6e-4), ("gpt3-xl", 2**20, 2e-4)])
+def test_gpt3_run_presets_follow_the_papers_recipe(preset, batch, lr):
+    """Table 2.1's batch (0.5M, 1M tokens) and peak rate; warmup over 375M tokens, a cosine down to 10 %."""
+    train = RunConfig.from_preset(preset).train
+    assert (train.total_batch_tokens, train.max_lr, train.min_lr_ratio, train.schedule) == (batch, lr, 0.1, "cosine")
+    assert train.model_config(vocab_size=50257).block_size == 2048 and train.seq_len is None
+    assert abs(train.warmup_steps * batch - 375e6) <= batch / 2

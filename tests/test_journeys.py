@@ -330,3 +330,51 @@ def test_nbgpt_train_never_continues_the_notebooks_run_and_a_clash_names_the_oth
     assert len(clash.stderr.strip().splitlines()) == 1, clash.stderr
     assert f"runs/train already holds checkpoints of another run, trained on {char_data}" in clash.stderr
     assert "choose another out_dir" in clash.stderr
+
+
+def stop_when(process, run: Path, step: int) -> int:
+    """SIGTERM `process` once `run` has trained past `step`; the step its stop checkpoint holds."""
+    assert wait_for(lambda: any(r["step"] >= step for r in read_metrics(run, "train")), process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-3000:]
+    return load_latest(run / "checkpoints")["step"]
+
+
+def test_fsdp_journey_stopped_then_resumed_on_one_and_on_three_processes(corpus, tmp_path, monkeypatch):
+    """gpt3-xl's layout (FSDP over the processes) shrunk: 2 sharded processes stopped by SIGTERM, continued on
+    1 (plain) and stopped again, finished on 3 sharded ones (uneven shards: 32 rows over 3). Every checkpoint
+    is a whole state dict, so each layout takes up the other's; the steps, rates and losses follow the
+    uninterrupted 2-process run within float noise. fp32 and no dropout: nothing random depends on the layout."""
+    from nbgpt.distributed import launch
+    from nbgpt.run_config import RunConfig
+
+    runs = tmp_path / "runs"
+    # 384 tokens a step: 2 processes × 2 sequences × 3 micro-steps, 1 × 4 × 3, or 3 × 4 × 1
+    same = dict(precision="fp32", dropout=0.0, total_batch_tokens=384, micro_batch=2, max_steps=60,
+                eval_interval=30)
+    straight = RunConfig.from_preset("gpt3-xl", {**SHRUNK, "source": str(corpus), **same}, runs / "straight")
+    assert straight.train.parallel == "fsdp"
+    straight.prepare.run(runs / "straight" / "data", progress=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    launch(straight.train, nproc=straight.nproc, echo=lambda line: None)
+    (runs / "victim").mkdir()
+    (runs / "victim" / "data").symlink_to(runs / "straight" / "data")
+    victim = runs / "victim"
+    first = stop_when(nbgpt(*run_args("gpt3-xl", runs, "victim", corpus, **same), "--resume", popen=True), victim, 4)
+    resume = ("run", "--runs-dir", runs, "--name", "victim", "--notebooks", "03_train.ipynb", "--resume")
+    second = stop_when(nbgpt(*resume, "-p", "nproc", "1", "-p", "micro_batch", "4", popen=True), victim, first + 2)
+    assert 4 < first < second < 60, (first, second)
+    last = nbgpt(*resume, "-p", "nproc", "3", "-p", "micro_batch", "4")
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert "fsdp over 3 processes · 1 micro-step(s) per step" in last.stdout
+    assert "trained so far on 1 process(es) x micro_batch 4, now 3 x 4 in 1 micro-step(s)" in last.stdout
+    ours, theirs = read_metrics(victim, "train"), read_metrics(runs / "straight", "train")
+    assert [(r["step"], r["lr"]) for r in ours] == [(r["step"], r["lr"]) for r in theirs]
+    assert [r["loss"] for r in ours[:first]] == [r["loss"] for r in theirs[:first]]
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=1e-4)
+    # atol 1e-4: the key bias's exact gradient is 0 (it shifts every score of a query alike, which softmax
+    # ignores), so AdamW normalises rounding noise there into steps that differ between layouts
+    reference = final_weights(runs / "straight")
+    for name, tensor in final_weights(victim).items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-4)

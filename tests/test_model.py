@@ -288,3 +288,18 @@ def test_masked_attention_with_a_query_that_sees_nothing():
     decode = attention(q[:, :, -1:], k, v)  # one query with no mask sees every key
     torch.testing.assert_close(decode.double(), torch.nn.functional.scaled_dot_product_attention(
         q[:, :, -1:].double(), k.double(), v.double()), atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("name,paper", [("gpt3-small", 125e6), ("gpt3-medium", 350e6), ("gpt3-large", 760e6),
+                                        ("gpt3-xl", 1.3e9), ("gpt3-2.7b", 2.7e9), ("gpt3-6.7b", 6.7e9)])
+def test_gpt3_presets_have_the_papers_sizes(name, paper):
+    """GPT-3's Table 2.1 names each model by its parameter count; the presets' counts (GPT-2's BPE, context
+    2048, tied embeddings) come within 3 % of them, with the table's head size of 64, 96 or 128 (80 at 2.7B)."""
+    config = GPTConfig.from_preset(name, vocab_size=50257)
+    with torch.device("meta"):
+        model = GPT(config)
+    assert model.num_params() == pytest.approx(paper, rel=0.03)
+    assert config.block_size == 2048
+    head_size = {"gpt3-small": 64, "gpt3-medium": 64, "gpt3-large": 96, "gpt3-xl": 128, "gpt3-2.7b": 80,
+                 "gpt3-6.7b": 128}
+    assert config.head_size == head_size[name]
