@@ -143,6 +143,8 @@ class TrainConfig:
         for name in ("total_batch_tokens", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1 (or none: torch's default), got {self.threads}")
         for message in contradictions(self):
             warnings.warn(message, ConfigWarning, stacklevel=3)
 

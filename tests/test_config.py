@@ -48,6 +48,7 @@ def test_p_values_parse_by_the_fields_type(tmp_path):
     ("tokenizer", "bpe", "tokenizer must be one of gpt2, char, got 'bpe'"),
     ("n_head", "3", "GPTConfig.n_embd=64 is not divisible by n_head=3"),
     ("max_tokens", "0", "max_tokens must be positive"),
+    ("threads", "0", "threads must be at least 1"),  # torch would refuse it in notebook 03, in a traceback
 ])
 def test_bad_values_name_the_parameter(tmp_path, name, value, message):
     with pytest.raises(RunError, match="invalid configuration: " + message):

@@ -185,10 +185,18 @@ def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
         order = nbgpt_run("--name", "tiny", "--resume", "-p", name, value, runs_dir=tmp_path)  # another data order
         assert order.returncode == 2 and f"has checkpoints of a model trained with {named}; resume with" in order.stderr
         assert "[nbgpt] 01_tokenize" not in order.stdout and (tmp_path / "tiny" / "run.json").read_text() == saved
-    # A -p that a notebook refuses (no such device here) is not kept: the run never took it.
+    # A device this machine does not have is refused before any notebook (the memory check resolves it), and
+    # not kept: the run never took it.
     elsewhere = nbgpt_run("--name", "tiny", "--resume", "-p", "device", "cuda:7", "--notebooks", "03_train.ipynb",
                           runs_dir=tmp_path)
-    assert elsewhere.returncode == 2 and "03_train.ipynb failed in cell" in elsewhere.stderr
+    assert elsewhere.returncode == 2 and "device='cuda:7' but torch sees no CUDA GPU" in elsewhere.stderr
+    assert "[nbgpt] 03_train" not in elsewhere.stdout and (tmp_path / "tiny" / "run.json").read_text() == saved
+    # An attempt that fails in a notebook (its dataset moved away meanwhile) leaves run.json as it was.
+    (tmp_path / "tiny" / "data").rename(tmp_path / "data-away")
+    failed = nbgpt_run("--name", "tiny", "--resume", "-p", "max_steps", "7", "--notebooks", "03_train.ipynb",
+                       runs_dir=tmp_path)
+    (tmp_path / "data-away").rename(tmp_path / "tiny" / "data")
+    assert failed.returncode == 2 and "[nbgpt] 03_train" in failed.stdout, failed.stderr[-2000:]
     assert (tmp_path / "tiny" / "run.json").read_text() == saved
     again = nbgpt_run("--name", "tiny", "--resume", "-p", "max_steps", "9", "-p", "checkpoint_interval", "3",
                       runs_dir=tmp_path)  # the preset from run.json
