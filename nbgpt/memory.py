@@ -49,9 +49,9 @@ COMPILED_MODEL = ("compiled = the eager trace, an upper bound: torch.compile sav
 # The memory torch reports as total_memory, GiB, whether autocast="auto" picks bf16 (compute capability >= 8),
 # and the names `--gpu` accepts.
 KNOWN_GPUS: dict[str, tuple[float, bool, tuple[str, ...]]] = {
-    "A100 40GB": (39.4, True, ("a100-40gb", "a100-40", "a100")),
-    "A100 80GB": (79.1, True, ("a100-80gb", "a100-80")),
-    "H100 80GB": (79.1, True, ("h100", "h100-80gb")),
+    "A100 40GB": (39.4, True, ("a100-40gb", "a100-40", "a100", "a100-sxm4-40gb", "a100-pcie-40gb")),
+    "A100 80GB": (79.1, True, ("a100-80gb", "a100-80", "a100-sxm4-80gb", "a100-80gb-pcie")),
+    "H100 80GB": (79.1, True, ("h100", "h100-80gb", "h100-80gb-hbm3", "h100-pcie")),
     "H200": (139.8, True, ("h200", "h200-141gb")),
     "L4": (22.0, True, ("l4",)),
     "T4": (14.7, False, ("t4",)),
@@ -64,8 +64,9 @@ KNOWN_GPUS: dict[str, tuple[float, bool, tuple[str, ...]]] = {
 
 
 def find_gpu(name: str) -> str:
-    """The KNOWN_GPUS key `name` means ("a100-40gb", "T4", "h100", ...), else one line listing them."""
-    wanted = re.sub(r"[\s_]+", "-", name.strip().lower())
+    """The KNOWN_GPUS key `name` means ("a100-40gb", "T4", "h100", or the name torch.cuda.get_device_name
+    gives, e.g. "NVIDIA A100-SXM4-40GB", "Tesla T4"), else one line listing them."""
+    wanted = re.sub(r"^(nvidia|tesla)-", "", re.sub(r"[\s_]+", "-", name.strip().lower()))
     for key, (_, _, aliases) in KNOWN_GPUS.items():
         if wanted in aliases or wanted == re.sub(r"\s+", "-", key.lower()):
             return key
@@ -326,6 +327,7 @@ class MemoryPlan:
     phases: dict[str, float] = field(default_factory=dict)
     fits: bool = False
     peak_at_one_gib: float = 0.0  # the least this run can need: every phase at micro-batch 1
+    peak_at_one: str = ""  # the same, with the phase that sets it ("34.8 GiB in speedups")
     notes: tuple[str, ...] = ()
 
     @property
@@ -366,12 +368,17 @@ def choose_micro_batch(traced: Traced, sequences: int, budget: float, asked: int
     for batch in reversed(divisors(sequences)):
         if max(phases_at(traced, batch).values()) <= budget:
             larger = [d for d in divisors(sequences) if d > batch]
-            beyond = (f"; {larger[0]} would need {max(phases_at(traced, larger[0]).values()):.1f} GiB"
-                      if larger else "")
+            beyond = f"; {larger[0]} would need {peak_phase(phases_at(traced, larger[0]))}" if larger else ""
             return batch, (f"micro_batch=auto: {batch}, the largest divisor of the {sequences} sequences per GPU "
                            f"per step whose peak fits {budget:.1f} GiB{beyond}")
     return None, (f"micro_batch=auto: not even 1 sequence per micro-step fits {budget:.1f} GiB "
-                  f"({max(phases_at(traced, 1).values()):.1f} GiB needed)")
+                  f"({peak_phase(phases_at(traced, 1))})")
+
+
+def peak_phase(phases: dict[str, float]) -> str:
+    """'34.8 GiB in speedups': the phase that sets the peak, so a plan that does not fit says what to change."""
+    name = max(phases, key=phases.get)
+    return f"{phases[name]:.1f} GiB in {name}"
 
 
 def plan_for(train: TrainConfig, vocab_size: int, nproc: int, precision: str, gpu: str, gpu_memory_gib: float,
@@ -389,7 +396,7 @@ def plan_for(train: TrainConfig, vocab_size: int, nproc: int, precision: str, gp
                              f"({traced.resident / GIB:.2f} GiB: weights, gradients, optimizer state)")
     return MemoryPlan(gpu, round(gpu_memory_gib, 2), round(budget, 2), nproc, precision, train.compile, sequences,
                       micro_batch, why, phases, micro_batch is not None and max(phases.values()) <= budget,
-                      max(phases_at(traced, 1).values()), notes)
+                      max(phases_at(traced, 1).values()), peak_phase(phases_at(traced, 1)), notes)
 
 
 def target_gpu(gpu: str | None, gpu_memory_gib: float | None) -> tuple[str, float, bool]:
@@ -453,5 +460,5 @@ def refuse_unfit(run: RunConfig, gpu: str | None = None, gpu_memory_gib: float |
     plan = plan_memory(run, gpu, gpu_memory_gib)
     if plan.peak_at_one_gib > plan.budget_gib:
         raise ConfigError(f"the model does not fit a {plan.gpu} ({plan.gpu_memory_gib:g} GiB) even at micro_batch=1: "
-                          f"{plan.peak_at_one_gib:.1f} GiB needed, {plan.budget_gib:.1f} GiB usable; use a smaller "
+                          f"{plan.peak_at_one} needed, {plan.budget_gib:.1f} GiB usable; use a smaller "
                           f"model or seq_len, or a larger GPU (nbgpt plan shows every phase)")

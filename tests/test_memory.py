@@ -45,6 +45,9 @@ def test_plan_prices_every_phase_and_chooses_the_largest_micro_batch_that_fits()
 
 def test_plan_targets_known_gpus_by_alias_or_any_size():
     assert find_gpu("a100-40gb") == find_gpu("A100 40GB") == "A100 40GB" and find_gpu("H100") == "H100 80GB"
+    # the names torch.cuda.get_device_name gives, as a user copies them from nvidia-smi or a log
+    assert [find_gpu(name) for name in ("NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3",
+                                        "Tesla T4", "NVIDIA L4")] == ["A100 40GB", "A100 80GB", "H100 80GB", "T4", "L4"]
     unknown = nbgpt("plan", "--preset", "tiny", "--gpu", "a100-20gb")
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
     assert "unknown GPU 'a100-20gb'; known: a100-40gb, a100-80gb, h100" in unknown.stderr
@@ -58,6 +61,8 @@ def test_a_model_that_cannot_fit_at_micro_batch_one_is_refused():
     refuse_unfit(run, gpu_memory_gib=4.0)  # fits: nothing to say
     with pytest.raises(ConfigError, match=r"does not fit a 1.001 GiB GPU \(1 GiB\) even at micro_batch=1: "):
         refuse_unfit(run, gpu_memory_gib=1.001)  # ~1 MiB left for torch: less than the weights and their state
+    with pytest.raises(ConfigError, match=r"micro_batch=1: \d+\.\d GiB in \w+ needed"):  # names the phase
+        refuse_unfit(run, gpu_memory_gib=1.001)
     refuse_unfit(run)  # no GPU here, none named: nothing to judge by
 
 
