@@ -52,13 +52,22 @@ def check_tracker(name: str) -> None:
 
 
 def wandb_can_log(wandb) -> bool:
-    """Whether W&B is offline or disabled (no login needed), or has credentials (never prompting for them)."""
+    """Whether W&B is offline or disabled (no login needed), or has credentials (never prompting for them).
+
+    wandb.setup() starts W&B's service process and puts its address in os.environ, where every process
+    started later (a notebook's kernel, torchrun's workers) would find it and log through it instead of
+    starting its own. That service would be a child of this process, so a stop signal passed on to this
+    process's children (`nbgpt run` passes it to its kernels) would kill it mid-run, losing what it had not
+    yet written. The teardown ends it and takes its address back out: each process that trains starts its own.
+    """
     try:
         return (wandb.setup().settings.mode in ("offline", "dryrun", "disabled")
                 or wandb.login(prompt=False, verify=False))
     except Exception as exc:  # a WANDB_MODE it does not know, a malformed key
         raise ConfigError(f"W&B cannot start here ({first_line(exc)}): fix the WANDB_* variables, or run "
                           f"`wandb login --relogin`") from None
+    finally:
+        wandb.teardown()
 
 
 def first_line(exc: BaseException) -> str:

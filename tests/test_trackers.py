@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,14 @@ def wandb_records(path: Path):
             pieces = b""
 
 
+def wandb_offline(tmp_path: Path) -> dict:
+    """The environment of W&B offline, its settings and caches in tmp_path."""
+    folders = {name: str(tmp_path / folder) for name, folder in (
+        ("WANDB_DIR", "wandb"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"))}
+    return {**folders, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
 def wandb_attempt(folder: Path) -> dict:
     """One offline W&B run folder: its run id, its history {step: {key: value}}, its config, and whether it
     ends with the record of the run's end."""
@@ -154,11 +163,8 @@ def wandb_attempt(folder: Path) -> dict:
 
 def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_run(char_data, tmp_path,
                                                                                    monkeypatch):
-    for name, folder in (("WANDB_DIR", "wandb"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
-                         ("WANDB_DATA_DIR", "data")):
-        monkeypatch.setenv(name, str(tmp_path / folder))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name, value in wandb_offline(tmp_path).items():
+        monkeypatch.setenv(name, value)
     run = tmp_path / "run"
     interrupted_twice(tiny_train_config(char_data, run, tracker="wandb", **RUN))
 
@@ -181,6 +187,50 @@ def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_r
         (r["step"], r["text"]) for r in read_metrics(run, "sample")]
     assert {key: attempts[-1]["config"][key] for key in ("device", "precision", "max_steps", "tracker")} == {
         "device": "cpu", "precision": "fp32", "max_steps": 10, "tracker": "wandb"}
+
+
+def test_wandb_through_nbgpt_run_keeps_every_step_up_to_a_sigterm_and_the_resume_continues(shakespeare_works,
+                                                                                          tmp_path):
+    """The Kaggle cell's journey: `nbgpt run` trains in a notebook kernel; a SIGTERM to `nbgpt run` (passed on
+    to the kernel) stops training with a checkpoint, and W&B must hold every step trained until then, its run
+    closed whole, before the resume continues it from there."""
+    corpus, runs = tmp_path / "plays.txt", tmp_path / "runs"
+    corpus.write_text(shakespeare_works[0])
+    shrunk = dict(source=corpus, tracker="wandb", shard_tokens=100_000, n_layer=1, n_head=2, n_embd=32, block_size=32,
+                  total_batch_tokens=256, micro_batch=8, max_steps=150, eval_interval=50, checkpoint_interval=1000)
+    flags = [x for key, value in shrunk.items() for x in ("-p", key, str(value))]
+    command = [sys.executable, "-m", "nbgpt", "run", "--preset", "tiny", "--runs-dir", str(runs), "--name", "r"]
+    env = {**os.environ, **wandb_offline(tmp_path), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*command, "--notebooks", "01_tokenize.ipynb", "03_train.ipynb", *flags], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = runs / "r"
+    while first.poll() is None and not any(r["step"] >= 20 for r in read_metrics(run, "train")):
+        time.sleep(0.01)  # the stop comes mid-training
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err  # W&B's service was not killed under it
+    stopped_at = [r["step"] for r in read_metrics(run, "train")][-1] + 1
+    assert stopped_at < 150, "the run finished before the signal"
+    log = (run / "train.log").read_text()
+    assert f"stopped by SIGTERM after step {stopped_at} with a checkpoint" in log and "tracker" not in log, log
+
+    resumed = subprocess.run([*command, "--notebooks", "03_train.ipynb", "--resume"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "tracker" not in (run / "train.log").read_text()
+    attempts = [wandb_attempt(folder) for folder in sorted((run / "wandb").glob("offline-run-*"))]
+    assert len(attempts) == 2 and attempts[0]["id"] == attempts[1]["id"]
+    assert all(attempt["exited"] for attempt in attempts)  # each closed whole, the stopped one too
+    assert [[s for s, row in attempt["history"].items() if "train/loss" in row] for attempt in attempts] == [
+        list(range(stopped_at)), list(range(stopped_at, 150))]  # up to the stop, then on from it: no gap
+    merged = {step: row for attempt in attempts for step, row in attempt["history"].items()}
+    for record in read_metrics(run, "train"):
+        row = merged[record["step"]]
+        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
+            record["loss"], record["lr"], record["grad_norm"]), record["step"]
+    assert [(s, row["eval/val_loss"]) for s, row in merged.items() if "eval/val_loss" in row] == [
+        (r["step"], r["val_loss"]) for r in read_metrics(run, "eval")]
 
 
 # ------------------------------------------------------------------------------- refused before training
