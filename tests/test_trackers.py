@@ -2,6 +2,7 @@
 what metrics.jsonl holds, through a crash and a resume; a tracker that cannot work is one line before training;
 one that breaks mid-run is one line in train.log, and training finishes."""
 
+import html
 import json
 import os
 import shutil
@@ -84,10 +85,25 @@ def test_tensorboard_shows_metrics_jsonl_with_each_step_once_after_a_crash_and_r
     texts = TensorReader(str(run / "tensorboard"), size_guidance={"tensors": 0})
     texts.Reload()
     samples = [(e.step, e.tensor_proto.string_val[0].decode()) for e in texts.Tensors("sample/text/text_summary")]
-    assert samples == [(r["step"], r["text"]) for r in read_metrics(run, "sample")] and samples
+    # a code block: TensorBoard renders text as markdown, which would drop line breaks and format `_` and `*`
+    assert samples == [(r["step"], f"```\n{r['text']}\n```") for r in read_metrics(run, "sample")] and samples
     configs = [(e.step, e.tensor_proto.string_val[0].decode()) for e in texts.Tensors("config/text_summary")]
     assert [step for step, _ in configs] == [0, 4, 8]  # each attempt says what it trains, where
+    assert configs[-1][1].startswith("```\n{") and configs[-1][1].endswith("}\n```")
     assert '"precision": "fp32"' in configs[-1][1] and '"device": "cpu"' in configs[-1][1]
+
+
+@pytest.mark.filterwarnings("ignore:html5lib's sanitizer is deprecated:DeprecationWarning")  # inside TensorBoard
+@pytest.mark.parametrize("text", ["ROMEO_and_JULIET: *soft*\n\n  what light", "a ``` in it, and ```` too"])
+def test_tensorboard_shows_sample_text_as_written(text):
+    """What TensorBoard's text tab shows (its own markdown renderer): every character and line break."""
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    from nbgpt.trackers import code_block
+
+    shown = markdown_to_safe_html(code_block(text))
+    assert shown.startswith("<pre><code>") and shown.endswith("</code></pre>"), shown
+    assert html.unescape(shown[len("<pre><code>"):-len("</code></pre>")]) == text + "\n"
 
 
 # TensorBoard's writer thread dies with the error, and Python prints its traceback, before the trainer hears of it
@@ -135,12 +151,12 @@ def wandb_records(path: Path):
             pieces = b""
 
 
-def wandb_offline(tmp_path: Path) -> dict:
-    """The environment of W&B offline, its settings and caches in tmp_path."""
+def wandb_quiet(tmp_path: Path) -> dict:
+    """Environment variables that keep W&B's settings, caches and messages out of the way, in tmp_path."""
     folders = {name: str(tmp_path / folder) for name, folder in (
         ("WANDB_DIR", "wandb"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
         ("WANDB_DATA_DIR", "data"))}
-    return {**folders, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return {**folders, "WANDB_SILENT": "true"}
 
 
 def wandb_attempt(folder: Path) -> dict:
@@ -163,7 +179,7 @@ def wandb_attempt(folder: Path) -> dict:
 
 def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_run(char_data, tmp_path,
                                                                                    monkeypatch):
-    for name, value in wandb_offline(tmp_path).items():
+    for name, value in {**wandb_quiet(tmp_path), "WANDB_MODE": "offline"}.items():
         monkeypatch.setenv(name, value)
     run = tmp_path / "run"
     interrupted_twice(tiny_train_config(char_data, run, tracker="wandb", **RUN))
@@ -200,7 +216,7 @@ def test_wandb_through_nbgpt_run_keeps_every_step_up_to_a_sigterm_and_the_resume
                   total_batch_tokens=256, micro_batch=8, max_steps=150, eval_interval=50, checkpoint_interval=1000)
     flags = [x for key, value in shrunk.items() for x in ("-p", key, str(value))]
     command = [sys.executable, "-m", "nbgpt", "run", "--preset", "tiny", "--runs-dir", str(runs), "--name", "r"]
-    env = {**os.environ, **wandb_offline(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **wandb_quiet(tmp_path), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([*command, "--notebooks", "01_tokenize.ipynb", "03_train.ipynb", *flags], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = runs / "r"
@@ -231,6 +247,30 @@ def test_wandb_through_nbgpt_run_keeps_every_step_up_to_a_sigterm_and_the_resume
             record["loss"], record["lr"], record["grad_norm"]), record["step"]
     assert [(s, row["eval/val_loss"]) for s, row in merged.items() if "eval/val_loss" in row] == [
         (r["step"], r["val_loss"]) for r in read_metrics(run, "eval")]
+
+
+def test_wandb_that_cannot_reach_its_server_gives_up_within_its_init_timeout_and_training_goes_on(
+        char_data, tmp_path, monkeypatch):
+    """A key that looks right but a network that is down: W&B's own 90 s wait (and its retries) before step 0
+    becomes WANDB_INIT_SECONDS, said once in train.log. Port 9 (discard) refuses at once here, with no network."""
+    from nbgpt.trackers import WANDB_INIT_SECONDS
+
+    for name in ("WANDB_MODE", "WANDB_SERVICE"):  # online, with a service of its own
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**wandb_quiet(tmp_path), "WANDB_API_KEY": "0123456789" * 4,
+                        "WANDB_BASE_URL": "http://127.0.0.1:9", "NETRC": str(tmp_path / "netrc")}.items():
+        monkeypatch.setenv(name, value)
+    run = tmp_path / "run"
+    began = time.monotonic()
+    trainer = Trainer(tiny_train_config(char_data, run, tracker="wandb", **RUN))
+    summary = trainer.fit()
+    trainer.close()
+    # a bound on waiting, not a speed: W&B's default would wait 90 s and more before training started
+    assert time.monotonic() - began < WANDB_INIT_SECONDS + 30
+    assert summary["step"] == 10 and [r["step"] for r in read_metrics(run, "train")] == list(range(10))
+    said = [line for line in (run / "train.log").read_text().splitlines() if "tracker" in line]
+    assert len(said) == 1 and said[0].startswith("tracker wandb failed (CommError: "), said
+    assert said[0].endswith("it is off for the rest of this run, which goes on: metrics.jsonl stays the record")
 
 
 # ------------------------------------------------------------------------------- refused before training
