@@ -177,6 +177,20 @@ def wandb_attempt(folder: Path) -> dict:
     return {"id": run_id, "history": history, "config": config, "exited": exited}
 
 
+def assert_wandb_holds_metrics(run: Path, attempts: list[dict]) -> None:
+    """The attempts' histories, the later over the earlier (as `wandb sync` in order leaves them), hold the
+    train, eval and sample records of metrics.jsonl, value for value."""
+    merged = {step: row for attempt in attempts for step, row in attempt["history"].items()}
+    for record in read_metrics(run, "train"):
+        row = merged[record["step"]]
+        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
+            record["loss"], record["lr"], record["grad_norm"]), record["step"]
+    assert [(s, row["eval/val_loss"]) for s, row in merged.items() if "eval/val_loss" in row] == [
+        (r["step"], r["val_loss"]) for r in read_metrics(run, "eval")]
+    assert [(s, row["sample/text"]) for s, row in merged.items() if "sample/text" in row] == [
+        (r["step"], r["text"]) for r in read_metrics(run, "sample")]
+
+
 def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_run(char_data, tmp_path,
                                                                                    monkeypatch):
     for name, value in {**wandb_quiet(tmp_path), "WANDB_MODE": "offline"}.items():
@@ -192,15 +206,7 @@ def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_r
         list(range(7)), list(range(4, 8)), list(range(8, 10))]
     # Offline, W&B cannot know which steps it holds: both attempts carry 4-6, equal but for timings (the
     # resume is bit-exact); synced in order, the later one is what metrics.jsonl kept.
-    merged = {step: row for attempt in attempts for step, row in attempt["history"].items()}
-    for record in read_metrics(run, "train"):
-        row = merged[record["step"]]
-        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
-            record["loss"], record["lr"], record["grad_norm"])
-    assert [(s, row["eval/val_loss"]) for s, row in merged.items() if "eval/val_loss" in row] == [
-        (r["step"], r["val_loss"]) for r in read_metrics(run, "eval")]
-    assert [(s, row["sample/text"]) for s, row in merged.items() if "sample/text" in row] == [
-        (r["step"], r["text"]) for r in read_metrics(run, "sample")]
+    assert_wandb_holds_metrics(run, attempts)
     assert {key: attempts[-1]["config"][key] for key in ("device", "precision", "max_steps", "tracker")} == {
         "device": "cpu", "precision": "fp32", "max_steps": 10, "tracker": "wandb"}
 
@@ -213,7 +219,8 @@ def test_wandb_through_nbgpt_run_keeps_every_step_up_to_a_sigterm_and_the_resume
     corpus, runs = tmp_path / "plays.txt", tmp_path / "runs"
     corpus.write_text(shakespeare_works[0])
     shrunk = dict(source=corpus, tracker="wandb", shard_tokens=100_000, n_layer=1, n_head=2, n_embd=32, block_size=32,
-                  total_batch_tokens=256, micro_batch=8, max_steps=150, eval_interval=50, checkpoint_interval=1000)
+                  total_batch_tokens=256, micro_batch=8, max_steps=150, eval_interval=50, sample_interval=60,
+                  sample_tokens=16, checkpoint_interval=1000)
     flags = [x for key, value in shrunk.items() for x in ("-p", key, str(value))]
     command = [sys.executable, "-m", "nbgpt", "run", "--preset", "tiny", "--runs-dir", str(runs), "--name", "r"]
     env = {**os.environ, **wandb_quiet(tmp_path), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -240,13 +247,7 @@ def test_wandb_through_nbgpt_run_keeps_every_step_up_to_a_sigterm_and_the_resume
     assert all(attempt["exited"] for attempt in attempts)  # each closed whole, the stopped one too
     assert [[s for s, row in attempt["history"].items() if "train/loss" in row] for attempt in attempts] == [
         list(range(stopped_at)), list(range(stopped_at, 150))]  # up to the stop, then on from it: no gap
-    merged = {step: row for attempt in attempts for step, row in attempt["history"].items()}
-    for record in read_metrics(run, "train"):
-        row = merged[record["step"]]
-        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
-            record["loss"], record["lr"], record["grad_norm"]), record["step"]
-    assert [(s, row["eval/val_loss"]) for s, row in merged.items() if "eval/val_loss" in row] == [
-        (r["step"], r["val_loss"]) for r in read_metrics(run, "eval")]
+    assert_wandb_holds_metrics(run, attempts)
 
 
 def test_wandb_that_cannot_reach_its_server_gives_up_within_its_init_timeout_and_training_goes_on(
