@@ -18,6 +18,7 @@ A resumed run continues the same tracker run from the checkpoint's step, where m
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 TRACKERS = ("none", "wandb", "tensorboard")
 TRACKER_FILE = "tracker.json"  # the W&B run a run directory feeds, so that a resume continues it
 FLUSH_SECONDS = 30  # how stale TensorBoard's view of a run may get
+# How long W&B may take to start its run before the tracker is given up. W&B's own default (90 s, then its
+# retries) would hold step 0 back almost two minutes on a box whose network is down; a W&B server that
+# answers at all starts a run in a few seconds.
+WANDB_INIT_SECONDS = 15
 
 
 def check_tracker(name: str) -> None:
@@ -52,13 +57,22 @@ def check_tracker(name: str) -> None:
 
 
 def wandb_can_log(wandb) -> bool:
-    """Whether W&B is offline or disabled (no login needed), or has credentials (never prompting for them)."""
+    """Whether W&B is offline or disabled (no login needed), or has credentials (never prompting for them).
+
+    wandb.setup() starts W&B's service process and puts its address in os.environ, where every process
+    started later (a notebook's kernel, torchrun's workers) would find it and log through it instead of
+    starting its own. That service would be a child of this process, so a stop signal passed on to this
+    process's children (`nbgpt run` passes it to its kernels) would kill it mid-run, losing what it had not
+    yet written. The teardown ends it and takes its address back out: each process that trains starts its own.
+    """
     try:
         return (wandb.setup().settings.mode in ("offline", "dryrun", "disabled")
                 or wandb.login(prompt=False, verify=False))
     except Exception as exc:  # a WANDB_MODE it does not know, a malformed key
         raise ConfigError(f"W&B cannot start here ({first_line(exc)}): fix the WANDB_* variables, or run "
                           f"`wandb login --relogin`") from None
+    finally:
+        wandb.teardown()
 
 
 def first_line(exc: BaseException) -> str:
@@ -85,6 +99,14 @@ def config_values(record: dict) -> dict:
     return {**record["config"], **{k: v for k, v in record.items() if k not in ("kind", "step", "config")}}
 
 
+def code_block(text: str) -> str:
+    """`text` as a fenced markdown code block: TensorBoard renders text as markdown, where line breaks would
+    vanish and a generated `_` or `*` would turn into formatting; in a code block it shows as written. The
+    fence is longer than any run of backticks in the text, so that none of them can end the block."""
+    fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`+", text)])
+    return f"{fence}\n{text}\n{fence}"
+
+
 class TensorBoardTracker:
     """Event files in <run dir>/tensorboard: `tensorboard --logdir <run dir>/tensorboard`."""
 
@@ -97,15 +119,14 @@ class TensorBoardTracker:
     def log(self, record: dict) -> None:
         step = record["step"]
         if record.get("kind") == "config":
-            # four spaces: TensorBoard renders text as markdown, and this keeps the JSON a code block
-            text = json.dumps(config_values(record), indent=2, sort_keys=True).replace("\n", "\n    ")
-            self.writer.add_text("config", "    " + text, step)
+            text = json.dumps(config_values(record), indent=2, sort_keys=True)
+            self.writer.add_text("config", code_block(text), step)
             return
         scalars, texts = scalars_and_texts(record)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
         for tag, text in texts.items():
-            self.writer.add_text(tag, text, step)
+            self.writer.add_text(tag, code_block(text), step)
 
     def close(self) -> None:
         self.writer.close()
@@ -120,7 +141,7 @@ class WandbTracker:
         # "create_new": a second trainer in one process (a notebook rerun) gets a run of its own
         self.run = wandb.init(project=config.tracker_project, name=config.tracker_run_name or out_dir.name,
                               id=wandb_run_id(out_dir, start_step), resume="allow", dir=str(out_dir),
-                              reinit="create_new")
+                              reinit="create_new", settings=wandb.Settings(init_timeout=WANDB_INIT_SECONDS))
 
     def log(self, record: dict) -> None:
         if record.get("kind") == "config":

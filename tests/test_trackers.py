@@ -2,6 +2,7 @@
 what metrics.jsonl holds, through a crash and a resume; a tracker that cannot work is one line before training;
 one that breaks mid-run is one line in train.log, and training finishes."""
 
+import html
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,10 +85,25 @@ def test_tensorboard_shows_metrics_jsonl_with_each_step_once_after_a_crash_and_r
     texts = TensorReader(str(run / "tensorboard"), size_guidance={"tensors": 0})
     texts.Reload()
     samples = [(e.step, e.tensor_proto.string_val[0].decode()) for e in texts.Tensors("sample/text/text_summary")]
-    assert samples == [(r["step"], r["text"]) for r in read_metrics(run, "sample")] and samples
+    # a code block: TensorBoard renders text as markdown, which would drop line breaks and format `_` and `*`
+    assert samples == [(r["step"], f"```\n{r['text']}\n```") for r in read_metrics(run, "sample")] and samples
     configs = [(e.step, e.tensor_proto.string_val[0].decode()) for e in texts.Tensors("config/text_summary")]
     assert [step for step, _ in configs] == [0, 4, 8]  # each attempt says what it trains, where
+    assert configs[-1][1].startswith("```\n{") and configs[-1][1].endswith("}\n```")
     assert '"precision": "fp32"' in configs[-1][1] and '"device": "cpu"' in configs[-1][1]
+
+
+@pytest.mark.filterwarnings("ignore:html5lib's sanitizer is deprecated:DeprecationWarning")  # inside TensorBoard
+@pytest.mark.parametrize("text", ["ROMEO_and_JULIET: *soft*\n\n  what light", "a ``` in it, and ```` too"])
+def test_tensorboard_shows_sample_text_as_written(text):
+    """What TensorBoard's text tab shows (its own markdown renderer): every character and line break."""
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    from nbgpt.trackers import code_block
+
+    shown = markdown_to_safe_html(code_block(text))
+    assert shown.startswith("<pre><code>") and shown.endswith("</code></pre>"), shown
+    assert html.unescape(shown[len("<pre><code>"):-len("</code></pre>")]) == text + "\n"
 
 
 # TensorBoard's writer thread dies with the error, and Python prints its traceback, before the trainer hears of it
@@ -134,6 +151,14 @@ def wandb_records(path: Path):
             pieces = b""
 
 
+def wandb_quiet(tmp_path: Path) -> dict:
+    """Environment variables that keep W&B's settings, caches and messages out of the way, in tmp_path."""
+    folders = {name: str(tmp_path / folder) for name, folder in (
+        ("WANDB_DIR", "wandb"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"))}
+    return {**folders, "WANDB_SILENT": "true"}
+
+
 def wandb_attempt(folder: Path) -> dict:
     """One offline W&B run folder: its run id, its history {step: {key: value}}, its config, and whether it
     ends with the record of the run's end."""
@@ -152,13 +177,24 @@ def wandb_attempt(folder: Path) -> dict:
     return {"id": run_id, "history": history, "config": config, "exited": exited}
 
 
+def assert_wandb_holds_metrics(run: Path, attempts: list[dict]) -> None:
+    """The attempts' histories, the later over the earlier (as `wandb sync` in order leaves them), hold the
+    train, eval and sample records of metrics.jsonl, value for value."""
+    merged = {step: row for attempt in attempts for step, row in attempt["history"].items()}
+    for record in read_metrics(run, "train"):
+        row = merged[record["step"]]
+        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
+            record["loss"], record["lr"], record["grad_norm"]), record["step"]
+    assert [(s, row["eval/val_loss"]) for s, row in merged.items() if "eval/val_loss" in row] == [
+        (r["step"], r["val_loss"]) for r in read_metrics(run, "eval")]
+    assert [(s, row["sample/text"]) for s, row in merged.items() if "sample/text" in row] == [
+        (r["step"], r["text"]) for r in read_metrics(run, "sample")]
+
+
 def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_run(char_data, tmp_path,
                                                                                    monkeypatch):
-    for name, folder in (("WANDB_DIR", "wandb"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
-                         ("WANDB_DATA_DIR", "data")):
-        monkeypatch.setenv(name, str(tmp_path / folder))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name, value in {**wandb_quiet(tmp_path), "WANDB_MODE": "offline"}.items():
+        monkeypatch.setenv(name, value)
     run = tmp_path / "run"
     interrupted_twice(tiny_train_config(char_data, run, tracker="wandb", **RUN))
 
@@ -170,17 +206,72 @@ def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_the_same_r
         list(range(7)), list(range(4, 8)), list(range(8, 10))]
     # Offline, W&B cannot know which steps it holds: both attempts carry 4-6, equal but for timings (the
     # resume is bit-exact); synced in order, the later one is what metrics.jsonl kept.
-    merged = {step: row for attempt in attempts for step, row in attempt["history"].items()}
-    for record in read_metrics(run, "train"):
-        row = merged[record["step"]]
-        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
-            record["loss"], record["lr"], record["grad_norm"])
-    assert [(s, row["eval/val_loss"]) for s, row in merged.items() if "eval/val_loss" in row] == [
-        (r["step"], r["val_loss"]) for r in read_metrics(run, "eval")]
-    assert [(s, row["sample/text"]) for s, row in merged.items() if "sample/text" in row] == [
-        (r["step"], r["text"]) for r in read_metrics(run, "sample")]
+    assert_wandb_holds_metrics(run, attempts)
     assert {key: attempts[-1]["config"][key] for key in ("device", "precision", "max_steps", "tracker")} == {
         "device": "cpu", "precision": "fp32", "max_steps": 10, "tracker": "wandb"}
+
+
+def test_wandb_through_nbgpt_run_keeps_every_step_up_to_a_sigterm_and_the_resume_continues(shakespeare_works,
+                                                                                          tmp_path):
+    """The Kaggle cell's journey: `nbgpt run` trains in a notebook kernel; a SIGTERM to `nbgpt run` (passed on
+    to the kernel) stops training with a checkpoint, and W&B must hold every step trained until then, its run
+    closed whole, before the resume continues it from there."""
+    corpus, runs = tmp_path / "plays.txt", tmp_path / "runs"
+    corpus.write_text(shakespeare_works[0])
+    shrunk = dict(source=corpus, tracker="wandb", shard_tokens=100_000, n_layer=1, n_head=2, n_embd=32, block_size=32,
+                  total_batch_tokens=256, micro_batch=8, max_steps=150, eval_interval=50, sample_interval=60,
+                  sample_tokens=16, checkpoint_interval=1000)
+    flags = [x for key, value in shrunk.items() for x in ("-p", key, str(value))]
+    command = [sys.executable, "-m", "nbgpt", "run", "--preset", "tiny", "--runs-dir", str(runs), "--name", "r"]
+    env = {**os.environ, **wandb_quiet(tmp_path), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*command, "--notebooks", "01_tokenize.ipynb", "03_train.ipynb", *flags], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = runs / "r"
+    while first.poll() is None and not any(r["step"] >= 20 for r in read_metrics(run, "train")):
+        time.sleep(0.01)  # the stop comes mid-training
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err  # W&B's service was not killed under it
+    stopped_at = [r["step"] for r in read_metrics(run, "train")][-1] + 1
+    assert stopped_at < 150, "the run finished before the signal"
+    log = (run / "train.log").read_text()
+    assert f"stopped by SIGTERM after step {stopped_at} with a checkpoint" in log and "tracker" not in log, log
+
+    resumed = subprocess.run([*command, "--notebooks", "03_train.ipynb", "--resume"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "tracker" not in (run / "train.log").read_text()
+    attempts = [wandb_attempt(folder) for folder in sorted((run / "wandb").glob("offline-run-*"))]
+    assert len(attempts) == 2 and attempts[0]["id"] == attempts[1]["id"]
+    assert all(attempt["exited"] for attempt in attempts)  # each closed whole, the stopped one too
+    assert [[s for s, row in attempt["history"].items() if "train/loss" in row] for attempt in attempts] == [
+        list(range(stopped_at)), list(range(stopped_at, 150))]  # up to the stop, then on from it: no gap
+    assert_wandb_holds_metrics(run, attempts)
+
+
+def test_wandb_that_cannot_reach_its_server_gives_up_within_its_init_timeout_and_training_goes_on(
+        char_data, tmp_path, monkeypatch):
+    """A key that looks right but a network that is down: W&B's own 90 s wait (and its retries) before step 0
+    becomes WANDB_INIT_SECONDS, said once in train.log. Port 9 (discard) refuses at once here, with no network."""
+    from nbgpt.trackers import WANDB_INIT_SECONDS
+
+    for name in ("WANDB_MODE", "WANDB_SERVICE"):  # online, with a service of its own
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**wandb_quiet(tmp_path), "WANDB_API_KEY": "0123456789" * 4,
+                        "WANDB_BASE_URL": "http://127.0.0.1:9", "NETRC": str(tmp_path / "netrc")}.items():
+        monkeypatch.setenv(name, value)
+    run = tmp_path / "run"
+    began = time.monotonic()
+    trainer = Trainer(tiny_train_config(char_data, run, tracker="wandb", **RUN))
+    summary = trainer.fit()
+    trainer.close()
+    # a bound on waiting, not a speed: W&B's default would wait 90 s and more before training started
+    assert time.monotonic() - began < WANDB_INIT_SECONDS + 30
+    assert summary["step"] == 10 and [r["step"] for r in read_metrics(run, "train")] == list(range(10))
+    said = [line for line in (run / "train.log").read_text().splitlines() if "tracker" in line]
+    assert len(said) == 1 and said[0].startswith("tracker wandb failed (CommError: "), said
+    assert said[0].endswith("it is off for the rest of this run, which goes on: metrics.jsonl stays the record")
 
 
 # ------------------------------------------------------------------------------- refused before training
