@@ -201,7 +201,7 @@ def plan_lines(preset: str, plan) -> list[str]:
     from .memory import MARGIN, NON_TORCH_GIB
 
     lines = [f"nbgpt plan: {preset} on {plan.nproc} × {plan.gpu} ({plan.gpu_memory_gib:g} GiB each), "
-             f"{plan.precision}, compile {'on' if plan.compile else 'off'}"]
+             f"{plan.parallel}, {plan.precision}, compile {'on' if plan.compile else 'off'}"]
     if plan.micro_batch is not None:
         lines.append(f"micro_batch: {plan.micro_batch} sequences per GPU per micro-step, "
                      f"{plan.sequences_per_rank // plan.micro_batch} micro-step(s) per optimizer step")
@@ -212,6 +212,7 @@ def plan_lines(preset: str, plan) -> list[str]:
     lines += ["", f"usable: {plan.budget_gib:.2f} GiB of {plan.gpu_memory_gib:g} GiB ({NON_TORCH_GIB:g} "
                   f"GiB outside torch, then a {MARGIN:.0%} margin) · peak "
                   f"{plan.peak_gib:.2f} GiB · fits: {'yes' if plan.fits else 'NO'}"]
+    lines += [plan.instead] if plan.instead else []
     return lines + [f"note: {note}" for note in plan.notes]
 
 

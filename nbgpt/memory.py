@@ -15,12 +15,19 @@ blocks). Under DDP each rank holds a whole replica; with gradient_as_bucket_view
 are the gradients' own memory, so nproc changes the per-rank micro-batch and nothing else. What torch's
 allocator does not see (the CUDA context, cuBLAS and NCCL workspaces) is set aside as NON_TORCH_GIB of the
 card, and the allocator's own slack (rounding to blocks, fragmentation) as MARGIN of the rest.
+
+Under FSDP (parallel="fsdp", nbgpt.sharding) the plan prices one rank from the same single-process trace and
+the sharding's known bytes (see Shards): the trace's resident state divided by the ranks, the gathered 16-bit
+weights of two blocks and the root, the whole model's unsharded fp32 gradients while micro-steps accumulate,
+Muon's whole fp32 matrix, and activations as under DDP. (torch's FSDPMemTracker does trace a fully_shard'ed
+GPT on fake tensors over a fake process group, with the device mesh built outside FakeTensorMode; wiring it
+into every phase is left to do, and this model is checked against a real two-rank gloo run instead.)
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -329,6 +336,8 @@ class MemoryPlan:
     peak_at_one_gib: float = 0.0  # the least this run can need: every phase at micro-batch 1
     peak_at_one: str = ""  # the same, with the phase that sets it ("34.8 GiB in speedups")
     notes: tuple[str, ...] = ()
+    parallel: str = "ddp"  # what was priced: "ddp" (a whole replica per GPU), "fsdp" (a shard), "one process"
+    instead: str = ""  # under ddp, when it does not fit and fsdp would: what fsdp needs
 
     @property
     def peak_gib(self) -> float:
@@ -342,6 +351,45 @@ class MemoryPlan:
 
 def budget_gib(gpu_memory_gib: float) -> float:
     return max(0.0, (gpu_memory_gib - NON_TORCH_GIB) * (1 - MARGIN))
+
+
+@dataclass(frozen=True)
+class Shards:
+    """What FSDP over `ranks` processes changes in one rank's bytes, from the model's shapes (nbgpt.sharding:
+    each block a unit of its own, then the root; weights gathered in the run's 16-bit dtype)."""
+
+    ranks: int
+    weights: int  # the whole model's fp32 weights: 4 bytes per parameter
+    gathered: int  # weights alive unsharded at once: the running block, the prefetched one, the root's
+    block_grads: int  # one block's fp32 gradients before their reduce-scatter (a single micro-step)
+    matrix: int  # Muon orthogonalises a whole matrix: the largest, gathered in fp32 (0 under AdamW)
+
+
+def shards_of(config: GPTConfig, precision: str, ranks: int, optimizer: str) -> Shards:
+    with torch.device("meta"):
+        model = GPT(config)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    block, total = count(model.h[0]), count(model)
+    gathered_bytes = DTYPES[precision].itemsize
+    matrix = max(p.numel() for p in model.h[0].parameters() if p.ndim == 2) * 4 if optimizer == "muon" else 0
+    return Shards(ranks, 4 * total, gathered_bytes * (2 * block + total - config.n_layer * block), 4 * block, matrix)
+
+
+def sharded(traced: Traced, shards: Shards, accumulating: bool) -> Traced:
+    """One FSDP rank's peaks from the single-process trace: its resident state (weights, gradients, optimizer
+    moments) becomes 1/ranks of it plus the gathered weights; while micro-steps accumulate (gradient sync off)
+    every rank also holds the whole model's gradients unsharded in fp32, else one block's before its
+    reduce-scatter. Activations and the optimizer's temporaries stay as traced (the 16-bit weight copies the
+    trace's autocast keeps are counted too: an upper bound). HellaSwag and sampling run on the checkpoint
+    afterwards (nbgpt.train.check_parallel), whole weights and no training state."""
+    resident = traced.resident // shards.ranks + shards.gathered
+    delta = resident - traced.resident
+    grads = shards.weights if accumulating else shards.block_grads
+    after = shards.weights - traced.resident  # the whole weights, without gradients or optimizer state
+    return Traced(resident, traced.optimizer - traced.resident + traced.resident // shards.ranks + shards.matrix,
+                  Line(traced.train.at_one + delta + grads, traced.train.per_sample),
+                  Line(traced.eval.at_one + delta, traced.eval.per_sample), traced.hellaswag + after,
+                  traced.sample + after, traced.speedups)
 
 
 def phases_at(traced: Traced, batch: int) -> dict[str, float]:
@@ -360,19 +408,19 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def choose_micro_batch(traced: Traced, sequences: int, budget: float, asked: int | str) -> tuple[int | None, str]:
+def choose_micro_batch(price, sequences: int, budget: float, asked: int | str) -> tuple[int | None, str]:
     """The micro-batch a run uses and why: `asked` when it is a number, else the largest divisor of the
-    per-rank sequences per step whose every phase fits the budget (GiB)."""
+    per-rank sequences per step whose every phase fits the budget (GiB); price(batch) = GiB per phase."""
     if asked != AUTO:
         return asked, f"micro_batch={asked} as set"
     for batch in reversed(divisors(sequences)):
-        if max(phases_at(traced, batch).values()) <= budget:
+        if max(price(batch).values()) <= budget:
             larger = [d for d in divisors(sequences) if d > batch]
-            beyond = f"; {larger[0]} would need {peak_phase(phases_at(traced, larger[0]))}" if larger else ""
+            beyond = f"; {larger[0]} would need {peak_phase(price(larger[0]))}" if larger else ""
             return batch, (f"micro_batch=auto: {batch}, the largest divisor of the {sequences} sequences per GPU "
                            f"per step whose peak fits {budget:.1f} GiB{beyond}")
     return None, (f"micro_batch=auto: not even 1 sequence per micro-step fits {budget:.1f} GiB "
-                  f"({peak_phase(phases_at(traced, 1))})")
+                  f"({peak_phase(price(1))})")
 
 
 def peak_phase(phases: dict[str, float]) -> str:
@@ -389,14 +437,30 @@ def plan_for(train: TrainConfig, vocab_size: int, nproc: int, precision: str, gp
     seq_len, _ = train.batch_layout(config.block_size, nproc, micro_batch=1)
     sequences = train.total_batch_tokens // (seq_len * nproc)
     traced = trace(train, config, precision, seq_len, "cuda", sampling)
+    parallel = train.parallel if nproc > 1 else "one process"
+    price, notes = pricer(traced, config, train, precision, nproc, sequences)
     budget = budget_gib(gpu_memory_gib)
-    micro_batch, why = choose_micro_batch(traced, sequences, budget, train.micro_batch)
-    phases = phases_at(traced, micro_batch or 1)
-    notes = (COMPILED_MODEL, f"eval, hellaswag and sample are counted with the training state resident "
-                             f"({traced.resident / GIB:.2f} GiB: weights, gradients, optimizer state)")
+    micro_batch, why = choose_micro_batch(price, sequences, budget, train.micro_batch)
+    phases = price(micro_batch or 1)
     return MemoryPlan(gpu, round(gpu_memory_gib, 2), round(budget, 2), nproc, precision, train.compile, sequences,
                       micro_batch, why, phases, micro_batch is not None and max(phases.values()) <= budget,
-                      max(phases_at(traced, 1).values()), peak_phase(phases_at(traced, 1)), notes)
+                      max(price(1).values()), peak_phase(price(1)), (COMPILED_MODEL, *notes), parallel)
+
+
+def pricer(traced: Traced, config: GPTConfig, train: TrainConfig, precision: str, nproc: int, sequences: int):
+    """(price, notes): price(batch) = GiB per phase on one GPU of the run's parallel layout at micro-batch
+    `batch` (a whole replica under DDP or in one process, a shard under FSDP), and what the figures count."""
+    if train.parallel != "fsdp" or nproc == 1:
+        return (lambda batch: phases_at(traced, batch)), (
+            f"eval, hellaswag and sample are counted with the training state resident ({traced.resident / GIB:.2f} "
+            f"GiB: weights, gradients, optimizer state)",)
+    shards = shards_of(config, precision, nproc, train.optimizer)
+    return (lambda batch: phases_at(sharded(traced, shards, sequences // batch > 1), batch)), (
+        f"fsdp over {nproc} GPUs, modelled from the one-process trace: 1/{nproc} of its resident state "
+        f"({traced.resident / GIB:.2f} GiB), {shards.gathered / GIB:.2f} GiB of gathered weights (two blocks and "
+        f"the root), {shards.weights / GIB:.2f} GiB of unsharded fp32 gradients while micro-steps accumulate, "
+        f"activations as one process's",
+        "hellaswag and sample run on the checkpoint after training (whole weights, no training state)")
 
 
 def target_gpu(gpu: str | None, gpu_memory_gib: float | None) -> tuple[str, float, bool]:
@@ -427,7 +491,13 @@ def plan_memory(run: RunConfig, gpu: str | None = None, gpu_memory_gib: float | 
     vocab = VOCAB.get(run.prepare.tokenizer, VOCAB["gpt2"])
     prompt_tokens = max(1, min(len(run.sample.prompt), train.model_config(vocab).block_size - 1))  # tokens <= chars
     sampling = (run.sample.num_return_sequences, prompt_tokens, run.hellaswag.max_batch_tokens)
-    return plan_for(train, vocab, run.nproc, precision, name, memory, sampling)
+    plan = plan_for(train, vocab, run.nproc, precision, name, memory, sampling)
+    if plan.parallel == "ddp" and not plan.fits:  # the user's setting stays; the plan only says what fsdp would do
+        sharded_plan = plan_for(replace(train, parallel="fsdp"), vocab, run.nproc, precision, name, memory, sampling)
+        if sharded_plan.fits:
+            plan.instead = (f"-p parallel fsdp fits: micro_batch {sharded_plan.micro_batch}, peak "
+                            f"{sharded_plan.peak_gib:.2f} GiB of {sharded_plan.budget_gib:.2f} GiB usable per GPU")
+    return plan
 
 
 def resolve_micro_batch(train: TrainConfig, vocab_size: int, world_size: int, device: torch.device,

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from conftest import tiny_train_config
 
 from nbgpt.config import ConfigError
-from nbgpt.memory import CPU_AUTO_MICRO_BATCH, KNOWN_GPUS, PHASES, CudaAutocast, find_gpu, refuse_unfit
+from nbgpt.memory import (CPU_AUTO_MICRO_BATCH, KNOWN_GPUS, MARGIN, NON_TORCH_GIB, PHASES, CudaAutocast, find_gpu,
+                          plan_memory, refuse_unfit)
 from nbgpt.run_config import RunConfig
 from nbgpt.train import TrainConfig, Trainer
 
@@ -115,3 +116,30 @@ def test_the_plan_is_within_15_percent_of_the_real_peak_on_this_cpu():
     ratios = {row["config"]: row["ratio"] for row in payload["rows"]}
     assert set(ratios) == {"adamw-fp32", "muon-bf16", "fp16-scaler"}
     assert all(0.85 <= ratio <= 1.15 for ratio in ratios.values()), payload["rows"]
+
+
+# A model whose training state (16 bytes per parameter under AdamW) outweighs its activations, as GPT-2 XL's does.
+WIDE = dict(model="mini", n_layer=4, n_head=4, n_embd=512, block_size=64, micro_batch=1, total_batch_tokens=4 * 64,
+            optimizer="adamw")
+
+
+def wide_plan(nproc: int, parallel: str, gpu_memory_gib: float = 24.0):
+    return plan_memory(RunConfig.from_preset("tiny", {**WIDE, "nproc": nproc, "parallel": parallel}),
+                       gpu_memory_gib=gpu_memory_gib)
+
+
+def test_fsdp_is_priced_per_shard_and_the_plan_says_when_it_would_fit():
+    """With 2 processes fsdp needs less per GPU than ddp (half the training state, plus the whole fp32
+    gradients the 2 accumulating micro-steps keep); in one process there is nothing to shard: the same plan."""
+    ddp, fsdp = wide_plan(2, "ddp"), wide_plan(2, "fsdp")
+    assert (ddp.parallel, fsdp.parallel, ddp.micro_batch, fsdp.micro_batch) == ("ddp", "fsdp", 1, 1)
+    assert fsdp.phases["train_eager"] < ddp.phases["train_eager"] and fsdp.phases["eval"] < ddp.phases["eval"]
+    single = [wide_plan(1, parallel) for parallel in ("ddp", "fsdp")]
+    assert single[0].phases == single[1].phases and single[0].parallel == single[1].parallel == "one process"
+    # a card between the two peaks: ddp does not fit, and the plan names the setting that would, without taking it
+    between = (ddp.peak_gib + fsdp.peak_gib) / 2 / (1 - MARGIN) + NON_TORCH_GIB
+    assert not wide_plan(2, "ddp", between).fits and wide_plan(2, "fsdp", between).fits
+    overrides = [arg for name, value in WIDE.items() for arg in ("-p", name, str(value))]
+    text = nbgpt("plan", "--preset", "tiny", *overrides, "--nproc", "2", "--gpu-memory", f"{between:.3f}")
+    assert text.returncode == 1 and ", ddp, " in text.stdout and "fits: NO" in text.stdout, text.stdout + text.stderr
+    assert f"-p parallel fsdp fits: micro_batch 1, peak {fsdp.peak_gib:.2f} GiB of" in text.stdout
