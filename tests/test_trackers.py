@@ -263,11 +263,11 @@ def test_wandb_that_cannot_reach_its_server_gives_up_within_its_init_timeout_and
         monkeypatch.setenv(name, value)
     run = tmp_path / "run"
     began = time.monotonic()
-    trainer = Trainer(tiny_train_config(char_data, run, tracker="wandb", **RUN))
-    summary = trainer.fit()
-    trainer.close()
+    trainer = Trainer(tiny_train_config(char_data, run, tracker="wandb", **RUN))  # opens the tracker
     # a bound on waiting, not a speed: W&B's default would wait 90 s and more before training started
     assert time.monotonic() - began < WANDB_INIT_SECONDS + 45
+    summary = trainer.fit()
+    trainer.close()
     assert summary["step"] == 10 and [r["step"] for r in read_metrics(run, "train")] == list(range(10))
     said = [line for line in (run / "train.log").read_text().splitlines() if "tracker" in line]
     assert len(said) == 1 and said[0].startswith("tracker wandb failed (CommError: "), said
