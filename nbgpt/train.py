@@ -9,6 +9,7 @@ settings and of the model's (nbgpt.recipes).
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 import warnings
@@ -383,6 +384,10 @@ class Trainer:
         uploads, and no other rank waits on it); the trainer cannot train afterwards."""
         if self.lock is not None:
             self.lock.release()
+        # DDP's wrapper holds the process group in its reducer: freed while the group lives (collected after the
+        # group was destroyed, it hung rank 0 of gloo runs at exit)
+        self.train_model = getattr(self, "forward_model", None)
+        gc.collect()
         shutdown(self.dist)
         self.metrics.close()
 
