@@ -60,7 +60,8 @@ def one_run(budget: float, settings: dict, data: str, threads: int) -> dict:
 
     from nbgpt.metrics import read_metrics
     from nbgpt.shards import prepare
-    from nbgpt.train import TrainConfig, Trainer
+    from nbgpt.train import Trainer
+    from nbgpt.run_config import TrainConfig
 
     torch.set_num_threads(threads)
     work = tempfile.mkdtemp()

@@ -15,7 +15,8 @@ from common import ROOT, cpu_precisions, report
 
 from nbgpt.device import measured_matmul_flops
 from nbgpt.shards import prepare
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 
 SHAPES = {
     "cpu-char (4x128, T=64)": dict(model="cpu-char", block_size=64),

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from common import median_time, report
 from nbgpt.model import GPT, GPTConfig
 from nbgpt.sharding import full_state, shard
-from nbgpt.train import TrainConfig
+from nbgpt.run_config import TrainConfig
 from nbgpt.train_setup import build_optimizers
 
 SHAPE = dict(n_layer=4, n_head=8, n_embd=512, block_size=128, vocab_size=8192)

@@ -26,7 +26,7 @@ from memory_check import COMMON
 from nbgpt.memory import GIB, shards_of, sharded, trace
 from nbgpt.run_config import PrepareConfig
 from nbgpt.shards import TokenStore
-from nbgpt.train import TrainConfig
+from nbgpt.run_config import TrainConfig
 
 RANKS = 2
 # memory_check.py's shapes; the same 2 micro-steps of 16 sequences per rank, so twice its batch in all
@@ -38,7 +38,8 @@ CONFIGS = {"adamw-fp32": dict(optimizer="adamw", precision="fp32"), "muon-fp32":
 
 CHILD = r"""
 import json, os, resource, sys
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 trainer = Trainer(TrainConfig.from_dict(json.loads(sys.argv[1])), echo=lambda line: None)
 resident = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 local = lambda p: p.to_local() if hasattr(p, "to_local") else p

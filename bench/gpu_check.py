@@ -50,7 +50,8 @@ from common import OUT, ROOT, median_time
 from nbgpt.device import DTYPES, autocast, choose_precision, configure_backends, peak_flops, synchronize
 from nbgpt.files import atomic_write_bytes
 from nbgpt.model import GPT, GPTConfig, flops_per_token
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 
 FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
 PRECISIONS = ("bf16", "fp16", "fp32")  # measured in this order, so a time box drops fp32 (least used) first

@@ -25,7 +25,7 @@ from common import ROOT, report
 from nbgpt.memory import GIB, trace
 from nbgpt.run_config import PrepareConfig
 from nbgpt.shards import TokenStore
-from nbgpt.train import TrainConfig
+from nbgpt.run_config import TrainConfig
 
 # Four layers of 256 over 256 characters, 16 sequences per micro-step: ~0.5 GiB of activations, big enough that
 # the interpreter's own allocations are noise, small enough for seconds per step on 2 cores.
@@ -40,7 +40,8 @@ CONFIGS = {
 
 CHILD = r"""
 import json, resource, sys
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 trainer = Trainer(TrainConfig.from_dict(json.loads(sys.argv[1])), echo=lambda line: None)
 resident = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())

@@ -77,7 +77,8 @@ def one_run(settings: dict, data: str, threads: int) -> dict:
     import torch
 
     from nbgpt.metrics import read_metrics
-    from nbgpt.train import TrainConfig, Trainer
+    from nbgpt.train import Trainer
+    from nbgpt.run_config import TrainConfig
 
     torch.set_num_threads(threads)
     load_start = os.getloadavg()[0]

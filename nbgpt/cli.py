@@ -52,7 +52,8 @@ def given(args: argparse.Namespace, *classes) -> dict:
 def _train(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .model import GPTConfig
-    from .train import TrainConfig, Trainer
+    from .train import Trainer
+    from .run_config import TrainConfig
 
     base = {}
     if args.config_json:
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .model import GPTConfig
     from .presets import RUN_PRESETS
     from .run_config import EvalConfig, PrepareConfig, SampleConfig
-    from .train import TrainConfig
+    from .run_config import TrainConfig
 
     parser = Parser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
     commands = parser.add_subparsers(title="commands")

@@ -39,12 +39,12 @@ from .device import DTYPES, autocast
 from .model import GPT, GPTConfig, KVCache
 from .train_setup import build_optimizers
 
+from .run_config import AUTO
+
 if TYPE_CHECKING:
-    from .run_config import RunConfig
-    from .train import TrainConfig
+    from .run_config import RunConfig, TrainConfig
 
 GIB = 2 ** 30
-AUTO = "auto"  # TrainConfig.micro_batch: the largest micro-batch that fits (see choose_micro_batch)
 NON_TORCH_GIB = 1.0  # CUDA context (~0.3-0.5 GiB), cuBLAS/cuDNN workspaces, NCCL buffers: outside the allocator
 MARGIN = 0.10  # of what remains, left free for the caching allocator's rounding and fragmentation
 CPU_AUTO_MICRO_BATCH = 16  # micro_batch="auto" off a GPU: the CPU demo's fp32 batch (nbgpt.presets.CPU_BATCH)
@@ -381,7 +381,7 @@ def sharded(traced: Traced, shards: Shards, accumulating: bool) -> Traced:
     every rank also holds the whole model's gradients unsharded in fp32, else one block's before its
     reduce-scatter. Activations and the optimizer's temporaries stay as traced (the 16-bit weight copies the
     trace's autocast keeps are counted too: an upper bound). HellaSwag and sampling run on the checkpoint
-    afterwards (nbgpt.train.check_parallel), whole weights and no training state."""
+    afterwards (nbgpt.run_config.check_parallel), whole weights and no training state."""
     resident = traced.resident // shards.ranks + shards.gathered
     delta = resident - traced.resident
     grads = shards.weights if accumulating else shards.block_grads

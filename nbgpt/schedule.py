@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .run_config import TrainConfig
 
 
 def lr_at(step: int, config: TrainConfig, max_steps: int | None = None) -> float:

@@ -22,7 +22,7 @@ from .model import GPT, GPTConfig
 from .shards import TokenStore
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .run_config import TrainConfig
 
 # The micro-batch the cell times on a GPU at most: the speed-ups show at any size, and the cell must leave the
 # GPU's memory to training (nbgpt.memory plans this cell's peak at min(micro_batch, SPEEDUP_MICRO_BATCH)).

@@ -27,9 +27,8 @@ from .config import ConfigError
 from .files import atomic_write_json, read_json
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .run_config import TrainConfig
 
-TRACKERS = ("none", "wandb", "tensorboard")
 TRACKER_FILE = "tracker.json"  # the W&B run a run directory feeds, so that a resume continues it
 FLUSH_SECONDS = 30  # how stale TensorBoard's view of a run may get
 # How long W&B may take to start its run before the tracker is given up. W&B's own default (90 s, then its

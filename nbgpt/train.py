@@ -12,8 +12,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -21,221 +20,25 @@ import torch
 
 from . import train_state
 from .checkpoint import save_checkpoint
-from .config import (ConfigWarning, check_fields, check_known, config_warnings_to, field_types, knob,
-                     typed_mapping)
+from .config import config_warnings_to
 from .device import autocast, peak_flops, resolve_device, synchronize
 from .distributed import all_reduce_max, all_reduce_mean, shutdown
 from .divergence import DivergenceGuard, TrainingDiverged
 from .loader import DataLoader
-from .memory import AUTO, resolve_micro_batch
+from .memory import resolve_micro_batch
 from .metrics import MetricsLog
-from .model import MODEL_PRESETS, ConfigError, GPTConfig, flops_per_token
+from .model import flops_per_token
 from .optim import build_adamw
 from .progress import ProgressLog, progress_bar
-from .recipes import RECIPES, check_recipe, with_recipe
+from .run_config import AUTO, TrainConfig, check_parallel
 from .runlock import RunLock
 from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
 from .stop import StopSignals, TrainingStopped, signal_name
-from .trackers import TRACKERS, check_tracker, open_tracker
+from .trackers import check_tracker, open_tracker
 from .sharding import full_state
 from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, gradient_sync,
                           open_store, start_runtime, wrap_model)
-
-
-@dataclass
-class TrainConfig:
-    # where
-    data_dir: str = knob("", "a prepared dataset (manifest.json + shards)")
-    # not the notebooks' run directory (runs/default), so that `nbgpt train` and an interactive notebook run never
-    # continue each other's checkpoints
-    out_dir: str = knob("runs/train", "checkpoints/, metrics.jsonl and train.log go here")
-    model: str = knob("tiny", "a model preset (tiny, mini, small, cpu-char, small-char, gpt2, gpt2-medium, ...); "
-                      "GPTConfig fields reshape it, and the dataset's tokenizer sets vocab_size")
-    model_overrides: dict = knob(help='GPTConfig fields that reshape the model preset, e.g. {"n_layer": 2}',
-                                 default_factory=dict)
-    init_from: str = knob("scratch", "scratch, or an HF GPT-2 directory / hub name to fine-tune from")
-    # batch: the defaults suit the tiny model on a CPU; the gpt2-124m preset has GPT-2's 0.5M tokens per step
-    total_batch_tokens: int = knob(8192, "tokens per optimizer step, all ranks and micro-steps together")
-    micro_batch: int | str = knob(32, "sequences per forward pass per rank, or auto: the most that fit the GPU "
-                                      "(nbgpt.memory)")
-    seq_len: int | None = knob(None, "tokens per training window (none: the model's block_size)")
-    recipe: str = knob("gpt2", "gpt2 or speedrun: a named bundle of optimizer, schedule and architecture settings "
-                       "(nbgpt.recipes)")
-    # schedule
-    max_steps: int = knob(200, "optimizer steps to train: the schedule's horizon")
-    max_seconds: float | None = knob(None, "wall-clock budget in seconds (none: no budget); the schedule's horizon "
-                                           "is fitted to it")
-    max_lr: float = knob(1e-3, "peak learning rate, reached after warmup_steps")
-    min_lr_ratio: float = knob(0.1, "the learning rate decays to min_lr_ratio * max_lr")
-    warmup_steps: int = knob(20, "steps of linear learning-rate warmup up to max_lr")
-    schedule: str = knob("cosine", "after warmup: cosine decay, or trapezoid (constant, then a linear cooldown)")
-    cooldown_fraction: float = knob(0.4, "trapezoid: the share of the steps spent cooling down to min_lr_ratio * "
-                                         "max_lr")
-    weight_decay: float = knob(0.1, "decoupled weight decay of the weight matrices (biases and norms get none)")
-    optimizer: str = knob("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
-    embedding_lr_scale: float = knob(1.0, "the input embeddings' learning rate (wte, wpe; a tied head is wte), in "
-                                          "multiples of max_lr")
-    beta1: float = knob(0.9, "Adam's first-moment (momentum) decay")
-    beta2: float = knob(0.95, "Adam's second-moment decay")
-    grad_clip: float = knob(1.0, "clip the global gradient norm to this before each step")
-    # evaluation, samples, checkpoints
-    eval_interval: int = knob(50, "steps between validation-loss evaluations (0: only at the end); with max_seconds, "
-                                  "an upper bound")
-    eval_batches: int = knob(20, "batches averaged per validation-loss evaluation")
-    final_eval_batches: int | None = knob(None, "batches of the final evaluation (none: eval_batches; 0: the whole "
-                                                "split)")
-    sample_interval: int = knob(0, "steps between text samples written to the log (0: none)")
-    sample_prompt: str = knob("", "prompt of those samples ('': start from end-of-text)")
-    sample_tokens: int = knob(64, "tokens per sample")
-    hellaswag_interval: int = knob(0, "steps between HellaSwag evaluations while training (0: none)")
-    hellaswag_path: str | None = knob(None, "hellaswag_val.jsonl (none: the cache, then a one-time download)")
-    hellaswag_limit: int | None = knob(None, "score only the first N HellaSwag examples (none: all 10,042)")
-    checkpoint_interval: int = knob(100, "steps between checkpoints (0: only at the end; a stop signal also writes "
-                                         "one)")
-    keep_checkpoints: int = knob(3, "how many of the newest checkpoints to keep; older ones are deleted")
-    resume: bool = knob(True, "continue from the newest good checkpoint in out_dir if there is one")
-    log_interval: int = knob(10, "steps between progress lines (train.log, the terminal, the notebook)")
-    max_bad_steps: int = knob(3, "consecutive steps with a non-finite loss or gradient before training stops")
-    # hardware
-    seed: int = knob(1337, "random seed of the initialisation, the data order and samples")
-    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps (auto: the best available)")
-    precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on "
-                                  "GPUs, fp32 on CPUs)")
-    compile: bool = knob(False, "torch.compile the model: faster steps after a one-time compile")
-    parallel: str = knob("ddp", "how processes share the work: ddp (each holds the whole model, gradients are "
-                                "all-reduced) or fsdp (each holds 1/N of the weights, gradients and optimizer "
-                                "state: nbgpt.sharding); one process: neither")
-    threads: int | None = knob(None, "CPU threads for torch (none: torch's default)")
-    # data order
-    shuffle: bool = knob(False, "visit the training windows in a fresh random order each epoch (else in order)")
-    align_documents: bool = knob(False, "start training windows at document starts (else every seq_len tokens)")
-    progress: bool = knob(True, "show progress bars")
-    # watching from elsewhere
-    tracker: str = knob("none", "none, wandb or tensorboard: every metrics.jsonl record mirrored there "
-                                "(nbgpt.trackers)")
-    tracker_project: str = knob("nbgpt", "the W&B project")
-    tracker_run_name: str | None = knob(None, "the W&B run's name (none: the run directory's name)")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        self.model_overrides = typed_mapping(GPTConfig, self.model_overrides, exclude=("vocab_size",))
-        check_recipe(self.recipe)
-        if self.optimizer not in ("adamw", "muon"):
-            raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "trapezoid"):
-            raise ConfigError(f"TrainConfig.schedule must be 'cosine' or 'trapezoid', got {self.schedule!r}")
-        if not 0.0 < self.cooldown_fraction <= 1.0:
-            raise ConfigError(f"cooldown_fraction must be in (0, 1], the share of the steps spent cooling down "
-                              f"(e.g. 0.4), got {self.cooldown_fraction}")
-        if not self.embedding_lr_scale > 0.0:
-            raise ConfigError(f"embedding_lr_scale must be positive (1 = the same learning rate as the rest), "
-                              f"got {self.embedding_lr_scale}")
-        if self.tracker not in TRACKERS:
-            raise ConfigError(f"tracker must be none, wandb or tensorboard, got {self.tracker!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ConfigError(f"parallel must be 'ddp' (a whole model per process) or 'fsdp' (weights, gradients "
-                              f"and optimizer state sharded over the processes), got {self.parallel!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.micro_batch != AUTO and not (isinstance(self.micro_batch, int) and self.micro_batch >= 1):
-            raise ConfigError(f"micro_batch must be a positive integer or {AUTO!r} (the most that fit the GPU), got "
-                              f"{self.micro_batch!r}")
-        for name in ("total_batch_tokens", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be at least 1 (or none: torch's default), got {self.threads}")
-        for message in contradictions(self):
-            warnings.warn(message, ConfigWarning, stacklevel=3)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """TrainConfig from flat names: GPTConfig fields (n_layer, bias, ...) go into model_overrides, and a
-        named `recipe` fills in its bundle under the values given (nbgpt.recipes.with_recipe).
-
-        Checkpoints written before model_overrides existed stored those fields flat, None meaning "the
-        preset's": they load too.
-        """
-        model_fields = set(field_types(GPTConfig)) - {"vocab_size"}
-        nested = dict(values.get("model_overrides") or {})
-        check_known(nested, model_fields, "GPTConfig field")
-        flat = {name: value for name, value in values.items()
-                if name != "model_overrides" and not (name in model_fields and value is None)}
-        check_known(flat, set(field_types(cls)) | model_fields, "TrainConfig field")
-        flat = with_recipe({}, {**nested, **flat})
-        overrides = {name: flat.pop(name) for name in model_fields & set(flat)}
-        return cls(**flat, model_overrides=overrides)
-
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig.from_preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size})
-
-    def batch_layout(self, block_size: int, world_size: int, micro_batch: int | None = None) -> tuple[int, int]:
-        """(seq_len, grad_accum_steps): how total_batch_tokens splits over ranks and micro-steps of
-        `micro_batch` sequences (default: the configured one; "auto" is checked at 1, which it may become)."""
-        micro_batch = micro_batch or (1 if self.micro_batch == AUTO else self.micro_batch)
-        seq_len = self.seq_len or block_size
-        if seq_len > block_size:
-            raise ConfigError(f"seq_len={seq_len} exceeds the model's block_size={block_size}; lower seq_len or "
-                              f"raise block_size")
-        tokens_per_micro_step = micro_batch * seq_len * world_size
-        if self.total_batch_tokens % tokens_per_micro_step:
-            raise ConfigError(
-                f"total_batch_tokens={self.total_batch_tokens} is not a multiple of micro_batch × seq_len × "
-                f"world_size = {micro_batch} × {seq_len} × {world_size} = {tokens_per_micro_step}"
-                f"{' (micro_batch=auto, at its smallest)' if self.micro_batch == AUTO else ''}; "
-                f"change total_batch_tokens, micro_batch or the number of processes (nproc)")
-        return seq_len, self.total_batch_tokens // tokens_per_micro_step
-
-
-def check_parallel(config: TrainConfig, world_size: int) -> None:
-    """Under FSDP no process holds the whole model, and every forward pass is a collective all ranks join
-    alike. Mid-training samples run on rank 0 alone and HellaSwag scores each rank's own examples: neither
-    can run there, so they are refused before training rather than left to hang."""
-    if config.parallel != "fsdp" or world_size == 1:
-        return
-    for name in ("sample_interval", "hellaswag_interval"):
-        if getattr(config, name) > 0:
-            raise ConfigError(f"{name}={getattr(config, name)} cannot run with parallel='fsdp' on {world_size} "
-                              f"processes (no process holds the whole model); set {name}=0 and sample or score "
-                              f"the run's checkpoint afterwards (notebooks 04-05, nbgpt eval / nbgpt sample)")
-
-
-def contradictions(config: TrainConfig) -> list[str]:
-    """Settings that run but do not do what they seem to ask for."""
-    found = []
-    if config.warmup_steps >= config.max_steps:
-        found.append(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the learning rate "
-                     f"never reaches max_lr; lower warmup_steps (e.g. to {max(1, config.max_steps // 20)})")
-    if config.schedule == "cosine" and config.cooldown_fraction != TrainConfig.cooldown_fraction:
-        found.append(f"cooldown_fraction={config.cooldown_fraction} has no effect with schedule='cosine'; "
-                     f"set schedule='trapezoid' to use it")
-    elif config.schedule == "trapezoid" and config.warmup_steps > config.max_steps * (1 - config.cooldown_fraction):
-        found.append(f"warmup_steps={config.warmup_steps} runs into the cooldown, which starts at step "
-                     f"{round(config.max_steps * (1 - config.cooldown_fraction))}: the rate never stays at max_lr; "
-                     f"lower warmup_steps or cooldown_fraction")
-    for name in ("eval_interval", "sample_interval", "hellaswag_interval"):
-        interval = getattr(config, name)
-        if config.max_seconds is None and interval > config.max_steps:
-            found.append(f"{name}={interval} > max_steps={config.max_steps}: it happens only at the end of "
-                         f"the run; lower {name} to see it during training")
-    model = {**MODEL_PRESETS.get(config.model, {}), **config.model_overrides}
-    if "rope_base" in config.model_overrides and model.get("position", GPTConfig.position) != "rope":
-        found.append(f"rope_base={config.model_overrides['rope_base']} has no effect with learned absolute "
-                     f"positions; set position='rope' to use rotary positions")
-    if config.recipe != TrainConfig.recipe and not recipe_in_effect(config):
-        found.append(f"recipe={config.recipe!r} but none of its settings is in effect (TrainConfig(...) does not "
-                     f"apply a recipe): build the config with TrainConfig.from_dict, the CLI or a preset")
-    return found
-
-
-def recipe_in_effect(config: TrainConfig) -> bool:
-    """Whether any setting by which config.recipe's bundle differs from the defaults (which are the gpt2
-    recipe's architecture and optimizer) holds: a recipe applied and then ablated does, a bare name does not."""
-    defaults = {**asdict(GPTConfig()), **{f.name: f.default for f in fields(TrainConfig)}}
-    values = {**defaults, **asdict(config), **MODEL_PRESETS.get(config.model, {}), **config.model_overrides}
-    distinctive = {name: value for name, value in RECIPES[config.recipe].items() if defaults[name] != value}
-    return any(values[name] == value for name, value in distinctive.items())
 
 
 class Trainer:

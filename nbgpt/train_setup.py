@@ -24,7 +24,7 @@ from .sharding import is_sharded, shard
 from .shards import DataError, TokenStore
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .run_config import TrainConfig
 
 
 @dataclass

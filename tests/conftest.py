@@ -53,7 +53,7 @@ def char_data(tmp_path_factory, shakespeare_works):
 
 
 def tiny_train_config(data_dir, out_dir, **overrides):
-    from nbgpt.train import TrainConfig
+    from nbgpt.run_config import TrainConfig
 
     values = dict(data_dir=str(data_dir), out_dir=str(out_dir), model="tiny", block_size=32, total_batch_tokens=8 * 32,
                   micro_batch=8, max_steps=20, warmup_steps=3, max_lr=3e-3, eval_interval=10, eval_batches=2,

@@ -11,7 +11,8 @@ import torch
 
 import nbgpt.train
 from nbgpt.distributed import all_gather_objects, shutdown
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 
 nbgpt.train.shutdown = lambda info: None  # one process group for all the configs (see tests/train_each.py)
 results = []

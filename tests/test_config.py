@@ -16,7 +16,7 @@ from nbgpt.presets import RUN_PRESETS
 from nbgpt.recipes import RECIPES
 from nbgpt.run import RunError, check_run
 from nbgpt.run_config import RunConfig, SampleConfig
-from nbgpt.train import TrainConfig
+from nbgpt.run_config import TrainConfig
 
 
 def nbgpt(*args, cwd=None):

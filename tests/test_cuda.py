@@ -170,7 +170,7 @@ def test_speedup_table_gives_back_all_gpu_memory(char_data, tmp_path):
     config = cuda_config(char_data, tmp_path / "r", micro_batch=64)
     script = ("import json, sys, torch\n"
               "from nbgpt.speedups import speedup_table\n"
-              "from nbgpt.train import TrainConfig\n"
+              "from nbgpt.run_config import TrainConfig\n"
               "rows = speedup_table(TrainConfig.from_dict(json.loads(sys.argv[1])))\n"
               "print(len(rows), torch.cuda.max_memory_allocated() > 0, torch.cuda.memory_reserved())\n")
     result = subprocess.run([sys.executable, "-c", script, json.dumps(asdict(config))], capture_output=True,

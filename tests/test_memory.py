@@ -16,7 +16,8 @@ from nbgpt.config import ConfigError
 from nbgpt.memory import (CPU_AUTO_MICRO_BATCH, KNOWN_GPUS, MARGIN, NON_TORCH_GIB, PHASES, CudaAutocast, find_gpu,
                           plan_memory, refuse_unfit)
 from nbgpt.run_config import RunConfig
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

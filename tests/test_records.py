@@ -14,7 +14,8 @@ from nbgpt.introspect import attention_weights, causal_mask, param_groups
 from nbgpt.metrics import read_metrics
 from nbgpt.model import GPT, GPTConfig
 from nbgpt.schedule import evaluation_interval
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 
 matplotlib.use("Agg")
 

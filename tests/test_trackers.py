@@ -19,7 +19,8 @@ from conftest import tiny_train_config
 from nbgpt.metrics import read_metrics
 from nbgpt.model import ConfigError
 from nbgpt.stop import TrainingStopped
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 
 RUN = dict(max_steps=10, checkpoint_interval=4, eval_interval=4, sample_interval=5, sample_tokens=4)
 

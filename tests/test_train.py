@@ -16,7 +16,8 @@ from nbgpt.metrics import read_metrics
 from nbgpt.model import GPT, ConfigError
 from nbgpt.divergence import TrainingDiverged
 from nbgpt.shards import DataError
-from nbgpt.train import TrainConfig, Trainer, lr_at
+from nbgpt.train import Trainer, lr_at
+from nbgpt.run_config import TrainConfig
 from nbgpt.train_state import saved_cuda_state
 
 

@@ -12,7 +12,8 @@ import torch
 
 import nbgpt.train
 from nbgpt.distributed import shutdown
-from nbgpt.train import TrainConfig, Trainer
+from nbgpt.train import Trainer
+from nbgpt.run_config import TrainConfig
 
 nbgpt.train.shutdown = lambda info: None
 for argument in sys.argv[1:]:
