@@ -16,7 +16,6 @@ from .cli import build_parser
 def expected_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .device import DeviceError
-    from .divergence import TrainingDiverged
     from .files import WriteError
     from .hellaswag import HellaSwagError, HellaSwagUnavailable
     from .hf import HFFormatError
@@ -24,6 +23,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from .run import RunError
     from .runlock import RunLockError
     from .shards import DataError
+    from .stop import TrainingDiverged
     from .sources import SourceError
     from .tokenizer import TokenizerError
 

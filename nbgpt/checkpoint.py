@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import NbgptError
 from .files import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
 
 INDEX = "checkpoints.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(NbgptError):
     """A checkpoint that is missing, truncated, corrupt or not made by nbgpt."""
 
 

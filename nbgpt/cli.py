@@ -81,19 +81,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .device import choose_precision, resolve_device
-    from .distributed import init_distributed, shutdown
+    from .distributed import shutdown
     from .hellaswag import HellaSwagUnavailable, evaluate_hellaswag, load_examples
     from .loading import load_model
     from .run_config import EvalConfig
-
-    import torch
+    from .train_setup import start_runtime
 
     config = EvalConfig(**given(args, EvalConfig))
-    device = resolve_device(config.device)
-    info = init_distributed(device.type)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    runtime = start_runtime(config.device, config.precision)
+    device, info = runtime.device, runtime.dist
     try:
         loaded = load_model(args.checkpoint, device=str(device))
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -102,7 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
                                        f"{tokenizer.name} tokenizer: evaluate a model trained on gpt2 tokens")
         examples = load_examples(config.hellaswag_path, limit=config.hellaswag_limit)
         result = evaluate_hellaswag(model, tokenizer, examples, device=device,
-                                    precision=choose_precision(device, config.precision),
+                                    precision=runtime.precision,
                                     max_batch_tokens=config.max_batch_tokens, dist_info=info)
     finally:
         shutdown(info)

@@ -66,6 +66,12 @@ def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def agreed_max(value: int, device: torch.device, info: DistInfo) -> int:
+    """The largest of every rank's `value` (a count, a flag), so that all ranks take the same decision;
+    -agreed_max(-value) is the smallest."""
+    return int(all_reduce_max(torch.tensor(value, device=device), info).item())
+
+
 def all_gather_objects(value, info: DistInfo) -> list:
     """Every rank's `value` (small, picklable), listed by rank; [value] in a world of one."""
     if not info.enabled:
@@ -126,9 +132,8 @@ def launch(config, nproc: int, echo=print, **node) -> int:
     """
     from dataclasses import asdict
 
-    from .checkpoint import latest_checkpoint
     from .runlock import RunLock
-    from .stop import StopSignals, TrainingStopped, signal_name
+    from .stop import StopSignals, TrainingStopped
 
     if (warning := held_gpu_memory_warning()) is not None:
         echo(warning)
@@ -156,10 +161,7 @@ def launch(config, nproc: int, echo=print, **node) -> int:
         finally:
             os.unlink(config_file)
     if stop.signum is not None:
-        latest = latest_checkpoint(Path(config.out_dir) / "checkpoints")
-        raise TrainingStopped(f"stopped by {signal_name(stop.signum)}; the run's latest checkpoint is "
-                              f"{latest or 'none'}; run again with resume=True (the default) to continue",
-                              stop.signum)
+        raise TrainingStopped(stop.signum, Path(config.out_dir) / "checkpoints")
     if code != 0:
         raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}: {' '.join(cmd)}")
     return code

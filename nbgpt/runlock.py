@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import NbgptError
 from .files import make_dirs
 from .processes import alive, ancestors
 
 
-class RunLockError(RuntimeError):
+class RunLockError(NbgptError):
     """Another live process is using the run directory."""
 
 

@@ -11,6 +11,10 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+import torch
+
+from .device import synchronize
+
 if TYPE_CHECKING:
     from .run_config import TrainConfig
 
@@ -92,8 +96,9 @@ class Schedule:
 
 def fitted_max_steps(config: TrainConfig, step: int, elapsed: float, per_step: float) -> int:
     """max_steps fitted to the wall-clock budget from the measured time per training step, so the schedule
-    (the cosine, or the trapezoid's cooldown) ends just as the budget runs out. The budget is the run's: `elapsed` counts time spent before a
-    resume, and the evaluations so far; those still to come (about BUDGET_EVALS of them) come on top."""
+    (the cosine, or the trapezoid's cooldown) ends just as the budget runs out. The budget is the run's:
+    `elapsed` counts time spent before a resume, and the evaluations so far; those still to come (about
+    BUDGET_EVALS of them) come on top."""
     remaining = max(0.0, config.max_seconds - elapsed)
     return min(config.max_steps, step + int(remaining / per_step))
 
@@ -114,24 +119,36 @@ def budget_shortfall(config: TrainConfig, step: int) -> str | None:
 
 
 class Clock:
-    """Training time of the run (what earlier processes spent plus this one's) and the time per training step.
+    """The one timer of training: the run's training time (what earlier processes spent plus this one's) and
+    the seconds of each training step, which the trainer's records, ETA and time budget all read.
 
     The step rate counts training steps only: were evaluations in it, an estimate that shrinks the run would
     make evaluations more frequent, which would shrink it further. A process's first step is left out too
     (lazy initialisation, compilation): until a second one is measured the rate is unknown, and a resumed run
     keeps the horizon it saved."""
 
-    def __init__(self, elapsed_before: float):
+    def __init__(self, elapsed_before: float = 0.0):
         self.before, self.started = elapsed_before, time.perf_counter()
+        self.step_started = self.started
         self.step_seconds: list[float] = []
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.started
 
-    def add_step(self, seconds: float) -> None:
-        self.step_seconds.append(seconds)
+    def start_step(self) -> None:
+        self.step_started = time.perf_counter()
+
+    def end_step(self, device: torch.device) -> float:
+        """Seconds since start_step, once the device has done the work queued (a GPU runs behind the host)."""
+        synchronize(device)
+        self.step_seconds.append(time.perf_counter() - self.step_started)
+        return self.step_seconds[-1]
 
     def per_step(self) -> float | None:
         """Mean seconds per training step after this process's first; None until there is one."""
         settled = self.step_seconds[1:]
         return sum(settled) / len(settled) if settled else None
+
+    def eta_per_step(self) -> float:
+        """The rate an ETA uses: per_step, or the one step measured so far (0 before any)."""
+        return self.per_step() or (self.step_seconds or [0.0])[-1]

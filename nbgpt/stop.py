@@ -1,10 +1,14 @@
-"""Stopping on request: SIGTERM (a scheduler, a session limit, a preemption notice) or SIGINT (Ctrl-C, the
-JupyterLab stop button) asks a run to stop, and it stops where nothing is lost.
+"""Why training ends before its last step, and what to do next.
 
-The handler only records the signal. The training loop looks at the record between steps; under DDP every
-rank must stop after the same step (a rank that left early would hang the others in an all-reduce), so
-the ranks agree by an all-reduce of the flag. A second signal means "now": the process exits at once,
-which harms nothing because checkpoints are written atomically.
+A signal: SIGTERM (a scheduler, a session limit, a preemption notice) or SIGINT (Ctrl-C, the JupyterLab stop
+button) asks a run to stop, and it stops where nothing is lost. The handler only records the signal; the
+training loop looks at the record between steps, and under DDP all ranks agree on it by an all-reduce (a rank
+that left early would hang the others). A second signal means "now": the process exits at once, which harms
+nothing because checkpoints are written atomically.
+
+Divergence: a NaN or infinite loss or gradient is skipped by the trainer and counted here. One bad batch (a
+rare overflow, a corrupt document) costs one step; several in a row mean the run itself has diverged (too high
+a learning rate, a precision too narrow), and training stops, naming the last good checkpoint to go back to.
 """
 
 from __future__ import annotations
@@ -13,21 +17,27 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Callable
 
-import torch
-
-from .distributed import DistInfo, all_reduce_max
+from .checkpoint import latest_checkpoint
+from .errors import NbgptError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(NbgptError):
     """Training stopped on a signal after checkpointing; `signum` is the signal."""
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
+    def __init__(self, signum: int, checkpoint_dir: Path | str, step: int | None = None):
+        after = "" if step is None else f" after step {step}"
+        super().__init__(f"stopped by {signal_name(signum)}{after} with a checkpoint in {checkpoint_dir}; run "
+                         f"again with resume=True (the default) to continue")
         self.signum = signum
+
+
+class TrainingDiverged(NbgptError):
+    """The loss or the gradient stayed NaN or infinite for max_bad_steps steps in a row."""
 
 
 def signal_name(signum: int) -> str:
@@ -71,7 +81,21 @@ class StopSignals:
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
 
-    def agreed(self, dist: DistInfo, device: torch.device) -> int:
-        """The signal any rank received (0: none); every rank gets the same answer."""
-        flag = torch.tensor(float(self.signum or 0), device=device)
-        return int(all_reduce_max(flag, dist).item())
+
+class DivergenceGuard:
+    def __init__(self, max_bad_steps: int, checkpoint_dir: Path):
+        self.max_bad_steps, self.checkpoint_dir = max_bad_steps, checkpoint_dir
+        self.in_a_row = 0
+
+    def observe(self, record: dict) -> None:
+        """Count a train record (skipped steps carry "nonfinite"); raise TrainingDiverged at the limit."""
+        self.in_a_row = self.in_a_row + 1 if record.get("nonfinite") else 0
+        if self.in_a_row < self.max_bad_steps:
+            return
+        latest = latest_checkpoint(self.checkpoint_dir)
+        kept = (f"the last good checkpoint is {latest}" if latest is not None else
+                f"no checkpoint exists yet in {self.checkpoint_dir}")
+        raise TrainingDiverged(
+            f"the loss or gradient was not finite for {self.in_a_row} steps in a row (up to step "
+            f"{record['step']}); those steps were skipped, so no update reached the weights; {kept}. Lower "
+            f"max_lr, raise warmup_steps, or use precision='fp32'/'bf16', then resume")

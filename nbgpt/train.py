@@ -5,25 +5,25 @@ A step accumulates gradients over `grad_accum_steps` micro-batches of (micro_bat
 whatever the hardware. The learning rate warms up linearly, then follows a cosine down to `min_lr_ratio` of its
 peak, or (schedule="trapezoid") stays at its peak until a linear cooldown. `recipe` names a bundle of these
 settings and of the model's (nbgpt.recipes).
+
+`Trainer.fit` reads top to bottom, one step at a time: evaluate, score HellaSwag and sample when due, take the
+optimizer step (`train_step`: accumulate, clip, step), log it, checkpoint when due, stop when asked to.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import train_state
 from .checkpoint import save_checkpoint
 from .config import config_warnings_to
-from .device import autocast, peak_flops, resolve_device, synchronize
-from .distributed import all_reduce_max, all_reduce_mean, shutdown
-from .divergence import DivergenceGuard, TrainingDiverged
+from .device import autocast, peak_flops, resolve_device
+from .distributed import agreed_max, all_reduce_mean, shutdown
 from .loader import DataLoader
 from .memory import resolve_micro_batch
 from .metrics import MetricsLog
@@ -33,17 +33,20 @@ from .progress import ProgressLog, progress_bar
 from .run_config import AUTO, TrainConfig, check_parallel
 from .runlock import RunLock
 from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
+from .sharding import full_state, load_full_state
 from .shards import DataError, TokenStore
-from .stop import StopSignals, TrainingStopped, signal_name
+from .stop import DivergenceGuard, StopSignals, TrainingDiverged, TrainingStopped
+from .tokenizer import tokenizer_spec
 from .trackers import check_tracker, open_tracker
-from .sharding import full_state
 from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, gradient_sync,
                           open_store, start_runtime, wrap_model)
+from .train_state import check_compatible, load_resumable, nothing_to_train, rng_state, set_rng_state
 
 
 class Trainer:
-    """Trains a GPT as a TrainConfig describes: built by train_setup, resumed and checkpointed by train_state,
-    its extras timed by schedule. What stays here is the loop itself: train_step, evaluate and fit."""
+    """Trains a GPT as a TrainConfig describes. Two forms of the model: `model`, the GPT itself (its weights
+    are what checkpoints save, sampling decodes and HellaSwag scores), and `train_model`, what training and
+    validation run (compiled, and wrapped in DDP across ranks, when the configuration asks)."""
 
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print):
         check_tracker(config.tracker)  # a tracker that cannot work is refused now, on every rank alike
@@ -51,7 +54,7 @@ class Trainer:
         self.echo = echo
         setup_warnings: list[str] = []  # e.g. a forced precision this CPU only emulates; train.log gets them
         with config_warnings_to(setup_warnings.append):
-            runtime = start_runtime(config)
+            runtime = start_runtime(config.device, config.precision, config.threads)
         self.device, self.dist, self.precision = runtime.device, runtime.dist, runtime.precision
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
@@ -63,18 +66,7 @@ class Trainer:
             self.lock = RunLock(self.out_dir).acquire() if self.dist.is_main else None
             self._build(runtime)
             self._resume()
-            self._start_records()
-            layout = f"{config.parallel} over {self.dist.world_size} processes · " if self.dist.enabled else ""
-            self.log_event(f"device {self.device} · precision {self.precision} (asked: {config.precision}) · "
-                           f"{self.model.num_params():,} parameters · {layout}{self.grad_accum_steps} micro-step(s) "
-                           f"per step · {'resuming at' if self.step else 'starting at'} step {self.step}")
-            if self.peak is None:
-                self.log_event(f"MFU not reported: peak unknown for {torch.cuda.get_device_name(self.device)} in "
-                               f"{self.precision} (nbgpt.device.GPU_PEAK_FLOPS has no datasheet figure for it)")
-            if config.micro_batch == AUTO:
-                self.log_event(self.micro_batch_why)
-            for line in setup_warnings:
-                self.log_event(line)
+            self._start_records(setup_warnings)
         except BaseException:
             self.close()  # a trainer that never came to be holds nothing: the next attempt may start
             raise
@@ -85,20 +77,14 @@ class Trainer:
         self.store = open_store(config)
         self.tokenizer = self.store.tokenizer()
         self.model, self.model_config = build_model(config, self.tokenizer.vocab_size, self.device)
-        # "auto" becomes a number here, on the device this rank trains on; train.log says which and why. Every
-        # rank takes the smallest any rank chose, so that GPUs of different sizes still step together.
-        mine, self.micro_batch_why = resolve_micro_batch(config, self.model_config.vocab_size, self.dist.world_size,
-                                                         self.device, self.precision)
-        self.micro_batch = int(-all_reduce_max(-torch.tensor(mine, device=self.device), self.dist).item())
-        if self.micro_batch != mine:
-            self.micro_batch_why += f"; {self.micro_batch} on every rank, the smallest another rank's GPU allows"
+        self.micro_batch, self.micro_batch_why = agree_micro_batch(config, self.model_config.vocab_size, runtime)
         self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size,
                                                                   self.micro_batch)
         check_parallel(config, self.dist.world_size)
         self.train_loader, self.val_loader = build_loaders(config, self.micro_batch, self.store, self.seq_len,
                                                            self.dist, self.log_event)
         # before the optimizers: FSDP replaces the parameters by their shards, which the optimizers must own
-        self.forward_model, self.train_model = wrap_model(self.model, config, runtime)
+        self.train_model = wrap_model(self.model, config, runtime)
         self.optimizers = build_optimizers(self.model, config, self.device.type)
         self.scaler = grad_scaler(self.device, self.precision)
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len,
@@ -106,23 +92,23 @@ class Trainer:
         peak = peak_flops(self.device, self.precision)  # None: a GPU with no datasheet figure (MFU unknown)
         self.peak = None if peak is None else peak * self.dist.world_size  # the run's peak FLOP/s, for MFU
         self.schedule = Schedule(config)
-        self.step = 0
+        self.step, self.elapsed, self.last_val_loss = 0, 0.0, None  # elapsed: seconds trained, a resume continues it
         self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
-        self.elapsed = 0.0  # seconds this run has trained, over all its processes (a resume continues it)
-        self.last_val_loss: float | None = None
+        self.clock = Clock()
         self.divergence = DivergenceGuard(config.max_bad_steps, self.checkpoint_dir)
         self._hellaswag_examples = None
 
     def _resume(self) -> None:
         """Continue from the newest good checkpoint, if any; the metrics log keeps only the steps it covers."""
-        payload = train_state.load_resumable(self)
+        payload = load_resumable(self.config, self.checkpoint_dir, self.dist.is_main, self.log_event)
         if payload is None:
             if self.dist.is_main:
                 self.metrics.truncate_from(0)  # records of an attempt that never checkpointed are void
             return
-        train_state.check_compatible(self, payload)
-        train_state.restore(self, payload)
-        finished = train_state.nothing_to_train(self)
+        check_compatible(payload, self.config, self.model_config.to_dict(), self.tokenizer, len(self.optimizers),
+                         self.checkpoint_dir)
+        self._restore(payload)
+        finished = nothing_to_train(self.step, self.max_steps, self.config)
         if self.dist.is_main:  # the steps after the checkpoint are about to be redone; with none left, the
             # evaluations of the checkpoint's own step (the run's final ones) still describe it
             self.metrics.truncate_from(self.step + 1 if finished else self.step)
@@ -133,6 +119,17 @@ class Trainer:
                            f"{self.dist.world_size} x {self.train_loader.B} in {self.grad_accum_steps} micro-step(s): "
                            f"each step reads the same sequences as before"
                            + self._validation_change(payload["train_config"].get("eval_batches"), *saved))
+
+    def _restore(self, payload: dict) -> None:
+        """Put a compatible checkpoint's state back (the keys `save` writes; see nbgpt.train_state)."""
+        load_full_state(self.model, self.optimizers, payload["model"], payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.train_loader.load_state_dict(payload["loader"])
+        set_rng_state(payload["rng"], self.device, self.dist.rank)
+        self.step, self.last_val_loss = payload["step"], payload.get("val_loss")
+        self.elapsed = payload.get("elapsed", 0.0)  # absent before time budgets existed
+        if self.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's
+            self.max_steps = min(self.config.max_steps, payload["max_steps"])
 
     def _validation_change(self, eval_batches: int | None, world_size: int, micro_batch: int) -> str:
         """What a move to another layout does to validation, which reads eval_batches batches of micro_batch on
@@ -146,15 +143,26 @@ class Trainer:
         return (f"; validation now averages {now} sequences ({self.config.eval_batches} batches of "
                 f"{self.train_loader.B} on {self.dist.world_size} process(es)), it averaged {before}{fix}")
 
-    def _start_records(self) -> None:
+    def _start_records(self, setup_warnings: list[str]) -> None:
         """From the step training starts at, the tracker (if any) follows metrics.jsonl, whose first record
-        there says what is trained where: the configuration, device and precision."""
+        there says what is trained where: the configuration, device and precision; train.log says it in words."""
+        config = self.config
         if self.dist.is_main:  # rank 0 alone writes records
-            self.metrics.mirror_to(open_tracker(self.config, self.step, self.log_event))
+            self.metrics.mirror_to(open_tracker(config, self.step, self.log_event))
         self.log({"kind": "config", "step": self.step, "device": str(self.device), "precision": self.precision,
                   "world_size": self.dist.world_size, "micro_batch": self.train_loader.B,
-                  "parameters": self.model.num_params(),
-                  "config": asdict(self.config)})
+                  "parameters": self.model.num_params(), "config": asdict(config)})
+        layout = f"{config.parallel} over {self.dist.world_size} processes · " if self.dist.enabled else ""
+        self.log_event(f"device {self.device} · precision {self.precision} (asked: {config.precision}) · "
+                       f"{self.model.num_params():,} parameters · {layout}{self.grad_accum_steps} micro-step(s) "
+                       f"per step · {'resuming at' if self.step else 'starting at'} step {self.step}")
+        if self.peak is None:
+            self.log_event(f"MFU not reported: peak unknown for {torch.cuda.get_device_name(self.device)} in "
+                           f"{self.precision} (nbgpt.device.GPU_PEAK_FLOPS has no datasheet figure for it)")
+        if config.micro_batch == AUTO:
+            self.log_event(self.micro_batch_why)
+        for line in setup_warnings:
+            self.log_event(line)
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -164,113 +172,145 @@ class Trainer:
         if self.dist.is_main:
             self.progress.line(message)
 
-    def save(self) -> Path | None:
-        """Checkpoint the current state (rank 0 writes; other ranks wait so nobody runs ahead).
+    # ----------------------------------------------------------------------------------------------- fit
 
-        Weights that are not finite are never written: they would become the run's "latest"."""
-        path = None
-        model_state, optimizer_states = full_state(self.model, self.optimizers)  # under FSDP: rank 0's alone
-        rng = train_state.rng_state(self.device, self.dist)  # gathered from every rank
-        if self.dist.is_main:
-            if all(bool(torch.isfinite(t).all()) for t in model_state.values()):
-                path = save_checkpoint(self.checkpoint_dir, self.step,
-                                       train_state.capture(self, rng, model_state, optimizer_states),
-                                       keep=self.config.keep_checkpoints)
-            else:
-                self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
-        if self.dist.enabled:
-            torch.distributed.barrier()
-        return path
+    def fit(self, on_record: Callable[[dict], None] | None = None, until: int | None = None) -> dict:
+        """Train from the current step to max_steps (or stop early at step `until`, with a checkpoint, as if
+        interrupted there); returns the step, the last train record and the last val loss.
 
-    def close(self) -> None:
-        """Release the run directory and leave the process group, then close the tracker (it may wait on its
-        uploads, and no other rank waits on it); the trainer cannot train afterwards."""
-        if self.lock is not None:
-            self.lock.release()
-        # DDP's wrapper holds the process group in its reducer: freed while the group lives (collected after the
-        # group was destroyed, it hung rank 0 of gloo runs at exit)
-        self.train_model = getattr(self, "forward_model", None)
-        gc.collect()
-        shutdown(self.dist)
-        self.metrics.close()
+        SIGTERM/SIGINT stop it after the current step with a checkpoint (TrainingStopped), too many non-finite
+        steps in a row stop it without one (TrainingDiverged); either way the trainer is closed."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = Clock(self.elapsed)
+        bar = progress_bar(total=self.max_steps, initial=self.step, desc="training", unit="step",
+                           disable=not (self.config.progress and self.dist.is_main))
+        emit = self._emitter(on_record)
+        last_train: dict = {}
+        try:
+            with StopSignals() as signals:
+                while self.step < min(self.max_steps, until if until is not None else self.max_steps):
+                    self._evaluations(emit, final=False)  # evaluate, HellaSwag and sample when due
+                    last_train = self.train_step()  # the optimizer step
+                    self.elapsed = self.clock.elapsed()
+                    if self.config.max_seconds is not None:
+                        bar.total = self.max_steps = self._fit_budget()
+                    emit(last_train)  # log
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
+                    self.divergence.observe(last_train)  # stop: diverged
+                    final = self.step >= self.max_steps
+                    if final:
+                        self._finish(emit)
+                    signum = -agreed_max(-(signals.signum or 0), self.device, self.dist)  # the same on every rank
+                    if signum or self.schedule.checkpoint(self.step, final, until):
+                        self.save()  # checkpoint
+                    if signum:  # stop: asked to
+                        stopped = TrainingStopped(signum, self.checkpoint_dir, self.step)
+                        self.log_event(str(stopped))  # train.log ends with why it ends
+                        raise stopped
+        except (TrainingStopped, TrainingDiverged):
+            self.close()
+            raise
+        finally:
+            bar.close()
+        return {"step": self.step, "train": last_train, "val_loss": self.last_val_loss}
+
+    def _emitter(self, on_record: Callable[[dict], None] | None) -> Callable[[dict], None]:
+        """Where a record goes: metrics.jsonl (and the tracker), train.log's line for it, and `on_record`."""
+        def emit(record: dict) -> None:
+            self.log(record)
+            if self.dist.is_main:
+                self.progress.record(record, self.max_steps, self.clock.elapsed(), self.clock.eta_per_step())
+                if on_record is not None:
+                    on_record(record)
+        return emit
+
+    def _evaluations(self, emit: Callable[[dict], None], final: bool) -> None:
+        """Evaluations and samples of the current step: on their intervals, and all of them at the end."""
+        schedule, step = self.schedule, self.step
+        batches = self.config.final_eval_batches if final else None
+        if schedule.evaluation(step, self.max_steps, final) and (val := self.evaluate(batches)) is not None:
+            used = self.val_batches(batches)  # labelled: the final evaluation may average more than the others
+            emit({"kind": "eval", "step": step, "val_loss": val, "val_batches": used,
+                  "whole_split": used == self.val_loader.steps_per_epoch})
+        if schedule.hellaswag(step, final) and (scores := self.hellaswag()) is not None:
+            emit({"kind": "hellaswag", "step": step, **scores})
+        if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank
+            emit({"kind": "sample", "step": step, "text": self.sample()})
+
+    def _fit_budget(self) -> int:
+        """The schedule's horizon refitted to the time left; every rank takes the shortest estimate, so that all
+        of them stop at the same step."""
+        per_step = self.clock.per_step()
+        if per_step is not None:
+            fitted = fitted_max_steps(self.config, self.step, self.elapsed, per_step)
+        else:  # no rate yet: keep the horizon (a resumed run's saved one), unless no time is left at all
+            fitted = self.max_steps if self.elapsed < self.config.max_seconds else self.step
+        # every rank joins this all-reduce on every step, whatever its own clock says, so none waits alone
+        return -agreed_max(-fitted, self.device, self.dist)
+
+    def _finish(self, emit: Callable[[dict], None]) -> None:
+        """The end of the schedule: what a time budget cost, then every evaluation once more."""
+        config = self.config
+        if config.max_seconds is not None and self.max_steps <= config.warmup_steps:
+            self.log_event(f"warning: the {config.max_seconds:g}-second budget allowed {self.max_steps} steps, "
+                           f"no more than warmup_steps={config.warmup_steps}: the learning rate never "
+                           f"peaked; raise max_seconds or lower warmup_steps")
+        if shortfall := budget_shortfall(config, self.step):
+            self.log_event(shortfall)
+        self._evaluations(emit, final=True)
 
     # --------------------------------------------------------------------------------------------- steps
 
     def train_step(self) -> dict:
-        """One optimizer step over total_batch_tokens tokens; returns its metrics record."""
-        config, model = self.config, self.train_model
+        """One optimizer step over total_batch_tokens tokens: accumulate, clip, step; returns its record."""
+        model, scaler, accum = self.train_model, self.scaler, self.grad_accum_steps
         model.train()
-        start = time.perf_counter()
-        lr = lr_at(self.step, config, self.max_steps)
+        self.clock.start_step()
+        lr = lr_at(self.step, self.config, self.max_steps)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # groups with a rate of their own (embeddings)
             optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(self.grad_accum_steps):
-            x, y = self.train_loader.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = micro_step == self.grad_accum_steps - 1
-            with gradient_sync(self.model, model, last):
+        for micro_step in range(accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
+            with gradient_sync(self.model, model, sync=micro_step == accum - 1):  # reduce on the last only
                 with autocast(self.device, self.precision):
                     _, loss = model(x, y)
-                loss = loss / self.grad_accum_steps  # the mean over the whole batch, not a sum of means
+                loss = loss / accum  # the mean over the whole batch, not a sum of means
                 loss_sum += loss.detach()
-                self.scaler.scale(loss).backward()
-        all_reduce_mean(loss_sum, self.dist)
-        loss_value = loss_sum.item()
+                scaler.scale(loss).backward()  # fp16: scaled up so that small gradients do not underflow
+        loss = all_reduce_mean(loss_sum, self.dist).item()
         for optimizer in self.optimizers:
-            self.scaler.unscale_(optimizer)  # fp16: the true gradients again, each optimizer's overflow noted
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip).item()
-        outcome = self._step_all_or_none(loss_value, grad_norm)
-        synchronize(self.device)
-        dt = time.perf_counter() - start
-        tokens_per_s = config.total_batch_tokens / dt
-        record = {"kind": "train", "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                  "dt": dt, "tokens_per_s": tokens_per_s,
-                  "mfu": None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak, **outcome}
+            scaler.unscale_(optimizer)  # the true gradients again, before they are clipped
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip).item()
+        outcome = step_all_or_none(self.optimizers, scaler, loss, grad_norm)
+        dt = self.clock.end_step(self.device)
+        tokens_per_s = self.config.total_batch_tokens / dt
+        mfu = None if self.peak is None else tokens_per_s * self.flops_per_token / self.peak
         self.step += 1
-        return record
-
-    def _step_all_or_none(self, loss: float, grad_norm: float) -> dict:
-        """Step every optimizer or none, then let the loss scaler update; returns the record's fields for it.
-
-        An inf or NaN in any gradient makes the total norm non-finite. GradScaler.step alone would skip only
-        the optimizer owning that gradient, while clipping by an infinite norm has scaled every other gradient
-        to zero, and Muon, or AdamW's momentum and weight decay, would still move their weights: half a step.
-        So the whole step is skipped; the scaler's update still sees the overflow that unscale_ recorded and
-        halves the scale. Every rank sees the same all-reduced loss and gradients, so all of them agree."""
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        skip = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        for optimizer in self.optimizers:
-            if skip:
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                self.scaler.step(optimizer)
-        self.scaler.update()
-        if scale is None:  # no fp16 scaler: any non-finite step counts toward divergence (DivergenceGuard)
-            return {"nonfinite": True, "skipped": True} if skip else {}
-        # fp16: an overflowing gradient is the scaler's routine (a lower scale), only a non-finite loss is not
-        return {"grad_scale": scale, "skipped": skip, **({"nonfinite": True} if not math.isfinite(loss) else {})}
+        return {"kind": "train", "step": self.step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "dt": dt,
+                "tokens_per_s": tokens_per_s, "mfu": mfu, **outcome}
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float | None:
         """Mean validation loss over the same first `batches` (default eval_batches; 0: all) val batches."""
         if self.val_loader is None:
             return None
-        self.forward_model.eval()
+        model = self.train_model
+        model.eval()
         self.val_loader.reset()
         batches = self.val_batches(batches)
         total = torch.zeros((), device=self.device)
         for _ in range(batches):
             x, y = self.val_loader.next_batch()
             with autocast(self.device, self.precision):
-                _, loss = self.forward_model(x.to(self.device), y.to(self.device))
+                _, loss = model(x.to(self.device), y.to(self.device))
             total += loss.float()
-        self.forward_model.train()
-        value = all_reduce_mean(total / batches, self.dist).item()
-        self.last_val_loss = value
-        return value
+        model.train()
+        self.last_val_loss = all_reduce_mean(total / batches, self.dist).item()
+        return self.last_val_loss
 
     def val_batches(self, batches: int | None = None) -> int:
         """The validation batches an evaluation of `batches` averages (None: eval_batches; 0: the whole split)."""
@@ -304,92 +344,72 @@ class Trainer:
         return evaluate_hellaswag(self.model, self.tokenizer, self._hellaswag_examples, device=self.device,
                                   precision=self.precision, dist_info=self.dist)
 
-    # ----------------------------------------------------------------------------------------------- fit
+    def save(self) -> Path | None:
+        """Checkpoint the current state (rank 0 writes; other ranks wait so nobody runs ahead). The payload's
+        keys are a file format (nbgpt.train_state): they are only ever added, and `_restore` reads new ones
+        with defaults. Weights that are not finite are never written: they would become the run's "latest"."""
+        path = None
+        model_state, optimizer_states = full_state(self.model, self.optimizers)  # under FSDP: rank 0's alone
+        rng = rng_state(self.device, self.dist)  # gathered from every rank
+        if self.dist.is_main and not all(bool(torch.isfinite(t).all()) for t in model_state.values()):
+            self.log_event(f"step {self.step}: the weights are not finite; no checkpoint written")
+        elif self.dist.is_main:
+            path = save_checkpoint(self.checkpoint_dir, self.step, {
+                "model": model_state, "optimizer": optimizer_states, "scaler": self.scaler.state_dict(),
+                "loader": self.train_loader.state_dict(), "rng": rng, "model_config": self.model_config.to_dict(),
+                "train_config": asdict(self.config), "tokenizer": tokenizer_spec(self.tokenizer),
+                "max_steps": self.max_steps, "elapsed": self.elapsed, "val_loss": self.last_val_loss,
+                "precision": self.precision}, keep=self.config.keep_checkpoints)
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        return path
 
-    def _periodic(self, emit: Callable[[dict], None], final: bool) -> None:
-        """Evaluations and samples of the current step: on their intervals, and all of them at the end."""
-        schedule, step = self.schedule, self.step
-        batches = self.config.final_eval_batches if final else None
-        if schedule.evaluation(step, self.max_steps, final) and (val := self.evaluate(batches)) is not None:
-            used = self.val_batches(batches)  # labelled: the final evaluation may average more than the others
-            emit({"kind": "eval", "step": step, "val_loss": val, "val_batches": used,
-                  "whole_split": used == self.val_loader.steps_per_epoch})
-        if schedule.hellaswag(step, final) and (scores := self.hellaswag()) is not None:
-            emit({"kind": "hellaswag", "step": step, **scores})
-        if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank
-            emit({"kind": "sample", "step": step, "text": self.sample()})
+    def close(self) -> None:
+        """Release the run directory and leave the process group, then close the tracker (it may wait on its
+        uploads, and no other rank waits on it); the trainer cannot train afterwards."""
+        if self.lock is not None:
+            self.lock.release()
+        # DDP's wrapper holds the process group in its reducer: freed while the group lives (collected after the
+        # group was destroyed, it hung rank 0 of gloo runs at exit)
+        self.train_model = getattr(self, "model", None)
+        gc.collect()
+        shutdown(self.dist)
+        self.metrics.close()
 
-    def fit(self, on_record: Callable[[dict], None] | None = None, until: int | None = None) -> dict:
-        """Train from the current step to max_steps (or stop early at step `until`, with a checkpoint, as if
-        interrupted there); returns the step, the last train record and the last val loss.
 
-        SIGTERM/SIGINT stop it after the current step with a checkpoint (TrainingStopped), too many non-finite
-        steps in a row stop it without one (TrainingDiverged); either way the trainer is closed."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        clock = Clock(self.elapsed)
+def step_all_or_none(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler, loss: float,
+                     grad_norm: float) -> dict:
+    """Step every optimizer or none, then let the loss scaler update; returns the train record's fields for it.
 
-        def emit(record: dict) -> None:
-            self.log(record)
-            if self.dist.is_main:
-                per_step = clock.per_step() or (clock.step_seconds or [0.0])[-1]
-                self.progress.record(record, self.max_steps, clock.elapsed(), per_step)
-                if on_record is not None:
-                    on_record(record)
+    An inf or NaN in any gradient makes the total norm non-finite. GradScaler.step alone would skip only
+    the optimizer owning that gradient, while clipping by an infinite norm has scaled every other gradient
+    to zero, and Muon, or AdamW's momentum and weight decay, would still move their weights: half a step.
+    So the whole step is skipped; the scaler's update still sees the overflow that unscale_ recorded and
+    halves the scale. Every rank sees the same all-reduced loss and gradients, so all of them agree."""
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    skip = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    for optimizer in optimizers:
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            scaler.step(optimizer)
+    scaler.update()
+    if scale is None:  # no fp16 scaler: any non-finite step counts toward divergence (DivergenceGuard)
+        return {"nonfinite": True, "skipped": True} if skip else {}
+    # fp16: an overflowing gradient is the scaler's routine (a lower scale), only a non-finite loss is not
+    return {"grad_scale": scale, "skipped": skip, **({"nonfinite": True} if not math.isfinite(loss) else {})}
 
-        bar = progress_bar(total=self.max_steps, initial=self.step, desc="training", unit="step",
-                           disable=not (self.config.progress and self.dist.is_main))
-        last_train: dict = {}
-        try:
-            with StopSignals() as stop:
-                while self.step < min(self.max_steps, until if until is not None else self.max_steps):
-                    self._periodic(emit, final=False)
-                    last_train = self.train_step()
-                    clock.add_step(last_train["dt"])
-                    self.elapsed = clock.elapsed()
-                    if self.config.max_seconds is not None:
-                        self._fit_budget(clock)
-                        bar.total = self.max_steps
-                    emit(last_train)
-                    self.divergence.observe(last_train)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
-                    self._end_of_step(emit, stop, until)
-        except (TrainingStopped, TrainingDiverged):
-            self.close()
-            raise
-        finally:
-            bar.close()
-        return {"step": self.step, "train": last_train, "val_loss": self.last_val_loss}
 
-    def _fit_budget(self, clock: Clock) -> None:
-        """Refit the schedule's horizon to the time left; every rank takes the shortest estimate, so that all
-        of them stop at the same step."""
-        per_step = clock.per_step()
-        if per_step is not None:
-            fitted = fitted_max_steps(self.config, self.step, self.elapsed, per_step)
-        else:  # no rate yet: keep the horizon (a resumed run's saved one), unless no time is left at all
-            fitted = self.max_steps if self.elapsed < self.config.max_seconds else self.step
-        # every rank joins this all-reduce on every step, whatever its own clock says, so none waits alone
-        self.max_steps = int(-all_reduce_max(-torch.tensor(fitted, device=self.device), self.dist).item())
-
-    def _end_of_step(self, emit: Callable[[dict], None], stop: StopSignals, until: int | None) -> None:
-        """The final evaluations, checkpoints on their interval, at `until` and on a stop signal."""
-        final = self.step >= self.max_steps
-        if final:
-            if self.config.max_seconds is not None and self.max_steps <= self.config.warmup_steps:
-                self.log_event(f"warning: the {self.config.max_seconds:g}-second budget allowed {self.max_steps} steps, "
-                               f"no more than warmup_steps={self.config.warmup_steps}: the learning rate never "
-                               f"peaked; raise max_seconds or lower warmup_steps")
-            if shortfall := budget_shortfall(self.config, self.step):
-                self.log_event(shortfall)
-            self._periodic(emit, final=True)
-        signum = stop.agreed(self.dist, self.device)
-        if signum or self.schedule.checkpoint(self.step, final, until):
-            self.save()
-        if signum:
-            message = f"stopped by {signal_name(signum)} after step {self.step} with a checkpoint in {self.checkpoint_dir}"
-            self.log_event(message)  # train.log ends with why it ends
-            raise TrainingStopped(f"{message}; run again with resume=True (the default) to continue", signum)
+def agree_micro_batch(config: TrainConfig, vocab_size: int, runtime: Runtime) -> tuple[int, str]:
+    """(micro_batch, why): "auto" becomes a number here, on the device this rank trains on (train.log says
+    which and why). Every rank takes the smallest any rank chose, so that GPUs of different sizes still step
+    together."""
+    dist = runtime.dist
+    mine, why = resolve_micro_batch(config, vocab_size, dist.world_size, runtime.device, runtime.precision)
+    agreed = -agreed_max(-mine, runtime.device, dist)
+    if agreed != mine:
+        why += f"; {agreed} on every rank, the smallest another rank's GPU allows"
+    return agreed, why
 
 
 def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len: int = 64, lr: float = 0.1,

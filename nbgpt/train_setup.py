@@ -1,5 +1,5 @@
 """The pieces a Trainer is built from: the process's device and precision, the model, the data loaders, the
-optimizers and the forms of the model that run forward and backward.
+optimizers and the form of the model that training runs.
 
 Each builder takes the configuration and what came before it and returns plain objects; the Trainer calls
 them in order, so its constructor reads as a list of what training needs.
@@ -34,16 +34,17 @@ class Runtime:
     precision: str  # fp32 | bf16 | fp16, what "auto" became on this device
 
 
-def start_runtime(config: TrainConfig) -> Runtime:
-    """Join the process group (if launched by torchrun), pick this rank's device and its precision."""
-    device = resolve_device(config.device)
-    dist = init_distributed(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)  # one GPU per rank
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    configure_backends(device)
-    return Runtime(device, dist, choose_precision(device, config.precision))
+def start_runtime(device: str, precision: str, threads: int = 0) -> Runtime:
+    """Join the process group (if launched by torchrun), pick this rank's device and its precision: the
+    start of every command that runs a model on one or more processes (train, eval)."""
+    chosen = resolve_device(device)
+    dist = init_distributed(chosen.type)
+    if dist.enabled and chosen.type == "cuda":
+        chosen = torch.device("cuda", dist.local_rank)  # one GPU per rank
+    if threads:
+        torch.set_num_threads(threads)
+    configure_backends(chosen)
+    return Runtime(chosen, dist, choose_precision(chosen, precision))
 
 
 def open_store(config: TrainConfig) -> TokenStore:
@@ -103,17 +104,16 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(forward_model, train_model): the model compiled if asked, and that wrapped in DDP across ranks; or,
-    with parallel="fsdp", the model sharded in place (nbgpt.sharding) and then compiled, both roles in one.
-    A single process has nothing to share or shard: it trains the plain model either way.
-
-    Evaluation uses forward_model: DDP's wrapper would only add gradient hooks and rank synchronisation."""
+def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> torch.nn.Module:
+    """The model as training and validation run it: compiled if asked, and that wrapped in DDP across ranks;
+    or, with parallel="fsdp", sharded in place (nbgpt.sharding) and then compiled. A single process has
+    nothing to share or shard: it trains the plain model either way. Under no_grad (validation) DDP's wrapper
+    adds no gradient hooks, so one compiled graph serves both."""
     if runtime.dist.enabled and config.parallel == "fsdp":
         shard(model, runtime.precision)
     forward_model = torch.compile(model) if config.compile else model
     if not runtime.dist.enabled or config.parallel == "fsdp":
-        return forward_model, forward_model
+        return forward_model
     device_ids = [runtime.dist.local_rank] if runtime.device.type == "cuda" else None
     # DDP re-sends the module's buffers from rank 0 before every forward by default. GPT's only buffers are
     # the rotary tables, computed from the config alike on every rank and never updated: nothing to re-send.
@@ -122,8 +122,8 @@ def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> tuple[torch
     no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside a second copy
     # of them there, which saves one model's worth of gradient memory.
-    return forward_model, DistributedDataParallel(forward_model, device_ids=device_ids,
-                                                  gradient_as_bucket_view=True, **no_buffer_sync)
+    return DistributedDataParallel(forward_model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   **no_buffer_sync)
 
 
 @contextlib.contextmanager

@@ -3,16 +3,16 @@
 A resumed run must continue as if it had never stopped: the same weights and optimizer moments, the same loss
 scale, the data loader at the same sequence of the run, the same random streams, and the same schedule (step,
 the horizon fitted to a time budget, the training time spent). The data position counts sequences, not batches
-of one rank, so the run may continue with another nproc or micro_batch (nbgpt.loader). The payload keys below
-are a file format: checkpoints written by earlier versions must keep loading, so keys are only ever added, and
-read with defaults.
+of one rank, so the run may continue with another nproc or micro_batch (nbgpt.loader). The payload's keys
+(Trainer.save writes them, Trainer._restore reads them) are a file format: checkpoints written by earlier
+versions must keep loading, so keys are only ever added, and read with defaults.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -21,11 +21,9 @@ from .checkpoint import CheckpointError, has_checkpoints, load_latest
 from .distributed import DistInfo, all_gather_objects
 from .files import remove_stale_temp_files
 from .model import ConfigError
-from .sharding import load_full_state
-from .tokenizer import tokenizer_spec
 
 if TYPE_CHECKING:
-    from .train import Trainer
+    from .run_config import TrainConfig
 
 
 def rng_state(device: torch.device, dist: DistInfo) -> dict:
@@ -65,35 +63,23 @@ def set_rng_state(state: dict, device: torch.device, rank: int) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def capture(trainer: Trainer, rng: dict, model_state: dict, optimizer_states: list[dict]) -> dict:
-    """The checkpoint payload of the trainer's current state, with what every rank joined to gather: `rng`
-    (rng_state) and the whole model's and optimizers' state dicts (nbgpt.sharding.full_state)."""
-    return {
-        "model": model_state, "optimizer": optimizer_states,
-        "scaler": trainer.scaler.state_dict(), "loader": trainer.train_loader.state_dict(), "rng": rng,
-        "model_config": trainer.model_config.to_dict(), "train_config": asdict(trainer.config),
-        "tokenizer": tokenizer_spec(trainer.tokenizer), "max_steps": trainer.max_steps,
-        "elapsed": trainer.elapsed, "val_loss": trainer.last_val_loss, "precision": trainer.precision,
-    }
-
-
-def load_resumable(trainer: Trainer) -> dict | None:
+def load_resumable(config: TrainConfig, checkpoint_dir: Path, is_main: bool, note: Callable[[str], None]
+                   ) -> dict | None:
     """The newest good checkpoint of the run directory when resuming, else None.
 
     resume=False over existing checkpoints is refused rather than obeyed: the new run's checkpoints would
     replace the old ones, and a user's run is never overwritten silently."""
-    config, directory = trainer.config, trainer.checkpoint_dir
-    if trainer.dist.is_main:
-        remove_stale_temp_files(directory)  # the halves of a save a kill interrupted
-    if not config.resume and has_checkpoints(directory):
-        raise ConfigError(f"{trainer.out_dir} holds checkpoints of a run and resume=False would overwrite them; "
-                          f"resume it, choose another out_dir, or delete {directory} to start over")
+    if is_main:
+        remove_stale_temp_files(checkpoint_dir)  # the halves of a save a kill interrupted
+    if not config.resume and has_checkpoints(checkpoint_dir):
+        raise ConfigError(f"{checkpoint_dir.parent} holds checkpoints of a run and resume=False would overwrite "
+                          f"them; resume it, choose another out_dir, or delete {checkpoint_dir} to start over")
     if not config.resume:
         return None
     try:
-        return load_latest(directory, on_skip=trainer.log_event)
+        return load_latest(checkpoint_dir, on_skip=note)
     except CheckpointError as exc:
-        raise CheckpointError(f"{exc}\nMove {directory} away to start over.") from exc
+        raise CheckpointError(f"{exc}\nMove {checkpoint_dir} away to start over.") from exc
 
 
 def _tokens(identity: dict) -> str:
@@ -101,51 +87,42 @@ def _tokens(identity: dict) -> str:
     return f"{identity.get('kind')}, vocabulary {identity.get('vocab_size')}"
 
 
-def check_compatible(trainer: Trainer, payload: dict) -> None:
-    """Refuse a checkpoint this trainer cannot continue: other token ids, another recipe, another model shape,
+def check_compatible(payload: dict, config: TrainConfig, model_config: dict, tokenizer, optimizers: int,
+                     checkpoint_dir: Path) -> None:
+    """Refuse a checkpoint this run cannot continue: other token ids, another recipe, another model shape,
     another optimizer."""
-    directory, tokenizer = trainer.checkpoint_dir, trainer.tokenizer
     if payload["tokenizer"]["identity"] != tokenizer.identity():
         # Another run's checkpoints in this out_dir, far more often than a dataset that changed under a run.
         theirs = payload["train_config"].get("data_dir") or "another dataset"
         raise CheckpointError(
-            f"{trainer.out_dir} already holds checkpoints of another run, trained on {theirs} (tokens: "
-            f"{_tokens(payload['tokenizer']['identity'])}), and this run's data {trainer.config.data_dir} has "
-            f"other tokens ({_tokens(tokenizer.identity())}): choose another out_dir (run directory) for this "
-            f"run, or resume that one with its data_dir {theirs}")
+            f"{checkpoint_dir.parent} already holds checkpoints of another run, trained on {theirs} (tokens: "
+            f"{_tokens(payload['tokenizer']['identity'])}), and this run's data {config.data_dir} has other "
+            f"tokens ({_tokens(tokenizer.identity())}): choose another out_dir (run directory) for this run, or "
+            f"resume that one with its data_dir {theirs}")
     recipe = payload["train_config"].get("recipe", "gpt2")  # checkpoints from before recipes were gpt2's
-    if recipe != trainer.config.recipe:
-        raise CheckpointError(f"the checkpoint in {directory} was trained with recipe={recipe!r}, this run asks for "
-                              f"recipe={trainer.config.recipe!r}; resume with recipe={recipe!r}, or use another out_dir")
-    saved, current = payload["model_config"], trainer.model_config.to_dict()
-    if saved != current:
-        differ = ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} here"
-                           for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name))
-        raise CheckpointError(f"the checkpoint in {directory} is of a different model ({differ}); resume with "
+    if recipe != config.recipe:
+        raise CheckpointError(f"the checkpoint in {checkpoint_dir} was trained with recipe={recipe!r}, this run "
+                              f"asks for recipe={config.recipe!r}; resume with recipe={recipe!r}, or use another "
+                              f"out_dir")
+    if differ := differences(payload["model_config"], model_config):
+        raise CheckpointError(f"the checkpoint in {checkpoint_dir} is of a different model ({differ}); resume with "
                               f"the checkpoint's model settings, or use another out_dir")
-    if len(payload["optimizer"]) != len(trainer.optimizers):
-        raise CheckpointError(f"the checkpoint in {directory} was trained with another optimizer "
-                              f"({len(payload['optimizer'])} state(s), this run has {len(trainer.optimizers)}); "
+    if len(payload["optimizer"]) != optimizers:
+        raise CheckpointError(f"the checkpoint in {checkpoint_dir} was trained with another optimizer "
+                              f"({len(payload['optimizer'])} state(s), this run has {optimizers}); "
                               f"resume with the same optimizer setting, or use another out_dir")
 
 
-def restore(trainer: Trainer, payload: dict) -> None:
-    """Put a compatible checkpoint's state back into the trainer (see check_compatible)."""
-    load_full_state(trainer.model, trainer.optimizers, payload["model"], payload["optimizer"])
-    trainer.scaler.load_state_dict(payload["scaler"])
-    trainer.train_loader.load_state_dict(payload["loader"])
-    set_rng_state(payload["rng"], trainer.device, trainer.dist.rank)
-    trainer.step = payload["step"]
-    trainer.elapsed = payload.get("elapsed", 0.0)  # absent before time budgets existed
-    if trainer.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's
-        trainer.max_steps = min(trainer.config.max_steps, payload["max_steps"])
-    trainer.last_val_loss = payload.get("val_loss")
+def differences(saved: dict, current: dict) -> str:
+    """The settings a checkpoint's run and this one disagree on, in words ('' when none): the one check that
+    a run directory's checkpoints continue only the run that wrote them (here, and in nbgpt.run)."""
+    return ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} here"
+                     for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name))
 
 
-def nothing_to_train(trainer: Trainer) -> str | None:
-    """Why a resumed trainer has no step left to train, as the line that says what to do, else None."""
-    step, config = trainer.step, trainer.config
-    if step < trainer.max_steps:
+def nothing_to_train(step: int, max_steps: int, config: TrainConfig) -> str | None:
+    """Why a resumed run has no step left to train, as the line that says what to do, else None."""
+    if step < max_steps:
         return None
     if config.max_seconds is not None and step < config.max_steps:  # the horizon was fitted to the time budget
         return (f"nothing was trained: the checkpoint at step {step} ends the schedule that its max_seconds="

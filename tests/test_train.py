@@ -14,7 +14,7 @@ from nbgpt.checkpoint import CheckpointError, load_latest
 from nbgpt.device import DTYPES, GPU_PEAK_FLOPS, cpu_matmul_speedup, gpu_peak_flops, peak_flops
 from nbgpt.metrics import read_metrics
 from nbgpt.model import GPT, ConfigError
-from nbgpt.divergence import TrainingDiverged
+from nbgpt.stop import TrainingDiverged
 from nbgpt.shards import DataError
 from nbgpt.train import Trainer, lr_at
 from nbgpt.run_config import TrainConfig
@@ -305,7 +305,7 @@ def test_ddp_keeps_gradients_in_its_buckets_and_resends_no_buffers(char_data, tm
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                                          world_size=1)
     try:
-        _, ddp = wrap_model(model, config, Runtime(torch.device("cpu"), DistInfo(world_size=2), "fp32"))
+        ddp = wrap_model(model, config, Runtime(torch.device("cpu"), DistInfo(world_size=2), "fp32"))
         assert not ddp.broadcast_buffers
         for _ in range(2):  # the gradients become bucket views from the second iteration on
             model.zero_grad(set_to_none=True)
