@@ -12,11 +12,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .runlock import RunLock
+from .stop import StopSignals, TrainingStopped
 
 
 @dataclass(frozen=True)
@@ -124,17 +127,10 @@ def held_gpu_memory_warning() -> str | None:
 def launch(config, nproc: int, echo=print, **node) -> int:
     """Train `config` (a TrainConfig) on `nproc` processes of this machine via torchrun, streaming output.
 
-    From a notebook this is how a 2×T4 Kaggle box trains on both GPUs: the kernel stays a single process
-    and torchrun's workers run beside it. The launcher owns the run directory (its lock) while they run, and
-    they, its descendants, are admitted to it. SIGTERM/SIGINT reaching the launcher are passed to torchrun,
-    which passes them to the workers; they stop together with a checkpoint and this raises TrainingStopped.
-    Raises RuntimeError if the workers fail. GPU memory this process holds, the workers lack: it says so first.
-    """
-    from dataclasses import asdict
-
-    from .runlock import RunLock
-    from .stop import StopSignals, TrainingStopped
-
+    From a notebook this is how a 2×T4 Kaggle box trains on both GPUs: the kernel stays a single process and
+    torchrun's workers, admitted to the run directory this launcher locks, run beside it. SIGTERM/SIGINT are
+    passed on to the workers, which stop together with a checkpoint; this then raises TrainingStopped.
+    Raises RuntimeError if the workers fail. GPU memory this process holds, the workers lack: it says so first."""
     if (warning := held_gpu_memory_warning()) is not None:
         echo(warning)
     with RunLock(config.out_dir):
@@ -148,7 +144,6 @@ def launch(config, nproc: int, echo=print, **node) -> int:
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        env=worker_environment(os.environ), start_new_session=True)
             with StopSignals(forward=process.send_signal) as stop:
-                assert process.stdout is not None
                 quiet = False
                 for line in process.stdout:
                     # A stop makes torchrun end with a traceback of its own SignalException: noise, since

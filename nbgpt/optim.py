@@ -1,9 +1,9 @@
 """The optimizers: AdamW (as GPT-2 was trained) and Muon for the transformer blocks' matrices.
 
 nbgpt carries its own small Muon rather than torch.optim.Muon because torch's always orthogonalises in bf16:
-on a CPU without native bf16 matmuls (AVX2) that one cast made the optimizer step ~40× slower than the
-forward and backward passes together. Here the orthogonalisation runs in the dtype the device is fast at
-(`nbgpt.device.fast_dtype`).
+on a CPU without native bf16 matmuls (AVX2) that one cast made the optimizer step many times slower than the
+forward and backward passes together (bench/RESULTS.md). Here the orthogonalisation runs in the dtype the
+device is fast at (`nbgpt.device.fast_dtype`).
 """
 
 from __future__ import annotations

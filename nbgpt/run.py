@@ -29,6 +29,7 @@ from .run_config import RunConfig, typed_values
 from .runlock import RunLock
 from .stop import StopSignals, signal_name
 from .trackers import check_tracker
+from .train_state import differing
 
 RUN_FILE = "run.json"  # the preset and -p values the run was started with
 # The kernel's own start-up notices (e.g. that its sockets are local TCP without encryption) say nothing
@@ -223,7 +224,7 @@ def check_continuable(preset: str, saved: dict, typed: dict, run_dir: Path) -> N
     if not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
         return
     before, now = run_identity(preset, saved, run_dir), run_identity(preset, typed, run_dir)
-    differ = [f"{name}={value!r}" for name, value in before.items() if now.get(name) != value]
+    differ = [f"{name}={before.get(name)!r}" for name in differing(before, now)]
     if differ:
         raise RunError(f"{run_dir} has checkpoints of a model trained with {', '.join(differ)}; resume with "
                        f"those settings (drop the -p that changes them; nproc and micro_batch may change), or "

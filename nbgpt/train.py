@@ -51,7 +51,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print):
         check_tracker(config.tracker)  # a tracker that cannot work is refused now, on every rank alike
         self.config = config
-        self.echo = echo
         setup_warnings: list[str] = []  # e.g. a forced precision this CPU only emulates; train.log gets them
         with config_warnings_to(setup_warnings.append):
             runtime = start_runtime(config.device, config.precision, config.threads)
@@ -201,7 +200,7 @@ class Trainer:
                     final = self.step >= self.max_steps
                     if final:
                         self._finish(emit)
-                    signum = -agreed_max(-(signals.signum or 0), self.device, self.dist)  # the same on every rank
+                    signum = agreed_max(signals.signum or 0, self.device, self.dist)  # any rank's, on every rank
                     if signum or self.schedule.checkpoint(self.step, final, until):
                         self.save()  # checkpoint
                     if signum:  # stop: asked to

@@ -104,7 +104,9 @@ def check_compatible(payload: dict, config: TrainConfig, model_config: dict, tok
         raise CheckpointError(f"the checkpoint in {checkpoint_dir} was trained with recipe={recipe!r}, this run "
                               f"asks for recipe={config.recipe!r}; resume with recipe={recipe!r}, or use another "
                               f"out_dir")
-    if differ := differences(payload["model_config"], model_config):
+    saved = payload["model_config"]
+    if differ := ", ".join(f"{name} {saved.get(name)!r} there, {model_config.get(name)!r} here"
+                           for name in differing(saved, model_config)):
         raise CheckpointError(f"the checkpoint in {checkpoint_dir} is of a different model ({differ}); resume with "
                               f"the checkpoint's model settings, or use another out_dir")
     if len(payload["optimizer"]) != optimizers:
@@ -113,11 +115,10 @@ def check_compatible(payload: dict, config: TrainConfig, model_config: dict, tok
                               f"resume with the same optimizer setting, or use another out_dir")
 
 
-def differences(saved: dict, current: dict) -> str:
-    """The settings a checkpoint's run and this one disagree on, in words ('' when none): the one check that
-    a run directory's checkpoints continue only the run that wrote them (here, and in nbgpt.run)."""
-    return ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} here"
-                     for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name))
+def differing(saved: dict, current: dict) -> list[str]:
+    """The settings on which a checkpoint's run (`saved`) and this one disagree, saved's first: the one test
+    that a run directory's checkpoints continue only the run that wrote them (here, and in nbgpt.run)."""
+    return [name for name in {**saved, **current} if saved.get(name) != current.get(name)]
 
 
 def nothing_to_train(step: int, max_steps: int, config: TrainConfig) -> str | None:
