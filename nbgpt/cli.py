@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import re
 import sys
@@ -67,14 +66,7 @@ def _train(args: argparse.Namespace) -> int:
         summary = trainer.fit()
     finally:
         trainer.close()
-    is_main, sharded = trainer.dist.is_main, trainer.config.parallel == "fsdp" and trainer.dist.enabled
-    if sharded:
-        # An FSDP model's process-group handles, left to the interpreter's exit, were torn down out of order there
-        # about once in eight gloo runs (a C++ abort after training had ended): they are freed now, in order. Not
-        # under DDP, where collecting its reducer after the group is gone hung rank 0 in gloo runs.
-        del trainer
-        gc.collect()
-    if is_main:
+    if trainer.dist.is_main:
         print(json.dumps({"step": summary["step"], "val_loss": summary["val_loss"],
                           "train_loss": summary["train"].get("loss")}))
     return 0

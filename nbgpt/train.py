@@ -373,6 +373,9 @@ class Trainer:
         self.train_model = getattr(self, "model", None)
         gc.collect()
         shutdown(self.dist)
+        if self.dist.enabled:  # a sharded model's handles on the group: freed now, in order, not by the
+            self.model = self.train_model = self.optimizers = None  # interpreter's exit (a C++ abort there)
+            gc.collect()
         self.metrics.close()
 
 
