@@ -76,7 +76,13 @@ class Trainer:
         self.store = open_store(config)
         self.tokenizer = self.store.tokenizer()
         self.model, self.model_config = build_model(config, self.tokenizer.vocab_size, self.device)
-        self.micro_batch, self.micro_batch_why = agree_micro_batch(config, self.model_config.vocab_size, runtime)
+        # "auto" becomes a number here, on the device this rank trains on; train.log says which and why. Every
+        # rank takes the smallest any rank chose, so that GPUs of different sizes still step together.
+        mine, self.micro_batch_why = resolve_micro_batch(config, self.model_config.vocab_size, self.dist.world_size,
+                                                         self.device, self.precision)
+        self.micro_batch = -agreed_max(-mine, self.device, self.dist)
+        if self.micro_batch != mine:
+            self.micro_batch_why += f"; {self.micro_batch} on every rank, the smallest another rank's GPU allows"
         self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size,
                                                                   self.micro_batch)
         check_parallel(config, self.dist.world_size)
@@ -183,23 +189,22 @@ class Trainer:
         self.clock = Clock(self.elapsed)
         bar = progress_bar(total=self.max_steps, initial=self.step, desc="training", unit="step",
                            disable=not (self.config.progress and self.dist.is_main))
-        emit = self._emitter(on_record)
-        last_train: dict = {}
+        self.on_record, last_train = on_record, {}
         try:
             with StopSignals() as signals:
                 while self.step < min(self.max_steps, until if until is not None else self.max_steps):
-                    self._evaluations(emit, final=False)  # evaluate, HellaSwag and sample when due
+                    self._evaluations(final=False)  # evaluate, HellaSwag and sample when due
                     last_train = self.train_step()  # the optimizer step
                     self.elapsed = self.clock.elapsed()
                     if self.config.max_seconds is not None:
                         bar.total = self.max_steps = self._fit_budget()
-                    emit(last_train)  # log
+                    self._emit(last_train)  # log
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_train['loss']:.4f}", refresh=False)
                     self.divergence.observe(last_train)  # stop: diverged
                     final = self.step >= self.max_steps
                     if final:
-                        self._finish(emit)
+                        self._finish()
                     signum = agreed_max(signals.signum or 0, self.device, self.dist)  # any rank's, on every rank
                     if signum or self.schedule.checkpoint(self.step, final, until):
                         self.save()  # checkpoint
@@ -214,28 +219,26 @@ class Trainer:
             bar.close()
         return {"step": self.step, "train": last_train, "val_loss": self.last_val_loss}
 
-    def _emitter(self, on_record: Callable[[dict], None] | None) -> Callable[[dict], None]:
-        """Where a record goes: metrics.jsonl (and the tracker), train.log's line for it, and `on_record`."""
-        def emit(record: dict) -> None:
-            self.log(record)
-            if self.dist.is_main:
-                self.progress.record(record, self.max_steps, self.clock.elapsed(), self.clock.eta_per_step())
-                if on_record is not None:
-                    on_record(record)
-        return emit
+    def _emit(self, record: dict) -> None:
+        """A record to metrics.jsonl (and the tracker), its line to train.log, and to fit's `on_record`."""
+        self.log(record)
+        if self.dist.is_main:
+            self.progress.record(record, self.max_steps, self.clock.elapsed(), self.clock.eta_per_step())
+            if self.on_record is not None:
+                self.on_record(record)
 
-    def _evaluations(self, emit: Callable[[dict], None], final: bool) -> None:
+    def _evaluations(self, final: bool) -> None:
         """Evaluations and samples of the current step: on their intervals, and all of them at the end."""
         schedule, step = self.schedule, self.step
         batches = self.config.final_eval_batches if final else None
         if schedule.evaluation(step, self.max_steps, final) and (val := self.evaluate(batches)) is not None:
             used = self.val_batches(batches)  # labelled: the final evaluation may average more than the others
-            emit({"kind": "eval", "step": step, "val_loss": val, "val_batches": used,
-                  "whole_split": used == self.val_loader.steps_per_epoch})
+            self._emit({"kind": "eval", "step": step, "val_loss": val, "val_batches": used,
+                        "whole_split": used == self.val_loader.steps_per_epoch})
         if schedule.hellaswag(step, final) and (scores := self.hellaswag()) is not None:
-            emit({"kind": "hellaswag", "step": step, **scores})
+            self._emit({"kind": "hellaswag", "step": step, **scores})
         if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank
-            emit({"kind": "sample", "step": step, "text": self.sample()})
+            self._emit({"kind": "sample", "step": step, "text": self.sample()})
 
     def _fit_budget(self) -> int:
         """The schedule's horizon refitted to the time left; every rank takes the shortest estimate, so that all
@@ -248,7 +251,7 @@ class Trainer:
         # every rank joins this all-reduce on every step, whatever its own clock says, so none waits alone
         return -agreed_max(-fitted, self.device, self.dist)
 
-    def _finish(self, emit: Callable[[dict], None]) -> None:
+    def _finish(self) -> None:
         """The end of the schedule: what a time budget cost, then every evaluation once more."""
         config = self.config
         if config.max_seconds is not None and self.max_steps <= config.warmup_steps:
@@ -257,7 +260,7 @@ class Trainer:
                            f"peaked; raise max_seconds or lower warmup_steps")
         if shortfall := budget_shortfall(config, self.step):
             self.log_event(shortfall)
-        self._evaluations(emit, final=True)
+        self._evaluations(final=True)
 
     # --------------------------------------------------------------------------------------------- steps
 
@@ -400,18 +403,6 @@ def step_all_or_none(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.
         return {"nonfinite": True, "skipped": True} if skip else {}
     # fp16: an overflowing gradient is the scaler's routine (a lower scale), only a non-finite loss is not
     return {"grad_scale": scale, "skipped": skip, **({"nonfinite": True} if not math.isfinite(loss) else {})}
-
-
-def agree_micro_batch(config: TrainConfig, vocab_size: int, runtime: Runtime) -> tuple[int, str]:
-    """(micro_batch, why): "auto" becomes a number here, on the device this rank trains on (train.log says
-    which and why). Every rank takes the smallest any rank chose, so that GPUs of different sizes still step
-    together."""
-    dist = runtime.dist
-    mine, why = resolve_micro_batch(config, vocab_size, dist.world_size, runtime.device, runtime.precision)
-    agreed = -agreed_max(-mine, runtime.device, dist)
-    if agreed != mine:
-        why += f"; {agreed} on every rank, the smallest another rank's GPU allows"
-    return agreed, why
 
 
 def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len: int = 64, lr: float = 0.1,
