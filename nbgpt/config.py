@@ -16,10 +16,12 @@ import typing
 import warnings
 from collections.abc import Sequence
 
+from .errors import NbgptError
+
 _TRUE, _FALSE, _NONE = ("true", "1"), ("false", "0"), ("none", "null")
 
 
-class ConfigError(ValueError):
+class ConfigError(NbgptError, ValueError):
     """A model or training configuration that cannot work."""
 
 

@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from .config import ConfigWarning
+from .errors import NbgptError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,7 +61,7 @@ GPU_PEAK_FLOPS = {
 }
 
 
-class DeviceError(ValueError):
+class DeviceError(NbgptError, ValueError):
     """A device or precision that this machine cannot provide."""
 
 

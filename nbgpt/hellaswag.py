@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .assets import Asset, fetch
 from .device import DTYPES, autocast
 from .distributed import DistInfo, all_reduce_sum
+from .errors import NbgptError
 from .model import KVCache
 from .tokenizer import Tokenizer
 
@@ -30,11 +31,11 @@ GPT2_124M_ACC_NORM = 0.2955
 GPT3_124M_ACC_NORM = 0.337
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(NbgptError, ValueError):
     """A malformed HellaSwag file."""
 
 
-class HellaSwagUnavailable(RuntimeError):
+class HellaSwagUnavailable(NbgptError, RuntimeError):
     """No HellaSwag data on this machine and no way to download it."""
 
 

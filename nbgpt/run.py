@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, ConfigWarning, config_warnings_to
+from .errors import NbgptError
 from .files import atomic_write_json, read_json
 from .logtail import LogTail
 from .memory import refuse_unfit
@@ -38,7 +39,7 @@ NOTEBOOKS = ("01_tokenize.ipynb", "02_model.ipynb", "03_train.ipynb", "04_evalua
              "05_sample.ipynb")
 
 
-class RunError(RuntimeError):
+class RunError(NbgptError, RuntimeError):
     """A notebook of the pipeline failed, or the run cannot start."""
 
 

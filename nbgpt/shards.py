@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .config import ConfigError
+from .errors import NbgptError
 from .files import atomic_write, atomic_write_json, make_dirs, read_json, remove_stale_temp_files, sha256_file
 from .sources import Source, SourceError, get_source
 from .tokenizer import CharTokenizer, Tokenizer, get_tokenizer
@@ -35,7 +36,7 @@ FORMAT_VERSION = 1
 UINT16_LIMIT = 1 << 16
 
 
-class DataError(ValueError):
+class DataError(NbgptError, ValueError):
     """A dataset that cannot be built or read."""
 
 

@@ -253,3 +253,24 @@ def test_gpt3_run_presets_follow_the_papers_recipe(preset, batch, lr):
     assert (train.total_batch_tokens, train.max_lr, train.min_lr_ratio, train.schedule) == (batch, lr, 0.1, "cosine")
     assert train.model_config(vocab_size=50257).block_size == 2048 and train.seq_len is None
     assert abs(train.warmup_steps * batch - 375e6) <= batch / 2
+
+
+def test_expected_failures_share_one_base_class_that_main_prints_as_one_line(tmp_path):
+    """`python -m nbgpt` catches NbgptError, so each module's own failure is a line there, not a traceback."""
+    from nbgpt.assets import AssetError
+    from nbgpt.device import DeviceError
+    from nbgpt.errors import NbgptError
+    from nbgpt.files import WriteError
+    from nbgpt.hellaswag import HellaSwagError, HellaSwagUnavailable
+    from nbgpt.hf import HFFormatError
+    from nbgpt.shards import DataError
+    from nbgpt.sources import SourceError
+    from nbgpt.tokenizer import TokenizerError
+
+    for error in (AssetError, ConfigError, DataError, DeviceError, HellaSwagError, HellaSwagUnavailable,
+                  HFFormatError, RunError, SourceError, TokenizerError, WriteError):
+        assert issubclass(error, NbgptError), error
+    assert issubclass(WriteError, OSError) and issubclass(ConfigError, ValueError)  # their callers' excepts hold
+    result = nbgpt("eval", "--checkpoint", str(tmp_path / "nothing-here"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("nbgpt: ") and result.stderr.strip().count("\n") == 0
