@@ -16,7 +16,7 @@ import json
 import re
 import sys
 
-from .config import coerce, did_you_mean, field_types, knob_help
+from .config import coerce, did_you_mean, field_types, knob_default, knob_help
 
 
 def _flag_type(annotation, name: str):
@@ -33,8 +33,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[st
                             note: str = "") -> None:
     """A `--field-name` flag per field of `cls`, helped by the field's own line (nbgpt.config.knob) and its
     default; flags left out stay out of the namespace (the dataclass decides)."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls)}
+    defaults = {f.name: knob_default(f) for f in dataclasses.fields(cls)}
     helps = knob_help(cls)
     for name, annotation in field_types(cls).items():
         if name not in skip:

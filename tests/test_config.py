@@ -199,8 +199,12 @@ def test_recipe_and_schedule_values_are_checked(tmp_path):
         TrainConfig(cooldown_fraction=0.2)
     with pytest.warns(ConfigWarning, match="warmup_steps=80 runs into the cooldown, which starts at step 60"):
         TrainConfig(schedule="trapezoid", max_steps=100, warmup_steps=80)
-    with pytest.warns(ConfigWarning, match="recipe='speedrun' but none of its settings is in effect"):
-        TrainConfig(recipe="speedrun")
+    bare = TrainConfig(recipe="speedrun")  # a recipe named in code is applied like one named anywhere else
+    assert recipe_values(bare) == RECIPES["speedrun"]
+    assert recipe_values(TrainConfig(recipe="speedrun", max_lr=0.02)) == {**RECIPES["speedrun"], "max_lr": 0.02}
+    assert TrainConfig().max_lr == 1e-3 and TrainConfig(optimizer="muon").optimizer == "muon"  # no recipe named
+    launched = TrainConfig(model="small-char")  # a multi-GPU launch hands its workers the config as JSON
+    assert TrainConfig.from_dict(asdict(launched)).model_config(65).position == "rope"
 
 
 def test_old_checkpoint_train_configs_load():
