@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .device import choose_precision, resolve_device
     from .distributed import init_distributed, shutdown
-    from .hellaswag import HellaSwagUnavailable, evaluate_hellaswag, load_examples
+    from .hellaswag import evaluate_hellaswag, load_examples_for
     from .loading import load_model
     from .run_config import EvalConfig
 
@@ -96,10 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(args.checkpoint, device=str(device))
         model, tokenizer = loaded.model, loaded.tokenizer
-        if tokenizer.name != "gpt2":  # scores from another tokenizer's model would mean nothing
-            raise HellaSwagUnavailable(f"HellaSwag is English text in GPT-2 BPE; {args.checkpoint} uses the "
-                                       f"{tokenizer.name} tokenizer: evaluate a model trained on gpt2 tokens")
-        examples = load_examples(config.hellaswag_path, limit=config.hellaswag_limit)
+        examples = load_examples_for(tokenizer, config.hellaswag_path, limit=config.hellaswag_limit)
         result = evaluate_hellaswag(model, tokenizer, examples, device=device,
                                     precision=choose_precision(device, config.precision),
                                     max_batch_tokens=config.max_batch_tokens, dist_info=info)

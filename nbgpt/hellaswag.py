@@ -105,6 +105,16 @@ def load_examples(path: str | os.PathLike | None = None, limit: int | None = Non
     return read_examples(hellaswag_path(path), limit)
 
 
+def load_examples_for(tokenizer: Tokenizer, path: str | os.PathLike | None = None,
+                      limit: int | None = None) -> list[Example]:
+    """The examples to score a model of this tokenizer on, or HellaSwagUnavailable saying why it cannot be
+    scored: HellaSwag is English text in GPT-2 BPE, and another tokenizer's scores would mean nothing."""
+    if tokenizer.name != "gpt2":
+        raise HellaSwagUnavailable(f"HellaSwag is English text in GPT-2 BPE, and this model uses the "
+                                   f"{tokenizer.name} tokenizer: score a model trained on gpt2 tokens")
+    return load_examples(path, limit)
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
 

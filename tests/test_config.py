@@ -278,3 +278,21 @@ def test_expected_failures_share_one_base_class_that_main_prints_as_one_line(tmp
     result = nbgpt("eval", "--checkpoint", str(tmp_path / "nothing-here"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("nbgpt: ") and result.stderr.strip().count("\n") == 0
+
+
+def test_one_answer_to_whether_hellaswag_can_score_a_model(char_data, tmp_path):
+    """nbgpt eval, the trainer and notebook 04 ask nbgpt.hellaswag.load_examples_for; a char model cannot be."""
+    from nbgpt.hellaswag import HellaSwagUnavailable, load_examples_for
+    from nbgpt.tokenizer import CharTokenizer
+
+    with pytest.raises(HellaSwagUnavailable, match="HellaSwag is English text in GPT-2 BPE, and this model uses "
+                                                   "the char tokenizer"):
+        load_examples_for(CharTokenizer.from_text("abc"))
+    out = tmp_path / "run"
+    trained = nbgpt("train", "--data-dir", str(char_data), "--out-dir", str(out), "--block-size", "32",
+                    "--total-batch-tokens", "256", "--micro-batch", "8", "--max-steps", "1", "--warmup-steps", "0",
+                    "--eval-batches", "1", "--precision", "fp32", "--progress", "false")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = nbgpt("eval", "--checkpoint", str(out), "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "HellaSwagUnavailable: HellaSwag is English text in GPT-2 BPE" in result.stderr
