@@ -256,21 +256,9 @@ def add_plan_command(commands, presets: list[str]) -> None:
     plan.set_defaults(handler=_plan)
 
 
-MODEL_SOURCES = ("run directory, checkpoint file, exported folder (HF GPT-2 or nbgpt format), or hub name such as "
-                 "gpt2 (see nbgpt.loading)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .export import FORMATS
-    from .model import GPTConfig
-    from .presets import RUN_PRESETS
-    from .run_config import EvalConfig, PrepareConfig, SampleConfig
-    from .run_config import TrainConfig
-
-    parser = Parser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
-    commands = parser.add_subparsers(title="commands")
+def add_run_command(commands, presets: list[str]) -> None:
     run = commands.add_parser("run", help="execute the five notebooks with papermill into runs/<name>")
-    run.add_argument("--preset", choices=sorted(RUN_PRESETS),
+    run.add_argument("--preset", choices=presets,
                      help="the run's preset (with --resume --name, the one the run was started with)")
     run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="set any knob of nbgpt.run_config.RunConfig by name, e.g. -p max_steps 50 (repeatable)")
@@ -283,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "(make demo's); any other run there is kept and the command refused")
     run.set_defaults(handler=_run)
 
+
+MODEL_SOURCES = ("run directory, checkpoint file, exported folder (HF GPT-2 or nbgpt format), or hub name such as "
+                 "gpt2 (see nbgpt.loading)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .model import GPTConfig
+    from .presets import RUN_PRESETS
+    from .run_config import EvalConfig, PrepareConfig, SampleConfig, TrainConfig
+
+    parser = Parser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
+    commands = parser.add_subparsers(title="commands")
+    add_run_command(commands, sorted(RUN_PRESETS))
     add_plan_command(commands, sorted(RUN_PRESETS))
 
     prep = commands.add_parser("prepare", help="tokenize a corpus into shards")
@@ -309,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(sample, SampleConfig)
     sample.set_defaults(handler=_sample)
 
+    add_export_command(commands)
+    return parser
+
+
+def add_export_command(commands) -> None:
+    from .export import FORMATS
+
     export = commands.add_parser("export", help="write a model for others: HF GPT-2 format where it can express "
                                                 "the model, else nbgpt's own (see nbgpt.export)")
     export.add_argument("--checkpoint", required=True, help=MODEL_SOURCES)
@@ -316,4 +324,3 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=FORMATS, default="auto",
                         help="auto (default): hf when HF's GPT-2 can express the model, else nbgpt")
     export.set_defaults(handler=_export)
-    return parser

@@ -90,9 +90,6 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
     """Execute the notebooks of `preset` (all five, or those named) into runs/<name>. Resuming a named run,
     `preset` may be None: the one in its run.json. With `replace` (what `make demo` passes), an earlier run in
     runs/<name> that was itself started with `replace` is deleted and started over; any other is refused."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     run_dir = Path(runs_dir).resolve() / (name or preset)
     if preset is None:
         preset = recorded_preset(run_dir)
@@ -105,44 +102,47 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
     typed = check_run(preset, {**saved, **(overrides or {})}, run_dir, echo)
     if not replacing:
         check_continuable(preset, saved, typed, run_dir)
-    source = notebooks_dir()
-    chosen = notebooks or list(NOTEBOOKS)
-    missing = [n for n in chosen if not (source / n).is_file()]
-    if missing:
-        raise RunError(f"notebook(s) {missing} not found in {source}")
+    chosen = [notebooks_dir() / n for n in notebooks or NOTEBOOKS]
+    if missing := [path.name for path in chosen if not path.is_file()]:
+        raise RunError(f"notebook(s) {missing} not found in {notebooks_dir()}")
     if replacing:  # only now: a run refused for a bad setting keeps the previous one
         clear_run(run_dir, f"[nbgpt] {run_dir} held an earlier run started with --replace (make demo): replacing "
                            f"it with a new one", echo)
-    replace = replace or (resume and replaceable(run_dir, preset))  # a resumed demo stays replaceable
-    parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
-    executed = []
+    marked = {"replace": True} if replace or (resume and replaceable(run_dir, preset)) else {}  # replaceable()
     # The lock is ours; the kernels papermill starts, and the torchrun workers they launch, are admitted as
     # our descendants. train.log is written by the training notebook's trainer and streamed here.
-    marked = {"replace": True} if replace else {}  # see replaceable()
     with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop, \
             recorded(run_dir, {"preset": preset, "overrides": typed, **marked}):
-        for notebook in chosen:
-            output = run_dir / notebook
-            echo(f"[nbgpt] {notebook} -> {output}")
-            try:
-                papermill.execute_notebook(str(source / notebook), str(output), parameters=parameters,
-                                           kernel_name="python3", cwd=str(run_dir), progress_bar=False,
-                                           log_output=False, extra_arguments=KERNEL_ARGUMENTS)
-            except Exception as exc:
-                if stop.signum is not None:
-                    raise RunStopped(f"stopped by {signal_name(stop.signum)} in {notebook}; the partial notebook "
-                                     f"is kept at {output}", stop.signum) from None
-                if (stopped := kernel_stopped(exc, notebook, output)) is not None:
-                    raise stopped from None
-                if not isinstance(exc, PapermillExecutionError):
-                    raise
-                raise RunError(f"{notebook} failed in cell {exc.cell_index} (execution count "
-                               f"{exc.exec_count}): {exc.ename}: {exc.evalue}\nThe partial notebook is kept "
-                               f"at {output}") from None
-            executed.append(output)
-            if stop.signum is not None:  # the signal came between cells: stop before the next notebook
-                raise RunStopped(f"stopped by {signal_name(stop.signum)} after {notebook}", stop.signum)
+        parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
+        executed = [execute_notebook(path, run_dir, parameters, stop, echo) for path in chosen]
     return summarize(run_dir, executed)
+
+
+def execute_notebook(notebook: Path, run_dir: Path, parameters: dict, stop: StopSignals, echo=print) -> Path:
+    """Run one notebook with papermill into run_dir; its executed copy. A failing cell is a RunError naming it,
+    a stop signal (to `nbgpt run` or to the kernel) a RunStopped."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output = run_dir / notebook.name
+    echo(f"[nbgpt] {notebook.name} -> {output}")
+    try:
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                                   cwd=str(run_dir), progress_bar=False, log_output=False,
+                                   extra_arguments=KERNEL_ARGUMENTS)
+    except Exception as exc:
+        if stop.signum is not None:
+            raise RunStopped(f"stopped by {signal_name(stop.signum)} in {notebook.name}; the partial notebook is "
+                             f"kept at {output}", stop.signum) from None
+        if (stopped := kernel_stopped(exc, notebook.name, output)) is not None:
+            raise stopped from None
+        if not isinstance(exc, PapermillExecutionError):
+            raise
+        raise RunError(f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+                       f"{exc.ename}: {exc.evalue}\nThe partial notebook is kept at {output}") from None
+    if stop.signum is not None:  # the signal came between cells: stop before the next notebook
+        raise RunStopped(f"stopped by {signal_name(stop.signum)} after {notebook.name}", stop.signum)
+    return output
 
 
 def kernel_stopped(exc: Exception, notebook: str, output: Path) -> RunStopped | None:

@@ -177,6 +177,12 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     writer = ShardWriter(out, shard_tokens, key={"settings": settings, "tokenizer": tok.identity()},
                          max_tokens=max_tokens)
     _write_source(writer, src, tok, vocab_path, workers, batch_chars, progress)
+    manifest = _finish(writer, src, tok, settings, min_window)
+    return PrepareResult(out, manifest, built=True)
+
+
+def _finish(writer: ShardWriter, src: Source, tok: Tokenizer, settings: dict, min_window: int) -> dict:
+    """Close the last shard and write the manifest, last: its presence marks the dataset complete."""
     shards = writer.finish()
     total = sum(s["tokens"] for s in shards)
     if writer.documents_in_shards == 0 or total == 0:
@@ -184,12 +190,13 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     manifest = {
         "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(),
         "documents": writer.documents_in_shards, "total_tokens": total, "shards": shards,
-        "splits": _splits(total, val_fraction, val_tokens), "content_sha256": _content_hash(shards), "dtype": "uint16",
+        "splits": _splits(total, settings["val_fraction"], settings["val_tokens"]),
+        "content_sha256": _content_hash(shards), "dtype": "uint16",
     }
-    check_manifest(out, manifest, min_window)
-    atomic_write_json(out / MANIFEST, manifest)  # last: its presence marks the dataset complete
+    check_manifest(writer.out, manifest, min_window)
+    atomic_write_json(writer.out / MANIFEST, manifest)
     writer.progress_path.unlink(missing_ok=True)
-    return PrepareResult(out, manifest, built=True)
+    return manifest
 
 
 def _write_source(writer: ShardWriter, src: Source, tok: Tokenizer, vocab_path: Path | None, workers: int,
