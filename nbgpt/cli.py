@@ -180,12 +180,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .memory import plan_memory
-    from .run_config import RunConfig, typed_values
+    from .run_config import RunConfig
 
     overrides = dict(args.parameters or [])
     if args.nproc is not None:
         overrides["nproc"] = args.nproc
-    plan = plan_memory(RunConfig.from_preset(args.preset, typed_values(overrides)), args.gpu, args.gpu_memory)
+    plan = plan_memory(RunConfig.from_preset(args.preset, overrides), args.gpu, args.gpu_memory)
     print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan_lines(args.preset, plan)))
     return 0 if plan.fits else 1
 

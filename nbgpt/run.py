@@ -26,7 +26,7 @@ from .logtail import LogTail
 from .memory import refuse_unfit
 from .metrics import read_metrics
 from .processes import children, signal_tree
-from .run_config import RunConfig, typed_values
+from .run_config import RunConfig
 from .runlock import RunLock
 from .stop import StopSignals, signal_name
 from .trackers import check_tracker
@@ -64,13 +64,12 @@ def check_run(preset: str, overrides: dict, run_dir: Path, echo=print) -> dict:
     """
     try:
         with config_warnings_to(lambda line: echo(f"[nbgpt] {line}")):
-            typed = typed_values(overrides)
-            checked = RunConfig.from_preset(preset, typed, run_dir)
+            checked = RunConfig.from_preset(preset, overrides, run_dir)
             check_tracker(checked.train.tracker)  # not installed, no login
             refuse_unfit(checked)
     except ConfigError as exc:
         raise RunError(f"invalid configuration: {exc}") from None
-    return typed
+    return checked.values(overrides)
 
 
 @dataclass

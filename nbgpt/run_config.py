@@ -20,14 +20,16 @@ import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import (UNSET, ConfigError, ConfigWarning, check_fields, check_known, coerce, did_you_mean, field_types,
-                     knob, knob_default, typed_mapping)
+from .config import (UNSET, ConfigError, ConfigWarning, check_fields, check_known, coerce, field_types, knob,
+                     knob_default, typed_mapping)
+from .device import PRECISIONS
 from .generate import SamplingConfig
 from .model import MODEL_PRESETS, GPTConfig
-from .presets import RUN_PRESETS, get_preset
+from .presets import get_preset
 from .recipes import RECIPES, check_recipe, under_recipe
 from .shards import check_cap, prepare
 
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # of TrainConfig, EvalConfig and SampleConfig (nbgpt.device)
 AUTO = "auto"  # TrainConfig.micro_batch: the largest micro-batch that fits (nbgpt.memory.resolve_micro_batch)
 TRACKERS = ("none", "wandb", "tensorboard")  # TrainConfig.tracker (nbgpt.trackers)
 
@@ -176,8 +178,7 @@ class TrainConfig:
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"parallel must be 'ddp' (a whole model per process) or 'fsdp' (weights, gradients "
                               f"and optimizer state sharded over the processes), got {self.parallel!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        _choice("precision", self.precision, PRECISION_CHOICES)
         if self.micro_batch != AUTO and not (isinstance(self.micro_batch, int) and self.micro_batch >= 1):
             raise ConfigError(f"micro_batch must be a positive integer or {AUTO!r} (the most that fit the GPU), got "
                               f"{self.micro_batch!r}")
@@ -289,6 +290,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        _choice("precision", self.precision, PRECISION_CHOICES)
 
 
 @dataclass
@@ -302,6 +304,7 @@ class SampleConfig(SamplingConfig):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        _choice("precision", self.precision, PRECISION_CHOICES)
         super().__post_init__()
 
 
@@ -358,25 +361,20 @@ class RunConfig:
         steps = {step: cls_(**parts[step]) for step, cls_ in STEPS.items() if step != "train"}
         return cls(**top, **steps, train=TrainConfig.from_dict(parts["train"]))
 
+    def values(self, names) -> dict:
+        """The values this run holds under flat `names`, typed by their fields: what `-p` gave them, parsed."""
+        table, gpt_fields = knobs(), set(field_types(GPTConfig)) - set(field_types(TrainConfig))
+        found = {}
+        for name in names:
+            step = table[name][0][0]  # the first step that reads it: a shared knob holds one value
+            part = self if step is None else getattr(self, step)
+            found[name] = part.model_overrides[name] if name in gpt_fields else getattr(part, name)
+        return found
+
     @classmethod
     def from_preset(cls, preset: str | None, overrides: dict | None = None,
                     run_dir: str | Path | None = None) -> "RunConfig":
         """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed: a recipe
         named by either one sets its knobs over the preset's values, under the overrides."""
-        return cls.from_flat(under_recipe(preset_values(preset), overrides or {}), run_dir)
-
-
-def preset_values(preset: str | None) -> dict:
-    if preset is None:
-        return {}
-    if preset not in RUN_PRESETS:
-        raise ConfigError(f"unknown run preset {preset!r}{did_you_mean(preset, RUN_PRESETS)}; choose one of "
-                          f"{sorted(RUN_PRESETS)}")
-    return get_preset(preset)  # the table's values, completed by this machine's measurements
-
-
-def typed_values(values: dict) -> dict:
-    """Flat values parsed by their knobs' types (text from the command line becomes ints, bools, None...)."""
-    table = knobs()
-    check_known(values, table, "parameter")
-    return {name: coerce(table[name][0][1], value, name) for name, value in values.items()}
+        values = {} if preset is None else get_preset(preset)  # completed by this machine's measurements
+        return cls.from_flat(under_recipe(values, overrides or {}), run_dir)

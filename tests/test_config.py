@@ -49,6 +49,7 @@ def test_p_values_parse_by_the_fields_type(tmp_path):
     ("n_head", "3", "GPTConfig.n_embd=64 is not divisible by n_head=3"),
     ("max_tokens", "0", "max_tokens must be positive"),
     ("threads", "0", "threads must be at least 1"),  # torch would refuse it in notebook 03, in a traceback
+    ("precision", "fp8", "precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
 ])
 def test_bad_values_name_the_parameter(tmp_path, name, value, message):
     with pytest.raises(RunError, match="invalid configuration: " + message):
@@ -202,6 +203,8 @@ def test_recipe_and_schedule_values_are_checked(tmp_path):
     bare = TrainConfig(recipe="speedrun")  # a recipe named in code is applied like one named anywhere else
     assert recipe_values(bare) == RECIPES["speedrun"]
     assert recipe_values(TrainConfig(recipe="speedrun", max_lr=0.02)) == {**RECIPES["speedrun"], "max_lr": 0.02}
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        SampleConfig(precision="fp8")  # checked where it is configured, for every step that reads it
     assert TrainConfig().max_lr == 1e-3 and TrainConfig(optimizer="muon").optimizer == "muon"  # no recipe named
     launched = TrainConfig(model="small-char")  # a multi-GPU launch hands its workers the config as JSON
     assert TrainConfig.from_dict(asdict(launched)).model_config(65).position == "rope"
