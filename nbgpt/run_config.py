@@ -346,21 +346,6 @@ class RunConfig:
             self.train.batch_layout(block_size, self.nproc)
         check_parallel(self.train, self.nproc)
 
-    @classmethod
-    def from_flat(cls, values: dict, run_dir: str | Path | None = None) -> "RunConfig":
-        """RunConfig from flat names (typed values or text); run_dir sets where training reads and writes."""
-        table = knobs()
-        check_known(values, table, "parameter")
-        top: dict = {}
-        parts: dict[str, dict] = {step: {} for step in STEPS}
-        for name, value in values.items():
-            for step, _ in table[name]:
-                (top if step is None else parts[step])[name] = value
-        if run_dir is not None:
-            parts["train"].update(data_dir=str(Path(run_dir) / "data"), out_dir=str(run_dir))
-        steps = {step: cls_(**parts[step]) for step, cls_ in STEPS.items() if step != "train"}
-        return cls(**top, **steps, train=TrainConfig.from_dict(parts["train"]))
-
     def values(self, names) -> dict:
         """The values this run holds under flat `names`, typed by their fields: what `-p` gave them, parsed."""
         table, gpt_fields = knobs(), set(field_types(GPTConfig)) - set(field_types(TrainConfig))
@@ -374,7 +359,18 @@ class RunConfig:
     @classmethod
     def from_preset(cls, preset: str | None, overrides: dict | None = None,
                     run_dir: str | Path | None = None) -> "RunConfig":
-        """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed: a recipe
-        named by either one sets its knobs over the preset's values, under the overrides."""
-        values = {} if preset is None else get_preset(preset)  # completed by this machine's measurements
-        return cls.from_flat(under_recipe(values, overrides or {}), run_dir)
+        """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed by flat name
+        (typed values or text): a recipe named by either one sets its knobs over the preset's values, under the
+        overrides. run_dir sets where training reads and writes."""
+        values = under_recipe({} if preset is None else get_preset(preset), overrides or {})
+        table = knobs()
+        check_known(values, table, "parameter")
+        top: dict = {}
+        parts: dict[str, dict] = {step: {} for step in STEPS}
+        for name, value in values.items():
+            for step, _ in table[name]:
+                (top if step is None else parts[step])[name] = value
+        if run_dir is not None:
+            parts["train"].update(data_dir=str(Path(run_dir) / "data"), out_dir=str(run_dir))
+        steps = {step: cls_(**parts[step]) for step, cls_ in STEPS.items() if step != "train"}
+        return cls(**top, **steps, train=TrainConfig.from_dict(parts["train"]))
