@@ -22,7 +22,8 @@ that nobody names applies no bundle: the preset's values stand (cpu-demo's Muon 
 
 from __future__ import annotations
 
-from .config import ConfigError, did_you_mean
+from .config import ConfigError, did_you_mean, field_types
+from .model import GPTConfig
 
 RECIPES: dict[str, dict] = {
     "gpt2": dict(
@@ -44,6 +45,12 @@ RECIPES: dict[str, dict] = {
 def check_recipe(name: str) -> None:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}{did_you_mean(name, RECIPES)}; choose one of {sorted(RECIPES)}")
+
+
+def architecture(name: str) -> dict:
+    """The GPTConfig fields of recipe `name`'s bundle: its model, to lay over any preset's shape."""
+    check_recipe(name)
+    return {field: value for field, value in RECIPES[name].items() if field in field_types(GPTConfig)}
 
 
 def under_recipe(preset: dict, given: dict) -> dict:

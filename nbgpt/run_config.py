@@ -26,7 +26,7 @@ from .device import PRECISIONS
 from .generate import SamplingConfig
 from .model import MODEL_PRESETS, GPTConfig
 from .presets import get_preset
-from .recipes import RECIPES, check_recipe, under_recipe
+from .recipes import RECIPES, architecture, check_recipe, under_recipe
 from .shards import check_cap, prepare
 
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # of TrainConfig, EvalConfig and SampleConfig (nbgpt.device)
@@ -157,12 +157,12 @@ class TrainConfig:
     tracker_run_name: str | None = knob(None, "the W&B run's name (none: the run directory's name)")
 
     def __post_init__(self) -> None:
-        bundle = self._fill_unset()
+        named = self._fill_unset()
         check_fields(self)
-        preset = MODEL_PRESETS.get(self.model, {})
-        architecture = {name: value for name, value in bundle.items() if name not in preset}
-        self.model_overrides = typed_mapping(GPTConfig, {**architecture, **self.model_overrides},
-                                             exclude=("vocab_size",))
+        bundle = architecture(self.recipe) if named else {}
+        preset = MODEL_PRESETS.get(self.model, {})  # a model preset's own architecture stands (small-char: rotary)
+        unset = {name: value for name, value in bundle.items() if name not in preset}
+        self.model_overrides = typed_mapping(GPTConfig, {**unset, **self.model_overrides}, exclude=("vocab_size",))
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "trapezoid"):
@@ -190,19 +190,18 @@ class TrainConfig:
         for message in contradictions(self):
             warnings.warn(message, ConfigWarning, stacklevel=3)
 
-    def _fill_unset(self) -> dict:
+    def _fill_unset(self) -> bool:
         """The one place a recipe is applied: each knob left UNSET takes the named recipe's value, else its own
-        default; a recipe left unset is the default one and applies nothing (cpu-demo's Muon stands). Returns
-        the bundle's architecture (GPTConfig fields), which fills the model fields that neither
-        model_overrides nor the model preset set: small-char's rotary positions stay under any recipe."""
-        bundle = {}
-        if self.recipe is not UNSET:
+        default; a recipe left unset is the default one and applies nothing (cpu-demo's Muon stands). Whether
+        a recipe was named: then its architecture fills the model fields left unset (__post_init__)."""
+        named = self.recipe is not UNSET
+        if named:
             check_recipe(self.recipe)
-            bundle = dict(RECIPES[self.recipe])
+        bundle = RECIPES[self.recipe] if named else {}
         for f in fields(self):
             if getattr(self, f.name) is UNSET:
                 setattr(self, f.name, bundle.get(f.name, knob_default(f)))
-        return {name: value for name, value in bundle.items() if name not in field_types(TrainConfig)}
+        return named
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

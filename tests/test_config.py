@@ -299,3 +299,15 @@ def test_one_answer_to_whether_hellaswag_can_score_a_model(char_data, tmp_path):
     result = nbgpt("eval", "--checkpoint", str(out), "--device", "cpu")
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "HellaSwagUnavailable: HellaSwag is English text in GPT-2 BPE" in result.stderr
+
+
+def test_a_recipes_architecture_is_read_from_its_bundle():
+    """Notebook 02 shows the speedrun's model on the run's own shape, from the recipe rather than a copy of it."""
+    from nbgpt.recipes import architecture
+
+    model = GPTConfig.from_dict({**GPTConfig.from_preset("tiny", vocab_size=65).to_dict(), **architecture("speedrun")})
+    assert {name: getattr(model, name) for name in architecture("speedrun")} == {
+        name: value for name, value in RECIPES["speedrun"].items() if name in asdict(model)}
+    assert (model.position, model.n_layer, model.tie_embeddings) == ("rope", 2, False)
+    with pytest.raises(ConfigError, match="unknown recipe 'modded'"):
+        architecture("modded")
