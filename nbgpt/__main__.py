@@ -13,25 +13,6 @@ import warnings
 from .cli import build_parser
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .device import DeviceError
-    from .files import WriteError
-    from .hellaswag import HellaSwagError, HellaSwagUnavailable
-    from .hf import HFFormatError
-    from .model import ConfigError
-    from .run import RunError
-    from .runlock import RunLockError
-    from .shards import DataError
-    from .stop import TrainingDiverged
-    from .sources import SourceError
-    from .tokenizer import TokenizerError
-
-    return (CheckpointError, ConfigError, DataError, DeviceError, FileNotFoundError, HellaSwagError,
-            HellaSwagUnavailable, HFFormatError, RunError, RunLockError, SourceError, TokenizerError,
-            TrainingDiverged, WriteError)
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Settings that contradict each other are a line for the user, not a pointer into nbgpt's source."""
     from .config import ConfigWarning
@@ -43,7 +24,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .stop import TrainingStopped
+    from .errors import NbgptError
 
     warnings.showwarning = _show_warning
     parser = build_parser()
@@ -54,16 +35,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except TrainingStopped as exc:
+    except (NbgptError, FileNotFoundError) as exc:
         if args.debug:
             raise
+        return report(exc)
+
+
+def report(exc: Exception) -> int:
+    """Print an expected failure as its one line and return its exit code: a run stopped by a signal carries
+    `signum` (128 + it; its message says how to resume); anything else is 2."""
+    signum = getattr(exc, "signum", None)
+    if signum is not None:
         print(exc, file=sys.stderr)
-        return 128 + exc.signum
-    except expected_errors() as exc:
-        if args.debug:
-            raise
-        print(f"nbgpt: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return 128 + signum
+    print(f"nbgpt: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

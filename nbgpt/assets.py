@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .errors import NbgptError
 from .files import atomic_write_bytes, sha256_bytes, sha256_file
 
 
-class AssetError(RuntimeError):
+class AssetError(NbgptError, RuntimeError):
     """An asset that is not on this machine and cannot be fetched, or a copy of it that is wrong."""
 
 

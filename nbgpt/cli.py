@@ -15,7 +15,7 @@ import json
 import re
 import sys
 
-from .config import coerce, did_you_mean, field_types, knob_help
+from .config import coerce, did_you_mean, field_types, knob_default, knob_help
 
 
 def _flag_type(annotation, name: str):
@@ -32,8 +32,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[st
                             note: str = "") -> None:
     """A `--field-name` flag per field of `cls`, helped by the field's own line (nbgpt.config.knob) and its
     default; flags left out stay out of the namespace (the dataclass decides)."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls)}
+    defaults = {f.name: knob_default(f) for f in dataclasses.fields(cls)}
     helps = knob_help(cls)
     for name, annotation in field_types(cls).items():
         if name not in skip:
@@ -74,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .distributed import shutdown
-    from .hellaswag import HellaSwagUnavailable, evaluate_hellaswag, load_examples
+    from .hellaswag import evaluate_hellaswag, load_examples_for
     from .loading import load_model
     from .run_config import EvalConfig
     from .train_setup import start_runtime
@@ -85,10 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(args.checkpoint, device=str(device))
         model, tokenizer = loaded.model, loaded.tokenizer
-        if tokenizer.name != "gpt2":  # scores from another tokenizer's model would mean nothing
-            raise HellaSwagUnavailable(f"HellaSwag is English text in GPT-2 BPE; {args.checkpoint} uses the "
-                                       f"{tokenizer.name} tokenizer: evaluate a model trained on gpt2 tokens")
-        examples = load_examples(config.hellaswag_path, limit=config.hellaswag_limit)
+        examples = load_examples_for(tokenizer, config.hellaswag_path, limit=config.hellaswag_limit)
         result = evaluate_hellaswag(model, tokenizer, examples, device=device,
                                     precision=runtime.precision,
                                     max_batch_tokens=config.max_batch_tokens, dist_info=info)
@@ -140,7 +136,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .progress import eval_scope
-    from .run import RunError, RunStopped, run_pipeline
+    from .run import RunError, run_pipeline
+    from .stop import TrainingStopped
 
     overrides = dict(args.parameters or [])  # text: RunConfig's fields parse it by their types
     if args.preset is None and not (args.resume and args.name):
@@ -150,9 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run_pipeline(args.preset, overrides, name=args.name, runs_dir=args.runs_dir, resume=args.resume,
                               notebooks=args.notebooks, replace=args.replace)
-    except RunStopped as exc:
-        print(f"nbgpt run: {exc}. Resume with: python -m nbgpt run --runs-dir {args.runs_dir} --name "
-              f"{args.name or args.preset} --resume", file=sys.stderr)
+    except TrainingStopped as exc:
+        print(f"nbgpt run: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except RunError as exc:
         print(f"nbgpt run: {exc}", file=sys.stderr)
@@ -172,12 +168,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .memory import plan_memory
-    from .run_config import RunConfig, typed_values
+    from .run_config import RunConfig
 
     overrides = dict(args.parameters or [])
     if args.nproc is not None:
         overrides["nproc"] = args.nproc
-    plan = plan_memory(RunConfig.from_preset(args.preset, typed_values(overrides)), args.gpu, args.gpu_memory)
+    plan = plan_memory(RunConfig.from_preset(args.preset, overrides), args.gpu, args.gpu_memory)
     print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan_lines(args.preset, plan)))
     return 0 if plan.fits else 1
 
@@ -248,21 +244,9 @@ def add_plan_command(commands, presets: list[str]) -> None:
     plan.set_defaults(handler=_plan)
 
 
-MODEL_SOURCES = ("run directory, checkpoint file, exported folder (HF GPT-2 or nbgpt format), or hub name such as "
-                 "gpt2 (see nbgpt.loading)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .export import FORMATS
-    from .model import GPTConfig
-    from .presets import RUN_PRESETS
-    from .run_config import EvalConfig, PrepareConfig, SampleConfig
-    from .run_config import TrainConfig
-
-    parser = Parser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
-    commands = parser.add_subparsers(title="commands")
+def add_run_command(commands, presets: list[str]) -> None:
     run = commands.add_parser("run", help="execute the five notebooks with papermill into runs/<name>")
-    run.add_argument("--preset", choices=sorted(RUN_PRESETS),
+    run.add_argument("--preset", choices=presets,
                      help="the run's preset (with --resume --name, the one the run was started with)")
     run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="set any knob of nbgpt.run_config.RunConfig by name, e.g. -p max_steps 50 (repeatable)")
@@ -275,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "(make demo's); any other run there is kept and the command refused")
     run.set_defaults(handler=_run)
 
+
+MODEL_SOURCES = ("run directory, checkpoint file, exported folder (HF GPT-2 or nbgpt format), or hub name such as "
+                 "gpt2 (see nbgpt.loading)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .model import GPTConfig
+    from .presets import RUN_PRESETS
+    from .run_config import EvalConfig, PrepareConfig, SampleConfig, TrainConfig
+
+    parser = Parser(prog="nbgpt", description="Reproduce GPT-2, notebook-first.")
+    commands = parser.add_subparsers(title="commands")
+    add_run_command(commands, sorted(RUN_PRESETS))
     add_plan_command(commands, sorted(RUN_PRESETS))
 
     prep = commands.add_parser("prepare", help="tokenize a corpus into shards")
@@ -301,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(sample, SampleConfig)
     sample.set_defaults(handler=_sample)
 
+    add_export_command(commands)
+    return parser
+
+
+def add_export_command(commands) -> None:
+    from .export import FORMATS
+
     export = commands.add_parser("export", help="write a model for others: HF GPT-2 format where it can express "
                                                 "the model, else nbgpt's own (see nbgpt.export)")
     export.add_argument("--checkpoint", required=True, help=MODEL_SOURCES)
@@ -308,4 +312,3 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=FORMATS, default="auto",
                         help="auto (default): hf when HF's GPT-2 can express the model, else nbgpt")
     export.set_defaults(handler=_export)
-    return parser

@@ -16,10 +16,12 @@ import typing
 import warnings
 from collections.abc import Sequence
 
+from .errors import NbgptError
+
 _TRUE, _FALSE, _NONE = ("true", "1"), ("false", "0"), ("none", "null")
 
 
-class ConfigError(ValueError):
+class ConfigError(NbgptError, ValueError):
     """A model or training configuration that cannot work."""
 
 
@@ -42,10 +44,31 @@ def config_warnings_to(echo):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def knob(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING):
+class _Unset:
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET = _Unset()  # the dataclass default of a knob a recipe may set: "not given" (see knob's `recipe`)
+
+
+def knob(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, recipe: bool = False):
     """A config field with its one line of help, written beside it: the class reads like a commented list of
-    its knobs, and `--help` shows the same line for the field's flag (knob_help), so the two never differ."""
+    its knobs, and `--help` shows the same line for the field's flag (knob_help), so the two never differ.
+
+    recipe=True marks a knob a recipe (nbgpt.recipes) may set: the field starts UNSET, so that __post_init__
+    can tell a value given from one left out, and gives it the named recipe's value or else `default`, its one
+    default (knob_default)."""
+    if recipe:
+        return dataclasses.field(default=UNSET, metadata={"help": help, "default": default})
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+def knob_default(f: dataclasses.Field):
+    """The default of a dataclass field: its knob's own, for one a recipe may set."""
+    if "default" in f.metadata:
+        return f.metadata["default"]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def knob_help(cls) -> dict[str, str]:

@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from .config import ConfigWarning
+from .errors import NbgptError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,7 +61,7 @@ GPU_PEAK_FLOPS = {
 }
 
 
-class DeviceError(ValueError):
+class DeviceError(NbgptError, ValueError):
     """A device or precision that this machine cannot provide."""
 
 
@@ -122,8 +123,8 @@ def emulated(device: torch.device, precision: str) -> bool:
 
 
 def choose_precision(device: torch.device, requested: str = "auto") -> str:
-    if requested not in PRECISIONS + ("auto",):
-        raise DeviceError(f"precision must be one of {PRECISIONS + ('auto',)}, got {requested!r}")
+    """What `requested` (auto, or one of PRECISIONS: checked where it is configured, nbgpt.run_config) runs
+    as on `device`."""
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         if requested == "auto":

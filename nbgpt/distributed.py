@@ -156,7 +156,7 @@ def launch(config, nproc: int, echo=print, **node) -> int:
         finally:
             os.unlink(config_file)
     if stop.signum is not None:
-        raise TrainingStopped(stop.signum, Path(config.out_dir) / "checkpoints")
+        raise TrainingStopped.by_signal(stop.signum, Path(config.out_dir) / "checkpoints")
     if code != 0:
         raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}: {' '.join(cmd)}")
     return code

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
+from .errors import NbgptError
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -40,7 +42,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class WriteError(OSError):
+class WriteError(NbgptError, OSError):
     """A file could not be written (disk full, read-only or missing folder, file size limit)."""
 
     def __str__(self) -> str:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .assets import Asset, fetch
 from .device import DTYPES, autocast
 from .distributed import DistInfo, all_reduce_sum
+from .errors import NbgptError
 from .model import KVCache
 from .tokenizer import Tokenizer
 
@@ -30,11 +31,11 @@ GPT2_124M_ACC_NORM = 0.2955
 GPT3_124M_ACC_NORM = 0.337
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(NbgptError, ValueError):
     """A malformed HellaSwag file."""
 
 
-class HellaSwagUnavailable(RuntimeError):
+class HellaSwagUnavailable(NbgptError, RuntimeError):
     """No HellaSwag data on this machine and no way to download it."""
 
 
@@ -102,6 +103,16 @@ def hellaswag_path(path: str | os.PathLike | None = None) -> Path:
 
 def load_examples(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Example]:
     return read_examples(hellaswag_path(path), limit)
+
+
+def load_examples_for(tokenizer: Tokenizer, path: str | os.PathLike | None = None,
+                      limit: int | None = None) -> list[Example]:
+    """The examples to score a model of this tokenizer on, or HellaSwagUnavailable saying why it cannot be
+    scored: HellaSwag is English text in GPT-2 BPE, and another tokenizer's scores would mean nothing."""
+    if tokenizer.name != "gpt2":
+        raise HellaSwagUnavailable(f"HellaSwag is English text in GPT-2 BPE, and this model uses the "
+                                   f"{tokenizer.name} tokenizer: score a model trained on gpt2 tokens")
+    return load_examples(path, limit)
 
 
 # ---------------------------------------------------------------------------------------------- scoring

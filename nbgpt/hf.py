@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .assets import offline
+from .errors import NbgptError
 from .files import atomic_write, atomic_write_json
 from .model import GPT, ConfigError, GPTConfig
 
@@ -24,7 +25,7 @@ from .model import GPT, ConfigError, GPTConfig
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-class HFFormatError(ValueError):
+class HFFormatError(NbgptError, ValueError):
     """A directory or hub name that is not a loadable HF GPT-2 checkpoint."""
 
 

@@ -6,14 +6,8 @@ Read-only views for the notebooks; nothing here changes a model or an optimizer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .model import GPT, apply_rotary
-
-
-def causal_mask(T: int) -> torch.Tensor:
-    """(T, T) booleans, True where query t may see key s: s <= t. Row t is everything up to token t."""
-    return torch.ones(T, T, dtype=torch.bool).tril()
+from .model import GPT, attention_probs, causal_mask  # causal_mask: notebook 02 imports it from here
 
 
 @torch.no_grad()
@@ -21,7 +15,7 @@ def attention_weights(model: GPT, idx: torch.Tensor, layer: int = 0) -> torch.Te
     """softmax(q kᵀ / √D) with the causal mask, for one sequence idx (1, T) at `layer`: (H, T, T).
 
     The model runs forward once while a hook catches what the layer's attention receives (the LayerNorm'd
-    residual stream); q and k are then recomputed from that layer's own c_attn weights, as its forward does.
+    residual stream and the rotary tables); the layer's own `qkv` then gives its queries and keys.
     """
     attn = model.h[layer].attn
     device = next(model.parameters()).device
@@ -33,18 +27,10 @@ def attention_weights(model: GPT, idx: torch.Tensor, layer: int = 0) -> torch.Te
         with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             model.eval()
             model(idx.to(device))
-            q, k, _ = attn.c_attn(caught["x"]).float().split(model.config.n_embd, dim=2)  # each (1, T, C)
+            q, k, _ = attn.qkv(caught["x"], caught["rope"])  # each (1, H, T, D)
     finally:
         hook.remove()
-    B, T, C = q.shape
-    q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))  # (1, H, T, D)
-    if attn.qk_norm:
-        q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
-    if caught["rope"] is not None:
-        q, k = apply_rotary(q, *caught["rope"]), apply_rotary(k, *caught["rope"])
-    scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5  # (1, H, T, T): how well each query matches each key
-    scores = scores.masked_fill(~causal_mask(T).to(scores.device), float("-inf"))  # the future is invisible
-    return scores.softmax(dim=-1)[0].cpu()
+    return attention_probs(q.float(), k.float())[0].cpu()  # the future is invisible: zero weight above the diagonal
 
 
 def param_groups(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[dict]:

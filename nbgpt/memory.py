@@ -286,15 +286,15 @@ def _trace_speedups(config: GPTConfig, seq_len: int, fast: torch.dtype) -> tuple
     fresh model: its fp32 eager forward + backward (the second timing call accumulates into the first's
     gradients), its attention pair in the fast 16-bit dtype, and its two AdamWs (loop and fused) over the
     model: four moment buffers at once."""
-    from .speedups import _adamw_pair, _attention_pair, _train_step
+    from .speedups import adamw_pair, attention_pair, train_step
 
     with _Tracer() as t:
         model = GPT(config)
         _with_gradients(model)
         t.tracker.track_external(model)
-        step = t.line(lambda b: _train_step(model, _tokens(b, seq_len), None)())
-        attention = t.line(lambda b: [f() for f in _attention_pair(config, b, seq_len, torch.device("cpu"), fast)])
-        adamw = t.peak(lambda: [f() for f in _adamw_pair(model)])
+        step = t.line(lambda b: train_step(model, _tokens(b, seq_len), None)())
+        attention = t.line(lambda b: [f() for f in attention_pair(config, b, seq_len, torch.device("cpu"), fast)])
+        adamw = t.peak(lambda: [f() for f in adamw_pair(model)])
     return step, attention, adamw
 
 

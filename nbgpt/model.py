@@ -228,13 +228,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if q.device.type != "cpu" or q.dtype == torch.float32 or S > EXPLICIT_ATTENTION_MAX_LEN:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                               dropout_p=dropout)
-    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5  # (B, H, T, S)
+    return F.dropout(attention_probs(q, k, mask).to(v.dtype), dropout) @ v  # (B, H, T, D)
+
+
+def causal_mask(T: int, S: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T, S) booleans, True where query t may see key s. The T queries are the last of the S positions (S = T
+    in training, the default), so row t sees the keys up to its own position."""
+    S = T if S is None else S
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D) in fp32, (B, H, T, S): how much each query takes from each key it may see (`mask`,
+    default causal_mask). The explicit path of `attention`, and the weights notebook 02 draws."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5  # (B, H, T, S): how well q matches k
     if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        mask = causal_mask(q.size(2), k.size(2), q.device)
     # A finite fill rather than -inf: a query that may see nothing (a left-padding slot) then gets harmless
     # uniform weights instead of NaNs, which would leak into real rows through its cached keys and values.
-    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1).to(v.dtype)
-    return F.dropout(weights, dropout) @ v  # (B, H, T, D)
+    return scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -253,6 +265,18 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
+        q, k, v = self.qkv(x, rope)
+        dropout = self.dropout if self.training else 0.0
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(self.layer, k, v)  # everything cached so far, (B, H, S, D)
+        y = attention(q, k, v, mask, dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """Queries, keys and values of x (B, T, C), each (B, H, T, D), as attention compares them."""
+        B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # q, k, v side by side per token
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
         if self.qk_norm:
@@ -263,13 +287,7 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        dropout = self.dropout if self.training else 0.0
-        mask = None
-        if cache is not None:
-            k, v, mask = cache.update(self.layer, k, v)  # everything cached so far, (B, H, S, D)
-        y = attention(q, k, v, mask, dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
-        return self.c_proj(y)
+        return q, k, v
 
 
 class MLP(nn.Module):

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .config import ConfigError, did_you_mean
 from .device import choose_precision
 
 RUN_PRESETS: dict[str, dict] = {
@@ -116,11 +117,9 @@ RUN_PRESETS: dict[str, dict] = {
 
 
 # Sequences of 64 tokens per optimizer step for the CPU demo model, by the precision the CPU runs fastest.
-# bf16 (~50 k tokens/s on 2 AVX-512 cores): 32, the winner of the time-to-quality sweep (bench/RESULTS.md).
-# fp32 (~15-25 k tokens/s): half that, so the demo's steps take about as long on a CPU without fast bf16; at
-# 32 × 64 an AVX2 CPU made 610 steps in a time budget and ended 0.12 nats ahead of nanoGPT. On an emulated AVX2 CPU
-# 16 × 64 ends 0.26 nats ahead in 100 s; 12 ties with it and 8 loses, because Muon's per-step cost does not
-# shrink with the batch (bench/RESULTS.md, "Every CPU").
+# bf16: 32, the winner of the time-to-quality sweep. fp32, two to three times slower: half that, so a CPU without
+# fast bf16 still makes about as many updates in its budget; not less, because Muon's per-step cost does not
+# shrink with the batch (bench/RESULTS.md, "Every CPU", has the measurements).
 CPU_BATCH = {"bf16": 32, "fp32": 16}
 
 
@@ -137,7 +136,9 @@ MEASURED_PRESETS: dict[str, Callable[[], dict]] = {"cpu-demo": cpu_recipe}
 
 
 def get_preset(name: str) -> dict:
+    """The flat values of run preset `name`: the table's, completed by this machine's measurements."""
     if name not in RUN_PRESETS:
-        raise KeyError(f"unknown run preset {name!r}; choose one of {sorted(RUN_PRESETS)}")
+        raise ConfigError(f"unknown run preset {name!r}{did_you_mean(name, RUN_PRESETS)}; choose one of "
+                          f"{sorted(RUN_PRESETS)}")
     measured = MEASURED_PRESETS.get(name)
     return {**RUN_PRESETS[name], **(measured() if measured else {})}

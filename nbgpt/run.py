@@ -20,14 +20,15 @@ from pathlib import Path
 
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, ConfigWarning, config_warnings_to
+from .errors import NbgptError
 from .files import atomic_write_json, read_json
 from .logtail import LogTail
 from .memory import refuse_unfit
 from .metrics import read_metrics
 from .processes import children, signal_tree
-from .run_config import RunConfig, typed_values
+from .run_config import RunConfig
 from .runlock import RunLock
-from .stop import StopSignals, signal_name
+from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import check_tracker
 from .train_state import differing
 
@@ -39,16 +40,9 @@ NOTEBOOKS = ("01_tokenize.ipynb", "02_model.ipynb", "03_train.ipynb", "04_evalua
              "05_sample.ipynb")
 
 
-class RunError(RuntimeError):
+class RunError(NbgptError, RuntimeError):
     """A notebook of the pipeline failed, or the run cannot start."""
 
-
-class RunStopped(RunError):
-    """SIGTERM/SIGINT stopped the pipeline (training checkpointed first); `signum` is the signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 def notebooks_dir() -> Path:
@@ -64,13 +58,12 @@ def check_run(preset: str, overrides: dict, run_dir: Path, echo=print) -> dict:
     """
     try:
         with config_warnings_to(lambda line: echo(f"[nbgpt] {line}")):
-            typed = typed_values(overrides)
-            checked = RunConfig.from_preset(preset, typed, run_dir)
+            checked = RunConfig.from_preset(preset, overrides, run_dir)
             check_tracker(checked.train.tracker)  # not installed, no login
             refuse_unfit(checked)
     except ConfigError as exc:
         raise RunError(f"invalid configuration: {exc}") from None
-    return typed
+    return checked.values(overrides)
 
 
 @dataclass
@@ -90,9 +83,6 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
     """Execute the notebooks of `preset` (all five, or those named) into runs/<name>. Resuming a named run,
     `preset` may be None: the one in its run.json. With `replace` (what `make demo` passes), an earlier run in
     runs/<name> that was itself started with `replace` is deleted and started over; any other is refused."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     run_dir = Path(runs_dir).resolve() / (name or preset)
     if preset is None:
         preset = recorded_preset(run_dir)
@@ -105,47 +95,52 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
     typed = check_run(preset, {**saved, **(overrides or {})}, run_dir, echo)
     if not replacing:
         check_continuable(preset, saved, typed, run_dir)
-    source = notebooks_dir()
-    chosen = notebooks or list(NOTEBOOKS)
-    missing = [n for n in chosen if not (source / n).is_file()]
-    if missing:
-        raise RunError(f"notebook(s) {missing} not found in {source}")
+    chosen = [notebooks_dir() / n for n in notebooks or NOTEBOOKS]
+    if missing := [path.name for path in chosen if not path.is_file()]:
+        raise RunError(f"notebook(s) {missing} not found in {notebooks_dir()}")
     if replacing:  # only now: a run refused for a bad setting keeps the previous one
         clear_run(run_dir, f"[nbgpt] {run_dir} held an earlier run started with --replace (make demo): replacing "
                            f"it with a new one", echo)
-    replace = replace or (resume and replaceable(run_dir, preset))  # a resumed demo stays replaceable
-    parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
-    executed = []
+    marked = {"replace": True} if replace or (resume and replaceable(run_dir, preset)) else {}  # replaceable()
     # The lock is ours; the kernels papermill starts, and the torchrun workers they launch, are admitted as
     # our descendants. train.log is written by the training notebook's trainer and streamed here.
-    marked = {"replace": True} if replace else {}  # see replaceable()
     with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop, \
             recorded(run_dir, {"preset": preset, "overrides": typed, **marked}):
-        for notebook in chosen:
-            output = run_dir / notebook
-            echo(f"[nbgpt] {notebook} -> {output}")
-            try:
-                papermill.execute_notebook(str(source / notebook), str(output), parameters=parameters,
-                                           kernel_name="python3", cwd=str(run_dir), progress_bar=False,
-                                           log_output=False, extra_arguments=KERNEL_ARGUMENTS)
-            except Exception as exc:
-                if stop.signum is not None:
-                    raise RunStopped(f"stopped by {signal_name(stop.signum)} in {notebook}; the partial notebook "
-                                     f"is kept at {output}", stop.signum) from None
-                if (stopped := kernel_stopped(exc, notebook, output)) is not None:
-                    raise stopped from None
-                if not isinstance(exc, PapermillExecutionError):
-                    raise
-                raise RunError(f"{notebook} failed in cell {exc.cell_index} (execution count "
-                               f"{exc.exec_count}): {exc.ename}: {exc.evalue}\nThe partial notebook is kept "
-                               f"at {output}") from None
-            executed.append(output)
-            if stop.signum is not None:  # the signal came between cells: stop before the next notebook
-                raise RunStopped(f"stopped by {signal_name(stop.signum)} after {notebook}", stop.signum)
+        parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
+        resume = f"Resume with: python -m nbgpt run --runs-dir {runs_dir} --name {run_dir.name} --resume"
+        executed = [execute_notebook(path, run_dir, parameters, stop, resume, echo) for path in chosen]
     return summarize(run_dir, executed)
 
 
-def kernel_stopped(exc: Exception, notebook: str, output: Path) -> RunStopped | None:
+def execute_notebook(notebook: Path, run_dir: Path, parameters: dict, stop: StopSignals, resume: str,
+                     echo=print) -> Path:
+    """Run one notebook with papermill into run_dir; its executed copy. A failing cell is a RunError naming it,
+    a stop signal (to `nbgpt run` or to the kernel) a TrainingStopped that ends with `resume`."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output = run_dir / notebook.name
+    echo(f"[nbgpt] {notebook.name} -> {output}")
+    try:
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                                   cwd=str(run_dir), progress_bar=False, log_output=False,
+                                   extra_arguments=KERNEL_ARGUMENTS)
+    except Exception as exc:
+        if stop.signum is not None:
+            raise TrainingStopped(f"stopped by {signal_name(stop.signum)} in {notebook.name}; the partial notebook "
+                                  f"is kept at {output}", resume, stop.signum) from None
+        if (stopped := kernel_stopped(exc, notebook.name, output, resume)) is not None:
+            raise stopped from None
+        if not isinstance(exc, PapermillExecutionError):
+            raise
+        raise RunError(f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+                       f"{exc.ename}: {exc.evalue}\nThe partial notebook is kept at {output}") from None
+    if stop.signum is not None:  # the signal came between cells: stop before the next notebook
+        raise TrainingStopped(f"stopped by {signal_name(stop.signum)} after {notebook.name}", resume, stop.signum)
+    return output
+
+
+def kernel_stopped(exc: Exception, notebook: str, output: Path, resume: str) -> TrainingStopped | None:
     """A stop signal sent to the notebook's kernel rather than to `nbgpt run`: the first ends training with a
     checkpoint (TrainingStopped in the cell), a second ends the kernel at once (papermill: DeadKernelError).
     Either way the run resumes from its checkpoints, like a run stopped through `nbgpt run`."""
@@ -153,14 +148,14 @@ def kernel_stopped(exc: Exception, notebook: str, output: Path) -> RunStopped | 
     from papermill.exceptions import PapermillExecutionError
 
     if isinstance(exc, DeadKernelError):  # its exit status is not ours to read: a kill is a SIGTERM's kin
-        return RunStopped(f"the kernel running {notebook} died (a second stop signal ends it at once, as do kill "
-                          f"-9 and the out-of-memory killer); the checkpoints on disk are intact and the partial "
-                          f"notebook is kept at {output}", signal.SIGTERM)
+        return TrainingStopped(f"the kernel running {notebook} died (a second stop signal ends it at once, as do "
+                               f"kill -9 and the out-of-memory killer); the checkpoints on disk are intact and the "
+                               f"partial notebook is kept at {output}", resume, signal.SIGTERM)
     if isinstance(exc, PapermillExecutionError) and exc.ename == "TrainingStopped":
         named = re.search(r"\bSIG[A-Z]+\b", exc.evalue)  # TrainingStopped's message names its signal
         signum = signal.Signals.__members__.get(named.group() if named else "", signal.SIGTERM)
-        return RunStopped(f"{notebook} stopped by {signal_name(signum)} to its kernel, with a checkpoint; the "
-                          f"partial notebook is kept at {output}", signum)
+        return TrainingStopped(f"{notebook} stopped by {signal_name(signum)} to its kernel, with a checkpoint; the "
+                               f"partial notebook is kept at {output}", resume, signum)
     return None
 
 
@@ -259,7 +254,7 @@ def recorded(run_dir: Path, record: dict):
     atomic_write_json(path, record)
     try:
         yield
-    except RunStopped:
+    except TrainingStopped:
         raise
     except BaseException:
         if previous is not None and latest_checkpoint(checkpoints) == newest:

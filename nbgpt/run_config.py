@@ -17,17 +17,19 @@ A name that two steps read (device, precision, seed, hellaswag_path, hellaswag_l
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import (ConfigError, ConfigWarning, check_fields, check_known, coerce, did_you_mean, field_types, knob,
-                     typed_mapping)
+from .config import (UNSET, ConfigError, ConfigWarning, check_fields, check_known, coerce, field_types, knob,
+                     knob_default, typed_mapping)
+from .device import PRECISIONS
 from .generate import SamplingConfig
 from .model import MODEL_PRESETS, GPTConfig
-from .presets import RUN_PRESETS, get_preset
-from .recipes import RECIPES, check_recipe, with_recipe
+from .presets import get_preset
+from .recipes import RECIPES, architecture, check_recipe, under_recipe
 from .shards import check_cap, prepare
 
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # of TrainConfig, EvalConfig and SampleConfig (nbgpt.device)
 AUTO = "auto"  # TrainConfig.micro_batch: the largest micro-batch that fits (nbgpt.memory.resolve_micro_batch)
 TRACKERS = ("none", "wandb", "tensorboard")  # TrainConfig.tracker (nbgpt.trackers)
 
@@ -95,21 +97,24 @@ class TrainConfig:
                                       "(nbgpt.memory)")
     seq_len: int | None = knob(None, "tokens per training window (none: the model's block_size)")
     recipe: str = knob("gpt2", "gpt2 or speedrun: a named bundle of optimizer, schedule and architecture settings "
-                       "(nbgpt.recipes)")
+                       "(nbgpt.recipes)", recipe=True)
     # schedule
     max_steps: int = knob(200, "optimizer steps to train: the schedule's horizon")
     max_seconds: float | None = knob(None, "wall-clock budget in seconds (none: no budget); the schedule's horizon "
                                            "is fitted to it")
-    max_lr: float = knob(1e-3, "peak learning rate, reached after warmup_steps")
-    min_lr_ratio: float = knob(0.1, "the learning rate decays to min_lr_ratio * max_lr")
-    warmup_steps: int = knob(20, "steps of linear learning-rate warmup up to max_lr")
-    schedule: str = knob("cosine", "after warmup: cosine decay, or trapezoid (constant, then a linear cooldown)")
+    max_lr: float = knob(1e-3, "peak learning rate, reached after warmup_steps", recipe=True)
+    min_lr_ratio: float = knob(0.1, "the learning rate decays to min_lr_ratio * max_lr", recipe=True)
+    warmup_steps: int = knob(20, "steps of linear learning-rate warmup up to max_lr", recipe=True)
+    schedule: str = knob("cosine", "after warmup: cosine decay, or trapezoid (constant, then a linear cooldown)",
+                         recipe=True)
     cooldown_fraction: float = knob(0.4, "trapezoid: the share of the steps spent cooling down to min_lr_ratio * "
                                          "max_lr")
-    weight_decay: float = knob(0.1, "decoupled weight decay of the weight matrices (biases and norms get none)")
-    optimizer: str = knob("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
+    weight_decay: float = knob(0.1, "decoupled weight decay of the weight matrices (biases and norms get none)",
+                               recipe=True)
+    optimizer: str = knob("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest",
+                          recipe=True)
     embedding_lr_scale: float = knob(1.0, "the input embeddings' learning rate (wte, wpe; a tied head is wte), in "
-                                          "multiples of max_lr")
+                                          "multiples of max_lr", recipe=True)
     beta1: float = knob(0.9, "Adam's first-moment (momentum) decay")
     beta2: float = knob(0.95, "Adam's second-moment decay")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this before each step")
@@ -152,9 +157,12 @@ class TrainConfig:
     tracker_run_name: str | None = knob(None, "the W&B run's name (none: the run directory's name)")
 
     def __post_init__(self) -> None:
+        named = self._fill_unset()
         check_fields(self)
-        self.model_overrides = typed_mapping(GPTConfig, self.model_overrides, exclude=("vocab_size",))
-        check_recipe(self.recipe)
+        bundle = architecture(self.recipe) if named else {}
+        preset = MODEL_PRESETS.get(self.model, {})  # a model preset's own architecture stands (small-char: rotary)
+        unset = {name: value for name, value in bundle.items() if name not in preset}
+        self.model_overrides = typed_mapping(GPTConfig, {**unset, **self.model_overrides}, exclude=("vocab_size",))
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "trapezoid"):
@@ -170,8 +178,7 @@ class TrainConfig:
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"parallel must be 'ddp' (a whole model per process) or 'fsdp' (weights, gradients "
                               f"and optimizer state sharded over the processes), got {self.parallel!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        _choice("precision", self.precision, PRECISION_CHOICES)
         if self.micro_batch != AUTO and not (isinstance(self.micro_batch, int) and self.micro_batch >= 1):
             raise ConfigError(f"micro_batch must be a positive integer or {AUTO!r} (the most that fit the GPU), got "
                               f"{self.micro_batch!r}")
@@ -183,10 +190,22 @@ class TrainConfig:
         for message in contradictions(self):
             warnings.warn(message, ConfigWarning, stacklevel=3)
 
+    def _fill_unset(self) -> bool:
+        """The one place a recipe is applied: each knob left UNSET takes the named recipe's value, else its own
+        default; a recipe left unset is the default one and applies nothing (cpu-demo's Muon stands). Whether
+        a recipe was named: then its architecture fills the model fields left unset (__post_init__)."""
+        named = self.recipe is not UNSET
+        if named:
+            check_recipe(self.recipe)
+        bundle = RECIPES[self.recipe] if named else {}
+        for f in fields(self):
+            if getattr(self, f.name) is UNSET:
+                setattr(self, f.name, bundle.get(f.name, knob_default(f)))
+        return named
+
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        """TrainConfig from flat names: GPTConfig fields (n_layer, bias, ...) go into model_overrides, and a
-        named `recipe` fills in its bundle under the values given (nbgpt.recipes.with_recipe).
+        """TrainConfig from flat names: GPTConfig fields (n_layer, bias, ...) go into model_overrides.
 
         Checkpoints written before model_overrides existed stored those fields flat, None meaning "the
         preset's": they load too.
@@ -197,8 +216,7 @@ class TrainConfig:
         flat = {name: value for name, value in values.items()
                 if name != "model_overrides" and not (name in model_fields and value is None)}
         check_known(flat, set(field_types(cls)) | model_fields, "TrainConfig field")
-        flat = with_recipe({}, {**nested, **flat})
-        overrides = {name: flat.pop(name) for name in model_fields & set(flat)}
+        overrides = {**nested, **{name: flat.pop(name) for name in model_fields & set(flat)}}
         return cls(**flat, model_overrides=overrides)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
@@ -257,19 +275,7 @@ def contradictions(config: TrainConfig) -> list[str]:
     if "rope_base" in config.model_overrides and model.get("position", GPTConfig.position) != "rope":
         found.append(f"rope_base={config.model_overrides['rope_base']} has no effect with learned absolute "
                      f"positions; set position='rope' to use rotary positions")
-    if config.recipe != TrainConfig.recipe and not recipe_in_effect(config):
-        found.append(f"recipe={config.recipe!r} but none of its settings is in effect (TrainConfig(...) does not "
-                     f"apply a recipe): build the config with TrainConfig.from_dict, the CLI or a preset")
     return found
-
-
-def recipe_in_effect(config: TrainConfig) -> bool:
-    """Whether any setting by which config.recipe's bundle differs from the defaults (which are the gpt2
-    recipe's architecture and optimizer) holds: a recipe applied and then ablated does, a bare name does not."""
-    defaults = {**asdict(GPTConfig()), **{f.name: f.default for f in fields(TrainConfig)}}
-    values = {**defaults, **asdict(config), **MODEL_PRESETS.get(config.model, {}), **config.model_overrides}
-    distinctive = {name: value for name, value in RECIPES[config.recipe].items() if defaults[name] != value}
-    return any(values[name] == value for name, value in distinctive.items())
 
 
 @dataclass
@@ -283,6 +289,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        _choice("precision", self.precision, PRECISION_CHOICES)
 
 
 @dataclass
@@ -296,6 +303,7 @@ class SampleConfig(SamplingConfig):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        _choice("precision", self.precision, PRECISION_CHOICES)
         super().__post_init__()
 
 
@@ -337,9 +345,23 @@ class RunConfig:
             self.train.batch_layout(block_size, self.nproc)
         check_parallel(self.train, self.nproc)
 
+    def values(self, names) -> dict:
+        """The values this run holds under flat `names`, typed by their fields: what `-p` gave them, parsed."""
+        table, gpt_fields = knobs(), set(field_types(GPTConfig)) - set(field_types(TrainConfig))
+        found = {}
+        for name in names:
+            step = table[name][0][0]  # the first step that reads it: a shared knob holds one value
+            part = self if step is None else getattr(self, step)
+            found[name] = part.model_overrides[name] if name in gpt_fields else getattr(part, name)
+        return found
+
     @classmethod
-    def from_flat(cls, values: dict, run_dir: str | Path | None = None) -> "RunConfig":
-        """RunConfig from flat names (typed values or text); run_dir sets where training reads and writes."""
+    def from_preset(cls, preset: str | None, overrides: dict | None = None,
+                    run_dir: str | Path | None = None) -> "RunConfig":
+        """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed by flat name
+        (typed values or text): a recipe named by either one sets its knobs over the preset's values, under the
+        overrides. run_dir sets where training reads and writes."""
+        values = under_recipe({} if preset is None else get_preset(preset), overrides or {})
         table = knobs()
         check_known(values, table, "parameter")
         top: dict = {}
@@ -351,26 +373,3 @@ class RunConfig:
             parts["train"].update(data_dir=str(Path(run_dir) / "data"), out_dir=str(run_dir))
         steps = {step: cls_(**parts[step]) for step, cls_ in STEPS.items() if step != "train"}
         return cls(**top, **steps, train=TrainConfig.from_dict(parts["train"]))
-
-    @classmethod
-    def from_preset(cls, preset: str | None, overrides: dict | None = None,
-                    run_dir: str | Path | None = None) -> "RunConfig":
-        """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed: a recipe
-        named by either one fills in its bundle over the preset's values, under the overrides."""
-        return cls.from_flat(with_recipe(preset_values(preset), overrides or {}), run_dir)
-
-
-def preset_values(preset: str | None) -> dict:
-    if preset is None:
-        return {}
-    if preset not in RUN_PRESETS:
-        raise ConfigError(f"unknown run preset {preset!r}{did_you_mean(preset, RUN_PRESETS)}; choose one of "
-                          f"{sorted(RUN_PRESETS)}")
-    return get_preset(preset)  # the table's values, completed by this machine's measurements
-
-
-def typed_values(values: dict) -> dict:
-    """Flat values parsed by their knobs' types (text from the command line becomes ints, bools, None...)."""
-    table = knobs()
-    check_known(values, table, "parameter")
-    return {name: coerce(table[name][0][1], value, name) for name, value in values.items()}

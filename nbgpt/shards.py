@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .config import ConfigError
+from .errors import NbgptError
 from .files import atomic_write, atomic_write_json, make_dirs, read_json, remove_stale_temp_files, sha256_file
 from .sources import Source, SourceError, get_source
 from .tokenizer import CharTokenizer, Tokenizer, get_tokenizer
@@ -35,7 +36,7 @@ FORMAT_VERSION = 1
 UINT16_LIMIT = 1 << 16
 
 
-class DataError(ValueError):
+class DataError(NbgptError, ValueError):
     """A dataset that cannot be built or read."""
 
 
@@ -176,6 +177,12 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     writer = ShardWriter(out, shard_tokens, key={"settings": settings, "tokenizer": tok.identity()},
                          max_tokens=max_tokens)
     _write_source(writer, src, tok, vocab_path, workers, batch_chars, progress)
+    manifest = _finish(writer, src, tok, settings, min_window)
+    return PrepareResult(out, manifest, built=True)
+
+
+def _finish(writer: ShardWriter, src: Source, tok: Tokenizer, settings: dict, min_window: int) -> dict:
+    """Close the last shard and write the manifest, last: its presence marks the dataset complete."""
     shards = writer.finish()
     total = sum(s["tokens"] for s in shards)
     if writer.documents_in_shards == 0 or total == 0:
@@ -183,12 +190,13 @@ def prepare(source: str | Source, tokenizer: str | Tokenizer, out_dir: str | os.
     manifest = {
         "format": FORMAT_VERSION, "settings": settings, "tokenizer": tok.identity(),
         "documents": writer.documents_in_shards, "total_tokens": total, "shards": shards,
-        "splits": _splits(total, val_fraction, val_tokens), "content_sha256": _content_hash(shards), "dtype": "uint16",
+        "splits": _splits(total, settings["val_fraction"], settings["val_tokens"]),
+        "content_sha256": _content_hash(shards), "dtype": "uint16",
     }
-    check_manifest(out, manifest, min_window)
-    atomic_write_json(out / MANIFEST, manifest)  # last: its presence marks the dataset complete
+    check_manifest(writer.out, manifest, min_window)
+    atomic_write_json(writer.out / MANIFEST, manifest)
     writer.progress_path.unlink(missing_ok=True)
-    return PrepareResult(out, manifest, built=True)
+    return manifest
 
 
 def _write_source(writer: ShardWriter, src: Source, tok: Tokenizer, vocab_path: Path | None, workers: int,

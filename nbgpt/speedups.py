@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_device, synchronize
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, attention_probs
 from .shards import TokenStore
 
 if TYPE_CHECKING:
@@ -52,7 +52,9 @@ def _row(name: str, what: str, device: torch.device, baseline=None, faster=None,
             "speed-up ×": f"{base / fast:.2f}"}
 
 
-def _train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], None]:
+def train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], None]:
+    """One forward + backward on x (autocast to `dtype` if given), to call: what the rows time and
+    nbgpt.memory prices."""
     def step() -> None:
         with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             _, loss = model(x, x)
@@ -95,15 +97,15 @@ def _timed_rows(config: GPTConfig, micro_batch: int, seq_len: int, device: torch
              *_tf32(model, x) if cuda else (), why_not="" if cuda and _ampere(device) else gpu_only + " (Ampere+)"),
         _row(f"{fast} autocast" if fast != "fp32" else "bf16 autocast",
              "matmuls in 16 bits, weights and sums kept in fp32", device,
-             _train_step(model, x, None), _train_step(model, x, DTYPES[fast]),
+             train_step(model, x, None), train_step(model, x, DTYPES[fast]),
              why_not="" if fast != "fp32" else _no_fast_precision(device)),
         _row("torch.compile", "fuses the elementwise ops between matmuls into fewer kernels", device,
              *_compiled(model, x) if cuda else (),
              why_not="" if cuda else gpu_only + " (compiling takes minutes on a CPU)"),
         _row("flash attention", "softmax(qkᵀ)v in one fused kernel, never storing the T×T scores", device,
-             *_attention_pair(config, micro_batch, seq_len, device, DTYPES[fast])),
+             *attention_pair(config, micro_batch, seq_len, device, DTYPES[fast])),
         _row("fused AdamW", "one kernel updates every parameter instead of one loop per tensor", device,
-             *_adamw_pair(model)),
+             *adamw_pair(model)),
         _row("vocab 50257 → 50304", "the LM head's matmul at GPT-2's vocabulary, padded to a multiple of 64", device,
              *_vocab_pair(config.n_embd, min(micro_batch * seq_len, 512), device)),
     ]
@@ -125,7 +127,7 @@ def _tf32(model, x):
         def step() -> None:
             torch.set_float32_matmul_precision(level)
             try:
-                _train_step(model, x, None)()
+                train_step(model, x, None)()
             finally:
                 torch.set_float32_matmul_precision("high")
         return step
@@ -133,24 +135,24 @@ def _tf32(model, x):
 
 
 def _compiled(model, x):
-    return _train_step(model, x, None), _train_step(torch.compile(model), x, None)
+    return train_step(model, x, None), train_step(torch.compile(model), x, None)
 
 
-def _attention_pair(config: GPTConfig, batch: int, T: int, device: torch.device, dtype: torch.dtype):
+def attention_pair(config: GPTConfig, batch: int, T: int, device: torch.device, dtype: torch.dtype):
+    """(explicit, fused): causal attention forward + backward over random (batch, H, T, D) q, k, v."""
     shape = (batch, config.n_head, T, config.head_size)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
     def explicit() -> None:  # the (B, H, T, T) score matrix is built, stored for backward, and read again
-        scores = (q @ k.transpose(-2, -1)) * config.head_size ** -0.5
-        (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v).sum().backward()
+        (attention_probs(q, k).to(v.dtype) @ v).sum().backward()
 
     def fused() -> None:
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
     return explicit, fused
 
 
-def _adamw_pair(model: torch.nn.Module):
+def adamw_pair(model: torch.nn.Module):
+    """(loop, fused): one AdamW step over `model`'s parameters, given random gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3

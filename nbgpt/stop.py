@@ -27,16 +27,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainingStopped(NbgptError):
-    """Training stopped on a signal after checkpointing; `signum` is the signal."""
+    """Training, or the pipeline around it, ended before its last step. The message says what happened, then
+    how to go on from there; `signum` is the signal that asked for the stop (exit status 128 + it), None for a
+    run that stopped itself (exit status 2)."""
 
-    def __init__(self, signum: int, checkpoint_dir: Path | str, step: int | None = None):
-        after = "" if step is None else f" after step {step}"
-        super().__init__(f"stopped by {signal_name(signum)}{after} with a checkpoint in {checkpoint_dir}; run "
-                         f"again with resume=True (the default) to continue")
+    def __init__(self, what: str, resume: str, signum: int | None = None):
+        super().__init__(f"{what}. {resume}")
         self.signum = signum
 
+    @classmethod
+    def by_signal(cls, signum: int, checkpoint_dir: Path | str, step: int | None = None) -> "TrainingStopped":
+        after = "" if step is None else f" after step {step}"
+        return cls(f"stopped by {signal_name(signum)}{after} with a checkpoint in {checkpoint_dir}",
+                   "Run again with resume=True (the default) to continue", signum)
 
-class TrainingDiverged(NbgptError):
+
+class TrainingDiverged(TrainingStopped):
     """The loss or the gradient stayed NaN or infinite for max_bad_steps steps in a row."""
 
 
@@ -97,5 +103,5 @@ class DivergenceGuard:
                 f"no checkpoint exists yet in {self.checkpoint_dir}")
         raise TrainingDiverged(
             f"the loss or gradient was not finite for {self.in_a_row} steps in a row (up to step "
-            f"{record['step']}); those steps were skipped, so no update reached the weights; {kept}. Lower "
-            f"max_lr, raise warmup_steps, or use precision='fp32'/'bf16', then resume")
+            f"{record['step']}); those steps were skipped, so no update reached the weights; {kept}",
+            "Lower max_lr, raise warmup_steps, or use precision='fp32'/'bf16', then resume")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 from .assets import Asset, Sdist, fetch
+from .errors import NbgptError
 from .files import atomic_write_bytes, sha256_bytes
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -43,7 +44,7 @@ class Tokenizer(Protocol):
     def identity(self) -> dict: ...
 
 
-class TokenizerError(ValueError):
+class TokenizerError(NbgptError, ValueError):
     """A tokenizer cannot be built or cannot encode its input."""
 
 

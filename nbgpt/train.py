@@ -35,7 +35,7 @@ from .runlock import RunLock
 from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
 from .sharding import full_state, load_full_state
 from .shards import DataError, TokenStore
-from .stop import DivergenceGuard, StopSignals, TrainingDiverged, TrainingStopped
+from .stop import DivergenceGuard, StopSignals, TrainingStopped
 from .tokenizer import tokenizer_spec
 from .trackers import check_tracker, open_tracker
 from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, gradient_sync,
@@ -209,10 +209,10 @@ class Trainer:
                     if signum or self.schedule.checkpoint(self.step, final, until):
                         self.save()  # checkpoint
                     if signum:  # stop: asked to
-                        stopped = TrainingStopped(signum, self.checkpoint_dir, self.step)
+                        stopped = TrainingStopped.by_signal(signum, self.checkpoint_dir, self.step)
                         self.log_event(str(stopped))  # train.log ends with why it ends
                         raise stopped
-        except (TrainingStopped, TrainingDiverged):
+        except TrainingStopped:  # a signal, or divergence
             self.close()
             raise
         finally:
@@ -329,15 +329,12 @@ class Trainer:
 
     def hellaswag(self) -> dict | None:
         """HellaSwag accuracy now; None when it cannot be scored (said once: the run goes on without it)."""
-        from .hellaswag import HellaSwagUnavailable, evaluate_hellaswag, load_examples
+        from .hellaswag import HellaSwagUnavailable, evaluate_hellaswag, load_examples_for
 
         if self._hellaswag_examples is None:  # read and validated once, scored every interval
             try:
-                if self.tokenizer.name != "gpt2":
-                    raise HellaSwagUnavailable(f"it is English text in GPT-2 BPE, and this run uses the "
-                                               f"{self.tokenizer.name} tokenizer")
-                self._hellaswag_examples = load_examples(self.config.hellaswag_path,
-                                                         limit=self.config.hellaswag_limit)
+                self._hellaswag_examples = load_examples_for(self.tokenizer, self.config.hellaswag_path,
+                                                             limit=self.config.hellaswag_limit)
             except HellaSwagUnavailable as reason:
                 self._hellaswag_examples = []
                 self.log_event(f"HellaSwag skipped for this run: {reason}")

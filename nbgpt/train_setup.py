@@ -93,9 +93,7 @@ def build_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[
     if config.optimizer == "adamw":
         return [build_adamw(model, config.weight_decay, config.max_lr, betas, device_type,
                             embeddings=model.embedding_parameters(), embedding_lr_scale=scale)]
-    if config.optimizer == "muon":
-        return build_muon(model, config.weight_decay, config.max_lr, betas, device_type, embedding_lr_scale=scale)
-    raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {config.optimizer!r}")
+    return build_muon(model, config.weight_decay, config.max_lr, betas, device_type, embedding_lr_scale=scale)
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

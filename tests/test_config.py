@@ -49,6 +49,7 @@ def test_p_values_parse_by_the_fields_type(tmp_path):
     ("n_head", "3", "GPTConfig.n_embd=64 is not divisible by n_head=3"),
     ("max_tokens", "0", "max_tokens must be positive"),
     ("threads", "0", "threads must be at least 1"),  # torch would refuse it in notebook 03, in a traceback
+    ("precision", "fp8", "precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
 ])
 def test_bad_values_name_the_parameter(tmp_path, name, value, message):
     with pytest.raises(RunError, match="invalid configuration: " + message):
@@ -199,8 +200,14 @@ def test_recipe_and_schedule_values_are_checked(tmp_path):
         TrainConfig(cooldown_fraction=0.2)
     with pytest.warns(ConfigWarning, match="warmup_steps=80 runs into the cooldown, which starts at step 60"):
         TrainConfig(schedule="trapezoid", max_steps=100, warmup_steps=80)
-    with pytest.warns(ConfigWarning, match="recipe='speedrun' but none of its settings is in effect"):
-        TrainConfig(recipe="speedrun")
+    bare = TrainConfig(recipe="speedrun")  # a recipe named in code is applied like one named anywhere else
+    assert recipe_values(bare) == RECIPES["speedrun"]
+    assert recipe_values(TrainConfig(recipe="speedrun", max_lr=0.02)) == {**RECIPES["speedrun"], "max_lr": 0.02}
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        SampleConfig(precision="fp8")  # checked where it is configured, for every step that reads it
+    assert TrainConfig().max_lr == 1e-3 and TrainConfig(optimizer="muon").optimizer == "muon"  # no recipe named
+    launched = TrainConfig(model="small-char")  # a multi-GPU launch hands its workers the config as JSON
+    assert TrainConfig.from_dict(asdict(launched)).model_config(65).position == "rope"
 
 
 def test_old_checkpoint_train_configs_load():
@@ -253,3 +260,54 @@ def test_gpt3_run_presets_follow_the_papers_recipe(preset, batch, lr):
     assert (train.total_batch_tokens, train.max_lr, train.min_lr_ratio, train.schedule) == (batch, lr, 0.1, "cosine")
     assert train.model_config(vocab_size=50257).block_size == 2048 and train.seq_len is None
     assert abs(train.warmup_steps * batch - 375e6) <= batch / 2
+
+
+def test_expected_failures_share_one_base_class_that_main_prints_as_one_line(tmp_path):
+    """`python -m nbgpt` catches NbgptError, so each module's own failure is a line there, not a traceback."""
+    from nbgpt.assets import AssetError
+    from nbgpt.device import DeviceError
+    from nbgpt.errors import NbgptError
+    from nbgpt.files import WriteError
+    from nbgpt.hellaswag import HellaSwagError, HellaSwagUnavailable
+    from nbgpt.hf import HFFormatError
+    from nbgpt.shards import DataError
+    from nbgpt.sources import SourceError
+    from nbgpt.tokenizer import TokenizerError
+
+    for error in (AssetError, ConfigError, DataError, DeviceError, HellaSwagError, HellaSwagUnavailable,
+                  HFFormatError, RunError, SourceError, TokenizerError, WriteError):
+        assert issubclass(error, NbgptError), error
+    assert issubclass(WriteError, OSError) and issubclass(ConfigError, ValueError)  # their callers' excepts hold
+    result = nbgpt("eval", "--checkpoint", str(tmp_path / "nothing-here"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("nbgpt: ") and result.stderr.strip().count("\n") == 0
+
+
+def test_one_answer_to_whether_hellaswag_can_score_a_model(char_data, tmp_path):
+    """nbgpt eval, the trainer and notebook 04 ask nbgpt.hellaswag.load_examples_for; a char model cannot be."""
+    from nbgpt.hellaswag import HellaSwagUnavailable, load_examples_for
+    from nbgpt.tokenizer import CharTokenizer
+
+    with pytest.raises(HellaSwagUnavailable, match="HellaSwag is English text in GPT-2 BPE, and this model uses "
+                                                   "the char tokenizer"):
+        load_examples_for(CharTokenizer.from_text("abc"))
+    out = tmp_path / "run"
+    trained = nbgpt("train", "--data-dir", str(char_data), "--out-dir", str(out), "--block-size", "32",
+                    "--total-batch-tokens", "256", "--micro-batch", "8", "--max-steps", "1", "--warmup-steps", "0",
+                    "--eval-batches", "1", "--precision", "fp32", "--progress", "false")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = nbgpt("eval", "--checkpoint", str(out), "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "HellaSwagUnavailable: HellaSwag is English text in GPT-2 BPE" in result.stderr
+
+
+def test_a_recipes_architecture_is_read_from_its_bundle():
+    """Notebook 02 shows the speedrun's model on the run's own shape, from the recipe rather than a copy of it."""
+    from nbgpt.recipes import architecture
+
+    model = GPTConfig.from_dict({**GPTConfig.from_preset("tiny", vocab_size=65).to_dict(), **architecture("speedrun")})
+    assert {name: getattr(model, name) for name in architecture("speedrun")} == {
+        name: value for name, value in RECIPES["speedrun"].items() if name in asdict(model)}
+    assert (model.position, model.n_layer, model.tie_embeddings) == ("rope", 2, False)
+    with pytest.raises(ConfigError, match="unknown recipe 'modded'"):
+        architecture("modded")
