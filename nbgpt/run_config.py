@@ -25,7 +25,7 @@ from .model import GPTConfig
 from .presets import RUN_PRESETS, get_preset
 from .recipes import with_recipe
 from .shards import check_cap, prepare
-from .train import TrainConfig, check_parallel
+from .train import TrainConfig
 
 
 def _choice(name: str, value, choices: tuple) -> None:
@@ -136,7 +136,6 @@ class RunConfig:
             # the dataset decides vocab_size later; any value checks the rest of the model's shape now
             block_size = self.train.model_config(vocab_size=256).block_size
             self.train.batch_layout(block_size, self.nproc)
-        check_parallel(self.train, self.nproc)
 
     @classmethod
     def from_flat(cls, values: dict, run_dir: str | Path | None = None) -> "RunConfig":

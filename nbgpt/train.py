@@ -38,7 +38,7 @@ from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
 from .shards import DataError, TokenStore
 from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import TRACKERS, check_tracker, open_tracker
-from .sharding import full_state
+from .sharding import full_state, is_sharded
 from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, gradient_sync,
                           open_store, start_runtime, wrap_model)
 
@@ -188,19 +188,6 @@ class TrainConfig:
         return seq_len, self.total_batch_tokens // tokens_per_micro_step
 
 
-def check_parallel(config: TrainConfig, world_size: int) -> None:
-    """Under FSDP no process holds the whole model, and every forward pass is a collective all ranks join
-    alike. Mid-training samples run on rank 0 alone and HellaSwag scores each rank's own examples: neither
-    can run there, so they are refused before training rather than left to hang."""
-    if config.parallel != "fsdp" or world_size == 1:
-        return
-    for name in ("sample_interval", "hellaswag_interval"):
-        if getattr(config, name) > 0:
-            raise ConfigError(f"{name}={getattr(config, name)} cannot run with parallel='fsdp' on {world_size} "
-                              f"processes (no process holds the whole model); set {name}=0 and sample or score "
-                              f"the run's checkpoint afterwards (notebooks 04-05, nbgpt eval / nbgpt sample)")
-
-
 def contradictions(config: TrainConfig) -> list[str]:
     """Settings that run but do not do what they seem to ask for."""
     found = []
@@ -291,7 +278,6 @@ class Trainer:
             self.micro_batch_why += f"; {self.micro_batch} on every rank, the smallest another rank's GPU allows"
         self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size,
                                                                   self.micro_batch)
-        check_parallel(config, self.dist.world_size)
         self.train_loader, self.val_loader = build_loaders(config, self.micro_batch, self.store, self.seq_len,
                                                            self.dist, self.log_event)
         # before the optimizers: FSDP replaces the parameters by their shards, which the optimizers must own
@@ -513,7 +499,9 @@ class Trainer:
                   "whole_split": used == self.val_loader.steps_per_epoch})
         if schedule.hellaswag(step, final) and (scores := self.hellaswag()) is not None:
             emit({"kind": "hellaswag", "step": step, **scores})
-        if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank
+        # Rank 0 samples alone, but a sharded model decodes on every rank (each forward gathers from all);
+        # only rank 0 logs what it emits.
+        if schedule.sample(step, final) and (self.dist.is_main or is_sharded(self.model)):
             emit({"kind": "sample", "step": step, "text": self.sample()})
 
     def fit(self, on_record: Callable[[dict], None] | None = None, until: int | None = None) -> dict:
