@@ -21,7 +21,7 @@ from .assets import Asset, fetch
 from .device import DTYPES, autocast
 from .distributed import DistInfo, all_reduce_sum
 from .model import KVCache
-from .sharding import is_sharded, most_on_any_rank, root_gathered
+from .sharding import claim_root, is_sharded, most_on_any_rank, root_gathered
 from .tokenizer import Tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -192,10 +192,14 @@ def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], to
     # Similar lengths side by side: little padding in each batch.
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), max(map(len, items[i][1]))))
     batches = list(_shared_context_batches(items, order, max_batch_tokens, model.block_size))
-    fillers = most_on_any_rank(len(batches), device) - len(batches) if is_sharded(model) else 0
+    fillers = 0
+    if is_sharded(model):
+        claim_root(model)  # before _ending_losses calls the blocks outside forward
+        fillers = most_on_any_rank(len(batches), device) - len(batches)
     scores: list[tuple[float, int]] = [(0.0, 0)] * (4 * len(items))
     # One autocast context for every batch: each weight is cast to the low precision once, not per forward.
-    with autocast(device, precision):
+    # Under FSDP the root's weights are gathered once too: _ending_losses uses them outside forward.
+    with autocast(device, precision), root_gathered(model):
         for chosen in batches:
             sums, counts = _ending_losses(model, [items[i] for i in chosen], device, DTYPES[precision])
             for b, index in enumerate(chosen):
@@ -222,17 +226,16 @@ def _ending_losses(model: torch.nn.Module, batch: list[Item], device: torch.devi
     """Summed loss and token count of each ending (4N,) for a batch of N (context, 4 endings)."""
     contexts, endings, scored, pad = _pack(batch)
     cache = KVCache(model.config, len(batch), contexts.size(1) + endings.size(1), device, dtype, pad=pad)
-    with root_gathered(model):  # under FSDP: the head below uses the root's weights outside forward
-        last = model.hidden_states(contexts.to(device), cache=cache)[:, -1:]  # (N, 1, C): predicts ending[0]
-        cache.repeat_rows(4)
-        rest = model.hidden_states(endings.to(device), cache=cache)  # (4N, Le, C): j predicts ending[j+1]
-        states = torch.cat([last.repeat_interleave(4, dim=0), rest[:, :-1]], dim=1)  # j predicts ending[j]
-        # The LM head only where a loss is scored, (M, C) -> (M, V), in slices so that the fp32 logits stay
-        # small (M × 50257 floats would be hundreds of MB for one batch).
-        targets = endings[scored].to(device)  # (M,)
-        losses = torch.cat([F.cross_entropy(model.head(rows).float(), row_targets, reduction="none")
-                            for rows, row_targets in zip(states[scored.to(device)].split(HEAD_ROWS),
-                                                         targets.split(HEAD_ROWS))]).cpu()  # (M,)
+    last = model.hidden_states(contexts.to(device), cache=cache)[:, -1:]  # (N, 1, C): predicts ending[0]
+    cache.repeat_rows(4)
+    rest = model.hidden_states(endings.to(device), cache=cache)  # (4N, Le, C): position j predicts ending[j+1]
+    states = torch.cat([last.repeat_interleave(4, dim=0), rest[:, :-1]], dim=1)  # position j predicts ending[j]
+    # The LM head only where a loss is scored, (M, C) -> (M, V), in slices so that the fp32 logits stay
+    # small (M × 50257 floats would be hundreds of MB for one batch).
+    targets = endings[scored].to(device)  # (M,)
+    losses = torch.cat([F.cross_entropy(model.head(rows).float(), row_targets, reduction="none")
+                        for rows, row_targets in zip(states[scored.to(device)].split(HEAD_ROWS),
+                                                     targets.split(HEAD_ROWS))]).cpu()  # (M,)
     counts = scored.sum(1)  # (4N,)
     owner = torch.arange(4 * len(batch)).repeat_interleave(counts)  # (M,) the ending each loss belongs to
     return torch.zeros(4 * len(batch)).index_add_(0, owner, losses), counts

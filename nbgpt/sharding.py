@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
 from .device import DTYPES
@@ -49,16 +49,20 @@ def shard(model: nn.Module, precision: str) -> None:
     for block in model.h:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    # HellaSwag's scorer calls hidden_states, not forward: FSDP's hooks (the root's first, which must run
-    # before any block's) then run for it as they do for forward.
-    register_fsdp_forward_method(model, "hidden_states")
+
+
+def claim_root(model: nn.Module) -> None:
+    """Run one token through a sharded model's forward. FSDP takes the first of its modules to run for the
+    root, which alone gathers the embeddings and the head and prepares every rank's pass: a block called
+    first (hidden_states outside forward) would take that part and break every later forward."""
+    model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), keep_logits=1)
 
 
 @contextmanager
 def root_gathered(model: nn.Module):
     """Under FSDP, the root's own weights (embeddings, final LayerNorm, the tied head) gathered whole for the
-    duration, so that methods besides forward (hidden_states, head) may use them; the blocks still gather
-    and free theirs as they run. A plain model: nothing to do."""
+    duration, so that methods besides forward (hidden_states, head) may use them once claim_root has run;
+    the blocks still gather and free theirs as they run. A plain model: nothing to do."""
     if not is_sharded(model):
         yield
         return

@@ -2,6 +2,7 @@
 through its shards; rank 0 writes what every rank got to the JSON file named first, with the forward passes
 each rank's first block ran and the real HellaSwag batches it had (FILLER batches make up the difference)."""
 
+import gc
 import json
 import sys
 
@@ -40,4 +41,7 @@ result["training"] = all_gather_objects(model.training, info)
 if info.is_main:
     with open(out, "w") as f:
         json.dump(result, f)
+torch.distributed.barrier()  # no rank leaves the group while another still uses it
 shutdown(info)
+del model, generator  # the sharded model's device mesh freed before the interpreter's exit (as tests/train_each.py)
+gc.collect()

@@ -132,7 +132,8 @@ def test_a_sharded_model_samples_and_scores_hellaswag_as_one_process_does(tmp_pa
         assert sharded["hellaswag"][str(budget)] == evaluate_hellaswag(model, gpt2_tokenizer, examples,
                                                                        max_batch_tokens=budget)
         passes, batches = sharded["passes"][str(budget)], sharded["batches"][str(budget)]
-        assert passes[0] == passes[1] == 2 * max(batches)  # two passes per batch (context, then endings)
+        # one token through forward first (claim_root), then two passes per batch (context, then endings)
+        assert passes[0] == passes[1] == 1 + 2 * max(batches)
     assert sharded["batches"]["100"] == [7, 6] and sharded["batches"]["4096"] == [1, 1]  # rank 1 ran a filler
     assert sharded["training"] == [False, False]  # scored in eval mode (a trainer's next step sets train mode)
     generator = Generator(model, gpt2_tokenizer, precision="fp32")
@@ -150,25 +151,26 @@ def gpt2_data(tmp_path_factory, shakespeare_works):
 
 
 def test_fsdp_training_samples_and_scores_hellaswag_as_it_goes(gpt2_data, tmp_path, gpt2_tokenizer):
-    """parallel=fsdp on 2 processes with sample_interval and hellaswag_interval set (refused before): the
-    final step's sample and HellaSwag scores, logged by rank 0, equal one process's from the checkpoint
+    """parallel=fsdp on 2 processes with sample_interval and hellaswag_interval set (refused before): a
+    sample before the first step, a sample and HellaSwag at step 2 with training going on after them, and
+    the final step's sample and HellaSwag scores, logged by rank 0, equal one process's from the checkpoint
     of that step."""
     from nbgpt.generate import Generator, SamplingConfig
     from nbgpt.hellaswag import evaluate_hellaswag, read_examples
     from nbgpt.run_config import RunConfig
 
     assert RunConfig.from_preset("gpt3-xl", {"hellaswag_interval": 500, "sample_interval": 500}).nproc == 8
-    config = tiny_train_config(gpt2_data, tmp_path / "run", parallel="fsdp", max_steps=2, warmup_steps=1,
+    config = tiny_train_config(gpt2_data, tmp_path / "run", parallel="fsdp", max_steps=3, warmup_steps=1,
                                micro_batch=4, total_batch_tokens=8 * 32, eval_interval=2, checkpoint_interval=2,
                                sample_interval=2, sample_prompt="The king", sample_tokens=16, hellaswag_interval=2,
                                hellaswag_path=str(FIXTURE), hellaswag_limit=13)
     torchrun_each([config], 2, tmp_path)
     samples, scores = read_metrics(tmp_path / "run", "sample"), read_metrics(tmp_path / "run", "hellaswag")
-    assert [r["step"] for r in samples] == [0, 2] and [r["step"] for r in scores] == [2]
+    assert [r["step"] for r in samples] == [0, 2, 3] and [r["step"] for r in scores] == [2, 3]
     loaded = load_model(tmp_path / "run")
-    assert loaded.step == 2
+    assert loaded.step == 3 and [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [0, 1, 2]
     text = Generator(loaded.model, loaded.tokenizer, precision="fp32").complete(
-        "The king", SamplingConfig(max_new_tokens=16, top_k=50, seed=2))
+        "The king", SamplingConfig(max_new_tokens=16, top_k=50, seed=3))
     assert samples[-1]["text"] == text and text
     single = evaluate_hellaswag(loaded.model, gpt2_tokenizer, read_examples(FIXTURE, 13))
     assert {key: scores[-1][key] for key in single} == single
