@@ -50,7 +50,8 @@ def rows_for(parallel: str, info, tokenizer) -> list[dict]:
     rows = [{"parallel": parallel, "what": f"sample, {TOKENS} tokens", "seconds": median_time(sample)[0]}]
     for count, budget in SCORING:
         examples = read_examples(FIXTURE, count)
-        score = lambda: evaluate_hellaswag(model, tokenizer, examples, max_batch_tokens=budget, dist_info=info)  # noqa: E731
+        def score() -> None:
+            evaluate_hellaswag(model, tokenizer, examples, max_batch_tokens=budget, dist_info=info)
         rows.append({"parallel": parallel, "what": f"HellaSwag, {count} examples, max_batch_tokens {budget}",
                      "seconds": median_time(score)[0]})
     return rows

@@ -38,6 +38,10 @@ samples = [generator.generate(["The", "Once upon a time"], SamplingConfig(max_ne
            for seed in (1, 2)]
 result["samples"] = all_gather_objects(samples, info)
 result["training"] = all_gather_objects(model.training, info)
+try:
+    evaluate_hellaswag(model, tokenizer, examples, dist_info=info, per_example=True)
+except ValueError as refusal:
+    result["per_example"] = all_gather_objects(str(refusal), info)
 if info.is_main:
     with open(out, "w") as f:
         json.dump(result, f)

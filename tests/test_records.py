@@ -180,7 +180,8 @@ def test_speedup_table_times_a_stand_in_that_fits_the_gpu_it_is_sized_for(char_d
     assert depths and set(depths) == {cell.layers}  # the stand-in is what ran
     assert {r["timed on"] for r in rows} == {cell.timed_on}
     assert cell.timed_on.startswith(f"a stand-in: {cell.layers} of 6 layers, same width, heads and vocabulary")
-    assert f"the whole model would need {cell.whole_gib:.2f} GiB of the {cell.budget_gib:.2f} GiB usable" in cell.timed_on
+    need = f"the whole model would need {cell.whole_gib:.2f} GiB of the {cell.budget_gib:.2f} GiB usable"
+    assert need in cell.timed_on
     assert float(next(r for r in rows if r["speed-up"] == "fused AdamW")["speed-up ×"]) > 0
     rows, depths = timed_models(lambda: speedup_table(config, gpu_memory_gib=NON_TORCH_GIB + 1e-6))
     assert not depths and len(rows) == 6

@@ -122,7 +122,8 @@ def test_a_sharded_model_samples_and_scores_hellaswag_as_one_process_does(tmp_pa
     budgets, limit = (4096, 100), 13  # 7 examples on rank 0, 6 on rank 1; at 100 tokens a batch holds one
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "fsdp_decode.py"), str(tmp_path / "out.json"), str(FIXTURE), str(limit), *map(str, budgets)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     sharded = json.loads((tmp_path / "out.json").read_text())
     torch.manual_seed(0)
@@ -135,6 +136,8 @@ def test_a_sharded_model_samples_and_scores_hellaswag_as_one_process_does(tmp_pa
         # one token through forward first (claim_root), then two passes per batch (context, then endings)
         assert passes[0] == passes[1] == 1 + 2 * max(batches)
     assert sharded["batches"]["100"] == [7, 6] and sharded["batches"]["4096"] == [1, 1]  # rank 1 ran a filler
+    assert sharded["per_example"] == ["per_example scoring needs a model that is not sharded; use the "
+                                      "shared-context scorer"] * 2  # refused on every rank alike, not left to hang
     assert sharded["training"] == [False, False]  # scored in eval mode (a trainer's next step sets train mode)
     generator = Generator(model, gpt2_tokenizer, precision="fp32")
     single = [generator.generate(["The", "Once upon a time"], SamplingConfig(max_new_tokens=24, top_k=50, seed=seed,
