@@ -22,6 +22,7 @@ import torch.nn as nn
 from .config import ConfigError, knob
 from .device import DTYPES, autocast, choose_precision
 from .model import KVCache
+from .sharding import from_rank_zero, is_sharded
 from .tokenizer import Tokenizer
 
 
@@ -193,6 +194,8 @@ class Decoder:
 
     The model is a decoding snapshot (`inference_copy`) in the chosen precision. Rows of different lengths are
     left-padded; the KV cache masks the padding and starts each row's positions at its first real token.
+    A model sharded with FSDP (nbgpt.sharding) is no snapshot's: no process may hold it whole, so it decodes
+    through its shards, every rank alongside the others with rank 0's tokens, the live model itself.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str | None = None, precision: str = "fp32",
@@ -201,12 +204,17 @@ class Decoder:
         model = unwrap(model)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.precision = choose_precision(self.device, precision)
-        parts = torch.get_num_threads() if self.device.type == "cpu" else 1  # DecodeLinear's slices
-        self.model = inference_copy(model, self.precision, parts).to(self.device)
-        if self.device.type == "cpu":
-            pack_parameters(self.model)
+        self.sharded = is_sharded(model)
+        self.model = model if self.sharded else self._snapshot(model)
         self.block_size = model.block_size
         self.use_cache = use_cache and model.kv_cache  # the bigram model has nothing to cache
+
+    def _snapshot(self, model: nn.Module) -> nn.Module:
+        parts = torch.get_num_threads() if self.device.type == "cpu" else 1  # DecodeLinear's slices
+        snapshot = inference_copy(model, self.precision, parts).to(self.device)
+        if self.device.type == "cpu":
+            pack_parameters(snapshot)
+        return snapshot
 
     def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         with autocast(self.device, self.precision):
@@ -238,6 +246,8 @@ class Decoder:
             if should_stop is not None and should_stop():
                 return
             next_ids = sample_next(logits, config, generator)
+            if self.sharded:
+                next_ids = from_rank_zero(next_ids)
             yield next_ids
             tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
             if cache is None:

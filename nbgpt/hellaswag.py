@@ -22,6 +22,7 @@ from .device import DTYPES, autocast
 from .distributed import DistInfo, all_reduce_sum
 from .errors import NbgptError
 from .model import KVCache
+from .sharding import claim_root, is_sharded, most_on_any_rank, root_gathered
 from .tokenizer import Tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -191,21 +192,36 @@ def score_shared_context(model: torch.nn.Module, examples: Sequence[Example], to
     A batch of examples is prefilled into a KV cache (contexts left-padded), every cache row is repeated for
     the 4 endings, and only the ending tokens run through the model: the context, usually most of the
     tokens, costs a quarter. The first ending token is predicted by the context's last position.
+
+    A model sharded with FSDP gathers its weights from every rank in each forward pass, so every rank must
+    run as many batches: a rank with fewer than another runs FILLER batches (one token of context and of
+    each ending, scores dropped) until it has run as many.
     """
     device = torch.device(device)
     model.eval()
     items = [_fit_to_context(example, tokenizer, model.block_size) for example in examples]
     # Similar lengths side by side: little padding in each batch.
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), max(map(len, items[i][1]))))
+    batches = list(_shared_context_batches(items, order, max_batch_tokens, model.block_size))
+    fillers = 0
+    if is_sharded(model):
+        claim_root(model)  # before _ending_losses calls the blocks outside forward
+        fillers = most_on_any_rank(len(batches), device) - len(batches)
     scores: list[tuple[float, int]] = [(0.0, 0)] * (4 * len(items))
     # One autocast context for every batch: each weight is cast to the low precision once, not per forward.
-    with autocast(device, precision):
-        for chosen in _shared_context_batches(items, order, max_batch_tokens, model.block_size):
+    # Under FSDP the root's weights are gathered once too: _ending_losses uses them outside forward.
+    with autocast(device, precision), root_gathered(model):
+        for chosen in batches:
             sums, counts = _ending_losses(model, [items[i] for i in chosen], device, DTYPES[precision])
             for b, index in enumerate(chosen):
                 for j in range(4):
                     scores[4 * index + j] = (float(sums[4 * b + j]), int(counts[4 * b + j]))
+        for _ in range(fillers):
+            _ending_losses(model, [FILLER], device, DTYPES[precision])
     return scores
+
+
+FILLER: Item = ([0], [[0], [0], [0], [0]])  # the smallest batch there is: a rank's forward passes, nothing scored
 
 
 def _fit_to_context(example: Example, tokenizer: Tokenizer, block: int) -> Item:
@@ -277,6 +293,8 @@ def evaluate_hellaswag(model: torch.nn.Module, tokenizer: Tokenizer, examples: S
     (score_shared_context); `per_example` scores one example's 4 full rows per forward, as the reference does."""
     dist_info = dist_info or DistInfo()
     mine = [e for i, e in enumerate(examples) if i % dist_info.world_size == dist_info.rank]
+    if per_example and is_sharded(model):  # its batches per rank are not counted alike (score_shared_context's are)
+        raise ValueError("per_example scoring needs a model that is not sharded; use the shared-context scorer")
     if per_example:
         rows = candidates(mine, tokenizer, model.block_size)
         scores = []

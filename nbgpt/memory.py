@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from .config import ConfigError
 from .device import DTYPES, autocast
 from .model import GPT, GPTConfig, KVCache
+from .speedup_work import adamw_pair, attention_pair, timing_micro_batch, train_step
 from .train_setup import build_optimizers
 
 from .run_config import AUTO
@@ -149,7 +150,6 @@ class Traced:
     eval: Line  # a validation batch, no gradients, the training state resident
     hellaswag: int  # the fullest batch the shared-context scorer may build, the training state resident
     sample: int  # prefill and a decoding step into a full-context KV cache, the training state resident
-    speedups: tuple[Line, Line, int]  # notebook 03's cell, fresh model: fp32 step, attention pair, AdamW pair
 
 
 def _device_peak_tracker():
@@ -281,21 +281,69 @@ def _sample(model: GPT, rows: int, prompt_tokens: int, cast, dtype: torch.dtype,
         model(_tokens(rows, 1), cache=cache, keep_logits=1)
 
 
-def _trace_speedups(config: GPTConfig, seq_len: int, fast: torch.dtype) -> tuple[Line, Line, int]:
-    """Notebook 03's speed-up cell (nbgpt.speedups) runs before training, in the notebook's own process, on a
-    fresh model: its fp32 eager forward + backward (the second timing call accumulates into the first's
-    gradients), its attention pair in the fast 16-bit dtype, and its two AdamWs (loop and fused) over the
-    model: four moment buffers at once."""
-    from .speedups import adamw_pair, attention_pair, train_step
-
+def _trace_speedups(config: GPTConfig, seq_len: int, fast: torch.dtype, batch: int) -> int:
+    """Peak bytes of notebook 03's speed-up cell (nbgpt.speedups) on a fresh model of `config`: its fp32 eager
+    forward + backward (the second timing call accumulates into the first's gradients), its attention pair
+    in the fast 16-bit dtype, and its two AdamWs (loop and fused) over the model: four moment buffers at once."""
     with _Tracer() as t:
         model = GPT(config)
         _with_gradients(model)
         t.tracker.track_external(model)
-        step = t.line(lambda b: train_step(model, _tokens(b, seq_len), None)())
-        attention = t.line(lambda b: [f() for f in attention_pair(config, b, seq_len, torch.device("cpu"), fast)])
+        step = t.peak(lambda: train_step(model, _tokens(batch, seq_len), None)())
+        attention = t.peak(lambda: [f() for f in attention_pair(config, batch, seq_len, torch.device("cpu"), fast)])
         adamw = t.peak(lambda: [f() for f in adamw_pair(model)])
-    return step, attention, adamw
+    return max(step, attention, adamw)
+
+
+_CELL_TRACES: dict[tuple, int] = {}
+
+
+def _cell_peak(config: GPTConfig, seq_len: int, fast: str, batch: int) -> int:
+    key = (tuple(config.to_dict().items()), seq_len, fast, batch)
+    if key not in _CELL_TRACES:
+        _CELL_TRACES[key] = _trace_speedups(config, seq_len, DTYPES[fast], batch)
+    return _CELL_TRACES[key]
+
+
+@dataclass(frozen=True)
+class SpeedupCell:
+    """The model notebook 03's speed-up cell times on a GPU, and what it needs there."""
+
+    n_layer: int  # the run's model's blocks
+    layers: int  # the blocks of the model the cell times: n_layer (the whole model), fewer, or 0 (nothing fits)
+    whole_gib: float  # the cell's peak on the whole model
+    peak_gib: float  # its peak as it runs (0: it times nothing)
+    budget_gib: float  # what the plan lets torch use on that GPU
+
+    @property
+    def timed_on(self) -> str:
+        """One line for the table: what was timed and, for a stand-in, why."""
+        if self.layers == self.n_layer:
+            return f"the whole model ({self.n_layer} layers)"
+        need = f"the whole model would need {self.whole_gib:.2f} GiB of the {self.budget_gib:.2f} GiB usable"
+        if not self.layers:
+            return f"skipped: not even 1 layer of this width fits ({need})"
+        return (f"a stand-in: {self.layers} of {self.n_layer} layers, same width, heads and vocabulary "
+                f"({self.peak_gib:.2f} GiB; {need}): speed-ups act per layer, so the ratios hold")
+
+
+def speedup_cell(config: GPTConfig, seq_len: int, fast: str, batch: int, gpu_memory_gib: float) -> SpeedupCell:
+    """What notebook 03's speed-up cell times on a GPU of `gpu_memory_gib`, at `batch` sequences of `seq_len`
+    with `fast` ("bf16" or "fp16") autocast: the whole model when its traced peak fits the plan's budget,
+    else the deepest stand-in of fewer layers that does (the peak grows about linearly with depth, which
+    picks the first guess; every guess is traced), else nothing."""
+    budget = budget_gib(gpu_memory_gib)
+    peak = lambda layers: _cell_peak(replace(config, n_layer=layers), seq_len, fast, batch) / GIB  # noqa: E731
+    whole, layers = peak(config.n_layer), config.n_layer
+    if whole > budget:
+        one = peak(1)
+        per_layer = (whole - one) / max(config.n_layer - 1, 1)
+        layers = 0 if one > budget else min(config.n_layer - 1, 1 + int((budget - one) // per_layer))
+        while layers > 1 and peak(layers) > budget:
+            layers -= 1
+        while 0 < layers < config.n_layer - 1 and peak(layers + 1) <= budget:
+            layers += 1
+    return SpeedupCell(config.n_layer, layers, whole, peak(layers) if layers else 0.0, budget)
 
 
 _TRACES: dict[tuple, Traced] = {}  # one trace per process for each distinct question
@@ -307,9 +355,7 @@ def trace(train: TrainConfig, config: GPTConfig, precision: str, seq_len: int, t
     sampling = (rows decoded at once, prompt tokens, HellaSwag's max_batch_tokens)."""
     key = (tuple(config.to_dict().items()), train.optimizer, train.grad_clip, precision, seq_len, target, sampling)
     if key not in _TRACES:
-        fast = DTYPES["fp16" if precision == "fp16" else "bf16"]
-        _TRACES[key] = Traced(**_trace_training(train, config, precision, seq_len, target, sampling),
-                              speedups=_trace_speedups(config, seq_len, fast))
+        _TRACES[key] = Traced(**_trace_training(train, config, precision, seq_len, target, sampling))
     return _TRACES[key]
 
 
@@ -334,10 +380,11 @@ class MemoryPlan:
     phases: dict[str, float] = field(default_factory=dict)
     fits: bool = False
     peak_at_one_gib: float = 0.0  # the least this run can need: every phase at micro-batch 1
-    peak_at_one: str = ""  # the same, with the phase that sets it ("34.8 GiB in speedups")
+    peak_at_one: str = ""  # the same, with the phase that sets it ("23.9 GiB in train_eager")
     notes: tuple[str, ...] = ()
     parallel: str = "ddp"  # what was priced: "ddp" (a whole replica per GPU), "fsdp" (a shard), "one process"
     instead: str = ""  # under ddp, when it does not fit and fsdp would: what fsdp needs
+    speedup_layers: int = 0  # the layers notebook 03's speed-up cell times on this GPU (see speedup_cell)
 
     @property
     def peak_gib(self) -> float:
@@ -379,29 +426,24 @@ def sharded(traced: Traced, shards: Shards, accumulating: bool) -> Traced:
     """One FSDP rank's peaks from the single-process trace: its resident state (weights, gradients, optimizer
     moments) becomes 1/ranks of it plus the gathered weights; while micro-steps accumulate (gradient sync off)
     every rank also holds the whole model's gradients unsharded in fp32, else one block's before its
-    reduce-scatter. Activations and the optimizer's temporaries stay as traced (the 16-bit weight copies the
-    trace's autocast keeps are counted too: an upper bound). HellaSwag and sampling run on the checkpoint
-    afterwards (nbgpt.run_config.check_parallel), whole weights and no training state."""
+    reduce-scatter. Activations, caches and the optimizer's temporaries stay as traced (the 16-bit weight
+    copies the trace's autocast keeps are counted too: an upper bound). Mid-training HellaSwag and samples
+    run through the sharded model (nbgpt.sharding.root_gathered): like validation, a shard and what it gathers."""
     resident = traced.resident // shards.ranks + shards.gathered
     delta = resident - traced.resident
     grads = shards.weights if accumulating else shards.block_grads
-    after = shards.weights - traced.resident  # the whole weights, without gradients or optimizer state
     return Traced(resident, traced.optimizer - traced.resident + traced.resident // shards.ranks + shards.matrix,
                   Line(traced.train.at_one + delta + grads, traced.train.per_sample),
-                  Line(traced.eval.at_one + delta, traced.eval.per_sample), traced.hellaswag + after,
-                  traced.sample + after, traced.speedups)
+                  Line(traced.eval.at_one + delta, traced.eval.per_sample), traced.hellaswag + delta,
+                  traced.sample + delta)
 
 
-def phases_at(traced: Traced, batch: int) -> dict[str, float]:
-    """GiB per phase at micro-batch `batch` (the speed-up cell at min(batch, SPEEDUP_MICRO_BATCH))."""
-    from .speedups import SPEEDUP_MICRO_BATCH
-
+def phases_at(traced: Traced, batch: int, speedups_gib: float) -> dict[str, float]:
+    """GiB per phase at micro-batch `batch`; the speed-up cell's peak is given (see speedup_cell)."""
     train = max(traced.train(batch), traced.optimizer)
-    step, attention, adamw = traced.speedups
-    small = min(batch, SPEEDUP_MICRO_BATCH)
     found = dict(train_eager=train, train_compiled=train, eval=traced.eval(batch), hellaswag=traced.hellaswag,
-                 sample=traced.sample, speedups=max(step(small), attention(small), adamw))
-    return {name: round(found[name] / GIB, 2) for name in PHASES}
+                 sample=traced.sample)
+    return {**{name: round(found[name] / GIB, 2) for name in found}, "speedups": round(speedups_gib, 2)}
 
 
 def divisors(n: int) -> list[int]:
@@ -424,7 +466,7 @@ def choose_micro_batch(price, sequences: int, budget: float, asked: int | str) -
 
 
 def peak_phase(phases: dict[str, float]) -> str:
-    """'34.8 GiB in speedups': the phase that sets the peak, so a plan that does not fit says what to change."""
+    """'23.9 GiB in train_eager': the phase that sets the peak, so a plan that does not fit says what to change."""
     name = max(phases, key=phases.get)
     return f"{phases[name]:.1f} GiB in {name}"
 
@@ -438,29 +480,34 @@ def plan_for(train: TrainConfig, vocab_size: int, nproc: int, precision: str, gp
     sequences = train.total_batch_tokens // (seq_len * nproc)
     traced = trace(train, config, precision, seq_len, "cuda", sampling)
     parallel = train.parallel if nproc > 1 else "one process"
-    price, notes = pricer(traced, config, train, precision, nproc, sequences)
+    # notebook 03's cell, at the shapes it times on a GPU; it sizes its model to the card, whatever the run's
+    cell = speedup_cell(config, train.seq_len or config.block_size, "fp16" if precision == "fp16" else "bf16",
+                        timing_micro_batch(train.micro_batch, "cuda"), gpu_memory_gib)
+    price, notes = pricer(traced, config, train, precision, nproc, sequences, cell.peak_gib)
     budget = budget_gib(gpu_memory_gib)
     micro_batch, why = choose_micro_batch(price, sequences, budget, train.micro_batch)
     phases = price(micro_batch or 1)
+    notes += () if cell.layers == cell.n_layer else (f"notebook 03's speed-up cell times {cell.timed_on}",)
     return MemoryPlan(gpu, round(gpu_memory_gib, 2), round(budget, 2), nproc, precision, train.compile, sequences,
                       micro_batch, why, phases, micro_batch is not None and max(phases.values()) <= budget,
-                      max(price(1).values()), peak_phase(price(1)), (COMPILED_MODEL, *notes), parallel)
+                      max(price(1).values()), peak_phase(price(1)), (COMPILED_MODEL, *notes), parallel,
+                      speedup_layers=cell.layers)
 
 
-def pricer(traced: Traced, config: GPTConfig, train: TrainConfig, precision: str, nproc: int, sequences: int):
+def pricer(traced: Traced, config: GPTConfig, train: TrainConfig, precision: str, nproc: int, sequences: int,
+           speedups_gib: float):
     """(price, notes): price(batch) = GiB per phase on one GPU of the run's parallel layout at micro-batch
     `batch` (a whole replica under DDP or in one process, a shard under FSDP), and what the figures count."""
     if train.parallel != "fsdp" or nproc == 1:
-        return (lambda batch: phases_at(traced, batch)), (
+        return (lambda batch: phases_at(traced, batch, speedups_gib)), (
             f"eval, hellaswag and sample are counted with the training state resident ({traced.resident / GIB:.2f} "
             f"GiB: weights, gradients, optimizer state)",)
     shards = shards_of(config, precision, nproc, train.optimizer)
-    return (lambda batch: phases_at(sharded(traced, shards, sequences // batch > 1), batch)), (
+    return (lambda batch: phases_at(sharded(traced, shards, sequences // batch > 1), batch, speedups_gib)), (
         f"fsdp over {nproc} GPUs, modelled from the one-process trace: 1/{nproc} of its resident state "
         f"({traced.resident / GIB:.2f} GiB), {shards.gathered / GIB:.2f} GiB of gathered weights (two blocks and "
         f"the root), {shards.weights / GIB:.2f} GiB of unsharded fp32 gradients while micro-steps accumulate, "
-        f"activations as one process's",
-        "hellaswag and sample run on the checkpoint after training (whole weights, no training state)")
+        f"activations as one process's",)
 
 
 def target_gpu(gpu: str | None, gpu_memory_gib: float | None) -> tuple[str, float, bool]:

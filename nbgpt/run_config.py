@@ -240,19 +240,6 @@ class TrainConfig:
         return seq_len, self.total_batch_tokens // tokens_per_micro_step
 
 
-def check_parallel(config: TrainConfig, world_size: int) -> None:
-    """Under FSDP no process holds the whole model, and every forward pass is a collective all ranks join
-    alike. Mid-training samples run on rank 0 alone and HellaSwag scores each rank's own examples: neither
-    can run there, so they are refused before training rather than left to hang."""
-    if config.parallel != "fsdp" or world_size == 1:
-        return
-    for name in ("sample_interval", "hellaswag_interval"):
-        if getattr(config, name) > 0:
-            raise ConfigError(f"{name}={getattr(config, name)} cannot run with parallel='fsdp' on {world_size} "
-                              f"processes (no process holds the whole model); set {name}=0 and sample or score "
-                              f"the run's checkpoint afterwards (notebooks 04-05, nbgpt eval / nbgpt sample)")
-
-
 def contradictions(config: TrainConfig) -> list[str]:
     """Settings that run but do not do what they seem to ask for."""
     found = []
@@ -343,7 +330,6 @@ class RunConfig:
             # the dataset decides vocab_size later; any value checks the rest of the model's shape now
             block_size = self.train.model_config(vocab_size=256).block_size
             self.train.batch_layout(block_size, self.nproc)
-        check_parallel(self.train, self.nproc)
 
     def values(self, names) -> dict:
         """The values this run holds under flat `names`, typed by their fields: what `-p` gave them, parsed."""

@@ -13,11 +13,20 @@ Checkpoints stay what they are without sharding: full state dicts gathered to ra
 as one verified file. So a run saved under FSDP resumes on any number of processes, under DDP or FSDP, and
 export, sample, eval and the panel read it like any other. torch's distributed checkpoint format was not used: its metadata file is
 a pickle, and nbgpt never unpickles what it loads.
+
+Mid-training samples and HellaSwag run through the sharded model itself, on every rank: each forward pass
+gathers weights from all ranks, so every rank must run the same passes in the same order (a rank that skips
+one leaves the others waiting in its gather for ever). Sampling keeps every rank in step by decoding the same
+rows with rank 0's tokens (from_rank_zero); HellaSwag's ranks score their own examples and pad with dummy
+batches up to the most any rank has (most_on_any_rank).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -40,6 +49,44 @@ def shard(model: nn.Module, precision: str) -> None:
     for block in model.h:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+
+
+def claim_root(model: nn.Module) -> None:
+    """Run one token through a sharded model's forward. FSDP takes the first of its modules to run for the
+    root, which alone gathers the embeddings and the head and prepares every rank's pass: a block called
+    first (hidden_states outside forward) would take that part and break every later forward."""
+    model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), keep_logits=1)
+
+
+@contextmanager
+def root_gathered(model: nn.Module):
+    """Under FSDP, the root's own weights (embeddings, final LayerNorm, the tied head) gathered whole for the
+    duration, so that methods besides forward (hidden_states, head) may use them once claim_root has run;
+    the blocks still gather and free theirs as they run. A plain model: nothing to do."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def from_rank_zero(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank (a broadcast, in place). Decoding a sharded model: every rank computes
+    the same logits and draws the same tokens from the same seed, but one GPU's kernels rounding differently
+    would end one rank's rows at another step and leave the rest waiting; rank 0's tokens keep them in step."""
+    dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def most_on_any_rank(count: int, device: torch.device) -> int:
+    """The largest `count` of any rank (an all-reduce): the forward passes each rank of a sharded model runs
+    when each has its own number of batches to score."""
+    value = torch.tensor(count, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)
 
 
 def is_sharded(model: nn.Module) -> bool:

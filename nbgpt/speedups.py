@@ -4,30 +4,32 @@ Every row times a baseline and the same work with one speed-up, a few repetition
 the least disturbed by other work on the machine). A speed-up that this hardware cannot show says why.
 
 On a GPU the table runs in the notebook's kernel, before training starts in processes of its own on the same
-GPUs: it times at most SPEEDUP_MICRO_BATCH sequences (an fp32 eager step at GPT-2's micro-batch of 64 would
-need ~86 GiB), and gives back all it allocated before it returns.
+GPUs: it times at most SPEEDUP_MICRO_BATCH sequences, gives back all it allocated before it returns, and times
+a model the memory plan says fits the card (nbgpt.memory.speedup_cell). An fp32 model with its gradients and
+two AdamWs' moments needs ~24 bytes per parameter in one process, whatever `parallel` the run trains with:
+~35 GiB for GPT-2 XL. Where the whole model does not fit, a stand-in of the same width, heads and vocabulary
+with fewer layers is timed instead, and every row says so ("timed on"): the speed-ups act layer by layer
+(each matmul, attention, optimizer update), so their ratios stay meaningful.
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
 
 from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_device, synchronize
-from .model import GPT, GPTConfig, attention_probs
+from .memory import GIB, SpeedupCell, speedup_cell
+from .model import GPT, GPTConfig
 from .shards import TokenStore
+from .speedup_work import SPEEDUP_MICRO_BATCH  # noqa: F401 (notebook 03 cites nbgpt.speedups.SPEEDUP_MICRO_BATCH)
+from .speedup_work import adamw_pair, attention_pair, timing_micro_batch, train_step
 
 if TYPE_CHECKING:
     from .run_config import TrainConfig
-
-# The micro-batch the cell times on a GPU at most: the speed-ups show at any size, and the cell must leave the
-# GPU's memory to training (nbgpt.memory plans this cell's peak at min(micro_batch, SPEEDUP_MICRO_BATCH)).
-SPEEDUP_MICRO_BATCH = 4
-
 
 
 def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
@@ -52,33 +54,23 @@ def _row(name: str, what: str, device: torch.device, baseline=None, faster=None,
             "speed-up ×": f"{base / fast:.2f}"}
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], None]:
-    """One forward + backward on x (autocast to `dtype` if given), to call: what the rows time and
-    nbgpt.memory prices."""
-    def step() -> None:
-        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            _, loss = model(x, x)
-        loss.backward()
-    return step
-
-
-def timing_micro_batch(micro_batch: int | str, device: torch.device) -> int:
-    """The sequences per timed step: the run's micro-batch, at most SPEEDUP_MICRO_BATCH on a GPU. This cell runs
-    before the trainer resolves micro_batch="auto", which times SPEEDUP_MICRO_BATCH sequences."""
-    if not isinstance(micro_batch, int):
-        return SPEEDUP_MICRO_BATCH
-    return min(micro_batch, SPEEDUP_MICRO_BATCH) if device.type == "cuda" else micro_batch
-
-
-def speedup_table(train: TrainConfig) -> list[dict]:
-    """Rows of {speed-up, what it does, baseline ms, with it ms, speed-up ×} for one micro-batch of the
-    run's model on its device (fresh weights: speed does not depend on what was learned). Returns holding
-    nothing on the device: the GPU memory it used is back with the driver, for the training processes."""
+def speedup_table(train: TrainConfig, gpu_memory_gib: float | None = None) -> list[dict]:
+    """Rows of {speed-up, what it does, baseline ms, with it ms, speed-up ×, timed on} for one micro-batch of
+    the run's model on its device (fresh weights: speed does not depend on what was learned). On a GPU the
+    model is the one speedup_cell fits to its memory; `gpu_memory_gib` fits it to a card of that many GiB
+    instead, on any device (a CPU included). Returns holding nothing on the device: the GPU memory it used is
+    back with the driver, for the training processes."""
     device = resolve_device(train.device)
     config = train.model_config(TokenStore(train.data_dir).tokenizer().vocab_size)
+    batch, seq_len = timing_micro_batch(train.micro_batch, device.type), train.seq_len or config.block_size
+    fast = choose_precision(device, "auto")
+    cell = _sized(config, seq_len, fast, batch, device, gpu_memory_gib)
+    timed_on = cell.timed_on if cell else f"the whole model ({config.n_layer} layers)"
+    if cell and not cell.layers:
+        return [_row(name, what, device, why_not=timed_on) | {"timed on": timed_on} for name, what in _described(fast)]
     try:
-        return _timed_rows(config, timing_micro_batch(train.micro_batch, device), train.seq_len or config.block_size,
-                           device)
+        rows = _timed_rows(replace(config, n_layer=cell.layers) if cell else config, batch, seq_len, device, fast)
+        return [row | {"timed on": timed_on} for row in rows]
     finally:  # the rows' model, batch, optimizers and compiled code went out of scope with _timed_rows
         if device.type == "cuda":
             torch.compiler.reset()  # compiled code keeps what it was compiled for alive
@@ -86,30 +78,44 @@ def speedup_table(train: TrainConfig) -> list[dict]:
             torch.cuda.empty_cache()
 
 
-def _timed_rows(config: GPTConfig, micro_batch: int, seq_len: int, device: torch.device) -> list[dict]:
+def _sized(config: GPTConfig, seq_len: int, fast: str, batch: int, device: torch.device,
+           gpu_memory_gib: float | None) -> SpeedupCell | None:
+    """The model to time on a GPU of `gpu_memory_gib` (this GPU's when None); None off a GPU with no size
+    given: a CPU times the whole model, its memory being the machine's."""
+    if gpu_memory_gib is None and device.type == "cuda":
+        gpu_memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    if gpu_memory_gib is None:
+        return None
+    return speedup_cell(config, seq_len, "fp16" if fast == "fp16" else "bf16", batch, gpu_memory_gib)
+
+
+def _described(fast: str) -> tuple[tuple[str, str], ...]:
+    """(name, what it does) of every row, in the table's order."""
+    return (("TF32 matmuls", "fp32 matmuls on tensor cores with a 10-bit mantissa"),
+            (f"{fast if fast != 'fp32' else 'bf16'} autocast", "matmuls in 16 bits, weights and sums kept in fp32"),
+            ("torch.compile", "fuses the elementwise ops between matmuls into fewer kernels"),
+            ("flash attention", "softmax(qkᵀ)v in one fused kernel, never storing the T×T scores"),
+            ("fused AdamW", "one kernel updates every parameter instead of one loop per tensor"),
+            ("vocab 50257 → 50304", "the LM head's matmul at GPT-2's vocabulary, padded to a multiple of 64"))
+
+
+def _timed_rows(config: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, fast: str) -> list[dict]:
     cuda = device.type == "cuda"
     model = GPT(config).to(device)
     x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device=device)
-    fast = choose_precision(device, "auto")
     gpu_only = "needs a GPU"
-    rows = [
-        _row("TF32 matmuls", "fp32 matmuls on tensor cores with a 10-bit mantissa", device,
-             *_tf32(model, x) if cuda else (), why_not="" if cuda and _ampere(device) else gpu_only + " (Ampere+)"),
-        _row(f"{fast} autocast" if fast != "fp32" else "bf16 autocast",
-             "matmuls in 16 bits, weights and sums kept in fp32", device,
-             train_step(model, x, None), train_step(model, x, DTYPES[fast]),
-             why_not="" if fast != "fp32" else _no_fast_precision(device)),
-        _row("torch.compile", "fuses the elementwise ops between matmuls into fewer kernels", device,
-             *_compiled(model, x) if cuda else (),
-             why_not="" if cuda else gpu_only + " (compiling takes minutes on a CPU)"),
-        _row("flash attention", "softmax(qkᵀ)v in one fused kernel, never storing the T×T scores", device,
-             *attention_pair(config, micro_batch, seq_len, device, DTYPES[fast])),
-        _row("fused AdamW", "one kernel updates every parameter instead of one loop per tensor", device,
-             *adamw_pair(model)),
-        _row("vocab 50257 → 50304", "the LM head's matmul at GPT-2's vocabulary, padded to a multiple of 64", device,
-             *_vocab_pair(config.n_embd, min(micro_batch * seq_len, 512), device)),
-    ]
-    return rows
+    # Each pair is built just before it is timed and dropped after: never two rows' tensors at once.
+    pairs = (lambda: _tf32(model, x),
+             lambda: (train_step(model, x, None), train_step(model, x, DTYPES[fast])),
+             lambda: _compiled(model, x),
+             lambda: attention_pair(config, micro_batch, seq_len, device, DTYPES[fast]),
+             lambda: adamw_pair(model),
+             lambda: _vocab_pair(config.n_embd, min(micro_batch * seq_len, 512), device))
+    why_not = ("" if cuda and _ampere(device) else gpu_only + " (Ampere+)",
+               "" if fast != "fp32" else _no_fast_precision(device),
+               "" if cuda else gpu_only + " (compiling takes minutes on a CPU)", "", "", "")
+    return [_row(name, what, device, *(() if why else pair()), why_not=why)
+            for (name, what), pair, why in zip(_described(fast), pairs, why_not)]
 
 
 def _ampere(device: torch.device) -> bool:
@@ -136,29 +142,6 @@ def _tf32(model, x):
 
 def _compiled(model, x):
     return train_step(model, x, None), train_step(torch.compile(model), x, None)
-
-
-def attention_pair(config: GPTConfig, batch: int, T: int, device: torch.device, dtype: torch.dtype):
-    """(explicit, fused): causal attention forward + backward over random (batch, H, T, D) q, k, v."""
-    shape = (batch, config.n_head, T, config.head_size)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-
-    def explicit() -> None:  # the (B, H, T, T) score matrix is built, stored for backward, and read again
-        (attention_probs(q, k).to(v.dtype) @ v).sum().backward()
-
-    def fused() -> None:
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-    return explicit, fused
-
-
-def adamw_pair(model: torch.nn.Module):
-    """(loop, fused): one AdamW step over `model`'s parameters, given random gradients."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    loop = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    fused = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    return loop.step, fused.step
 
 
 def _vocab_pair(n_embd: int, tokens: int, device: torch.device):

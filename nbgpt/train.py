@@ -30,10 +30,10 @@ from .metrics import MetricsLog
 from .model import flops_per_token
 from .optim import build_adamw
 from .progress import ProgressLog, progress_bar
-from .run_config import AUTO, TrainConfig, check_parallel
+from .run_config import AUTO, TrainConfig
 from .runlock import RunLock
 from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
-from .sharding import full_state, load_full_state
+from .sharding import full_state, is_sharded, load_full_state
 from .shards import DataError, TokenStore
 from .stop import DivergenceGuard, StopSignals, TrainingStopped
 from .tokenizer import tokenizer_spec
@@ -85,7 +85,6 @@ class Trainer:
             self.micro_batch_why += f"; {self.micro_batch} on every rank, the smallest another rank's GPU allows"
         self.seq_len, self.grad_accum_steps = config.batch_layout(self.model_config.block_size, self.dist.world_size,
                                                                   self.micro_batch)
-        check_parallel(config, self.dist.world_size)
         self.train_loader, self.val_loader = build_loaders(config, self.micro_batch, self.store, self.seq_len,
                                                            self.dist, self.log_event)
         # before the optimizers: FSDP replaces the parameters by their shards, which the optimizers must own
@@ -237,7 +236,9 @@ class Trainer:
                         "whole_split": used == self.val_loader.steps_per_epoch})
         if schedule.hellaswag(step, final) and (scores := self.hellaswag()) is not None:
             self._emit({"kind": "hellaswag", "step": step, **scores})
-        if schedule.sample(step, final) and self.dist.is_main:  # only rank 0 logs; sampling needs no other rank
+        # Rank 0 samples alone, but a sharded model decodes on every rank (each forward gathers from all);
+        # only rank 0 logs what it emits.
+        if schedule.sample(step, final) and (self.dist.is_main or is_sharded(self.model)):
             self._emit({"kind": "sample", "step": step, "text": self.sample()})
 
     def _fit_budget(self) -> int:

@@ -14,7 +14,7 @@ from conftest import tiny_train_config
 
 from nbgpt.config import ConfigError
 from nbgpt.memory import (CPU_AUTO_MICRO_BATCH, KNOWN_GPUS, MARGIN, NON_TORCH_GIB, PHASES, CudaAutocast, find_gpu,
-                          plan_memory, refuse_unfit)
+                          plan_memory, refuse_unfit, speedup_cell)
 from nbgpt.run_config import RunConfig
 from nbgpt.train import Trainer
 from nbgpt.run_config import TrainConfig
@@ -36,6 +36,7 @@ def test_plan_prices_every_phase_and_chooses_the_largest_micro_batch_that_fits()
     assert (plan["gpu"], plan["nproc"], plan["precision"], plan["sequences_per_rank"]) == ("T4", 2, "fp16", 256)
     assert set(plan["phases"]) == set(PHASES) and all(gib > 0 for gib in plan["phases"].values())
     assert plan["fits"] and plan["budget_gib"] < KNOWN_GPUS["T4"][0]
+    assert plan["speedup_layers"] == 12  # GPT-2 124M: notebook 03 times the whole model, as it always did
     batch = plan["micro_batch"]
     assert 256 % batch == 0 and plan["phases"]["train_eager"] <= plan["budget_gib"]
     assert plan["phases"]["train_eager"] > plan["phases"]["eval"] > 1.85  # more than the weights and their state
@@ -144,3 +145,29 @@ def test_fsdp_is_priced_per_shard_and_the_plan_says_when_it_would_fit():
     text = nbgpt("plan", "--preset", "tiny", *overrides, "--nproc", "2", "--gpu-memory", f"{between:.3f}")
     assert text.returncode == 1 and ", ddp, " in text.stdout and "fits: NO" in text.stdout, text.stdout + text.stderr
     assert f"-p parallel fsdp fits: micro_batch 1, peak {fsdp.peak_gib:.2f} GiB of" in text.stdout
+
+
+@pytest.mark.parametrize("model, layers", [("gpt2-xl", 48), ("gpt3-xl", 24)])
+def test_the_speed_up_cell_times_a_stand_in_where_the_whole_model_does_not_fit(model, layers):
+    """An fp32 XL model with its gradients and two AdamWs' moments in one process fits neither a T4 nor an
+    A100 40GB: notebook 03's cell times a stand-in of fewer layers whose traced peak fits what the plan
+    leaves torch, and the plan prices the cell so (one note says what it times). So the cell neither refuses
+    a run nor shrinks micro_batch=auto: gpt2-xl under fsdp on 8 A100 40GB (refused before, the cell at 34.8
+    GiB) fits at the micro-batch its training step allows. An H100 times the whole model."""
+    for gpu in ("Tesla T4", "NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3"):
+        run = RunConfig.from_preset("gpt3-xl", {"model": model, "micro_batch": "auto", "nproc": 2})
+        plan = plan_memory(run, gpu)
+        cell = speedup_cell(run.train.model_config(50257), 2048 if model == "gpt3-xl" else 1024,
+                            "fp16" if gpu == "Tesla T4" else "bf16", 4, KNOWN_GPUS[find_gpu(gpu)][0])
+        assert plan.speedup_layers == cell.layers and plan.phases["speedups"] == round(cell.peak_gib, 2)
+        if "H100" in gpu:
+            assert cell.layers == layers and not any("stand-in" in note for note in plan.notes)
+            continue
+        assert cell.whole_gib > plan.budget_gib and 0 < cell.layers < layers
+        assert plan.phases["speedups"] <= plan.budget_gib
+        assert f"notebook 03's speed-up cell times {cell.timed_on}" in plan.notes
+    run = RunConfig.from_preset("gpt3-xl", {"model": "gpt2-xl", "micro_batch": "auto"})
+    plan = plan_memory(run, "a100-40gb")
+    assert (run.nproc, plan.parallel, plan.fits, plan.micro_batch) == (8, "fsdp", True, 4)
+    assert "8 would need" in plan.why and "in train_eager" in plan.why  # the training step sets it, not the cell
+    refuse_unfit(run, "a100-40gb")

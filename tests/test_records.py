@@ -3,6 +3,7 @@ no empty charts, attention weights that are the model's own, the optimizer's rea
 
 import gc
 import json
+from dataclasses import replace
 
 import matplotlib
 import pytest
@@ -134,11 +135,58 @@ def test_speedup_table_times_what_this_machine_can_show(budget_run):
 
 
 def test_speedup_table_times_a_small_micro_batch_on_gpus_only():
-    from nbgpt.speedups import SPEEDUP_MICRO_BATCH, timing_micro_batch
+    from nbgpt.speedups import SPEEDUP_MICRO_BATCH
+    from nbgpt.speedup_work import timing_micro_batch
 
     assert SPEEDUP_MICRO_BATCH == 4
-    assert timing_micro_batch(64, torch.device("cuda")) == 4 and timing_micro_batch(2, torch.device("cuda")) == 2
-    assert timing_micro_batch(64, torch.device("cpu")) == 64  # a CPU times the run's own shapes
+    assert timing_micro_batch(64, "cuda") == 4 and timing_micro_batch(2, "cuda") == 2
+    assert timing_micro_batch(64, "cpu") == 64  # a CPU times the run's own shapes
+    assert timing_micro_batch("auto", "cuda") == 4
+
+
+def timed_models(fn) -> tuple[object, list[int]]:
+    """fn()'s result and the depth (n_layer) of every GPT that ran a forward pass on real tensors while it ran
+    (the memory plan's traces run on fake ones)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(module.config.n_layer)
+        if isinstance(module, GPT) and not isinstance(args[0], FakeTensor) else None)
+    try:
+        return fn(), seen
+    finally:
+        hook.remove()
+
+
+def test_speedup_table_times_a_stand_in_that_fits_the_gpu_it_is_sized_for(char_data, tmp_path):
+    """A GPU too small for the whole model (its size given, as on a CPU it must be): the table times fewer
+    layers of the same width, the deepest the memory plan says fit, and says so in every row; with no room
+    for even one layer every row says why it was skipped and no model runs; sized for no GPU (a CPU), the
+    whole model is timed as before."""
+    from nbgpt.memory import MARGIN, NON_TORCH_GIB, speedup_cell
+    from nbgpt.speedups import speedup_table
+
+    config = tiny_train_config(char_data, tmp_path, n_layer=6, micro_batch=2)
+    model = config.model_config(256)
+    rows, depths = timed_models(lambda: speedup_table(config))
+    assert set(depths) == {6} and {r["timed on"] for r in rows} == {"the whole model (6 layers)"}
+    whole = speedup_cell(model, 32, "bf16", 2, 1000.0)
+    assert whole.layers == 6 and whole.peak_gib == whole.whole_gib > 0
+    memory = 0.6 * whole.whole_gib / (1 - MARGIN) + NON_TORCH_GIB  # leaves torch 60 % of the whole model's peak
+    cell = speedup_cell(model, 32, "bf16", 2, memory)
+    assert 0 < cell.layers < 6 and cell.peak_gib <= cell.budget_gib < cell.whole_gib
+    assert speedup_cell(replace(model, n_layer=cell.layers + 1), 32, "bf16", 2, 1000.0).peak_gib > cell.budget_gib
+    rows, depths = timed_models(lambda: speedup_table(config, gpu_memory_gib=memory))
+    assert depths and set(depths) == {cell.layers}  # the stand-in is what ran
+    assert {r["timed on"] for r in rows} == {cell.timed_on}
+    assert cell.timed_on.startswith(f"a stand-in: {cell.layers} of 6 layers, same width, heads and vocabulary")
+    need = f"the whole model would need {cell.whole_gib:.2f} GiB of the {cell.budget_gib:.2f} GiB usable"
+    assert need in cell.timed_on
+    assert float(next(r for r in rows if r["speed-up"] == "fused AdamW")["speed-up ×"]) > 0
+    rows, depths = timed_models(lambda: speedup_table(config, gpu_memory_gib=NON_TORCH_GIB + 1e-6))
+    assert not depths and len(rows) == 6
+    assert all(r["speed-up ×"].startswith("skipped: not even 1 layer of this width fits") for r in rows)
 
 
 def nbgpt_cli(*args, cwd=None):

@@ -85,14 +85,11 @@ def test_fsdp_trains_as_ddp_does(char_data, tmp_path):
                                                msg=f"{optimizer} state {index} {key}")
 
 
-def test_fsdp_refuses_what_needs_the_whole_model_on_one_process():
+def test_parallel_is_ddp_or_fsdp():
     from nbgpt.model import ConfigError
     from nbgpt.run_config import RunConfig
 
     assert RunConfig.from_preset("gpt3-xl").train.parallel == "fsdp"
-    with pytest.raises(ConfigError, match="hellaswag_interval=500 cannot run with parallel='fsdp' on 8 processes"):
-        RunConfig.from_preset("gpt3-xl", {"hellaswag_interval": 500})
-    assert RunConfig.from_preset("gpt3-xl", {"hellaswag_interval": 500, "nproc": 1}).nproc == 1  # nothing sharded
     with pytest.raises(ConfigError, match="parallel must be 'ddp' .* or 'fsdp' .*, got 'zero3'"):
         RunConfig.from_preset("tiny", {"parallel": "zero3"})
 
@@ -108,3 +105,75 @@ def test_fsdp_fp16_overflow_in_one_ranks_shard_skips_the_whole_step_on_every_ran
         assert result["skipped"] and result["moved"] == [False, False] and not result["next_skipped"]
         (before, after), other = result["scales"]
         assert after == before / 2 and other == [before, after]
+
+
+FIXTURE = HERE / "data" / "hellaswag_fixture.jsonl"
+
+
+def test_a_sharded_model_samples_and_scores_hellaswag_as_one_process_does(tmp_path, gpt2_tokenizer):
+    """2 gloo ranks, each holding half of a tiny GPT (FSDP): samples decoded through the shards (KV cache,
+    rank 0's tokens) and HellaSwag's totals equal one process's with the same weights. At a small batch
+    budget the ranks have different numbers of batches, and FILLER batches give every rank the same forward
+    passes (else the run would hang, not fail)."""
+    from nbgpt.generate import Generator, SamplingConfig
+    from nbgpt.hellaswag import evaluate_hellaswag, read_examples
+    from nbgpt.model import GPT, GPTConfig
+
+    budgets, limit = (4096, 100), 13  # 7 examples on rank 0, 6 on rank 1; at 100 tokens a batch holds one
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "fsdp_decode.py"), str(tmp_path / "out.json"), str(FIXTURE), str(limit), *map(str, budgets)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    sharded = json.loads((tmp_path / "out.json").read_text())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    examples = read_examples(FIXTURE, limit)
+    for budget in budgets:
+        assert sharded["hellaswag"][str(budget)] == evaluate_hellaswag(model, gpt2_tokenizer, examples,
+                                                                       max_batch_tokens=budget)
+        passes, batches = sharded["passes"][str(budget)], sharded["batches"][str(budget)]
+        # one token through forward first (claim_root), then two passes per batch (context, then endings)
+        assert passes[0] == passes[1] == 1 + 2 * max(batches)
+    assert sharded["batches"]["100"] == [7, 6] and sharded["batches"]["4096"] == [1, 1]  # rank 1 ran a filler
+    assert sharded["per_example"] == ["per_example scoring needs a model that is not sharded; use the "
+                                      "shared-context scorer"] * 2  # refused on every rank alike, not left to hang
+    assert sharded["training"] == [False, False]  # scored in eval mode (a trainer's next step sets train mode)
+    generator = Generator(model, gpt2_tokenizer, precision="fp32")
+    single = [generator.generate(["The", "Once upon a time"], SamplingConfig(max_new_tokens=24, top_k=50, seed=seed,
+                                                                             num_return_sequences=2))
+              for seed in (1, 2)]
+    assert sharded["samples"] == [single, single] and len({text for texts in single for text in texts}) > 1
+
+
+@pytest.fixture(scope="module")
+def gpt2_data(tmp_path_factory, shakespeare_works):
+    from conftest import prepared_works
+
+    return prepared_works(tmp_path_factory, shakespeare_works[:1], "gpt2")
+
+
+def test_fsdp_training_samples_and_scores_hellaswag_as_it_goes(gpt2_data, tmp_path, gpt2_tokenizer):
+    """parallel=fsdp on 2 processes with sample_interval and hellaswag_interval set (refused before): a
+    sample before the first step, a sample and HellaSwag at step 2 with training going on after them, and
+    the final step's sample and HellaSwag scores, logged by rank 0, equal one process's from the checkpoint
+    of that step."""
+    from nbgpt.generate import Generator, SamplingConfig
+    from nbgpt.hellaswag import evaluate_hellaswag, read_examples
+    from nbgpt.run_config import RunConfig
+
+    assert RunConfig.from_preset("gpt3-xl", {"hellaswag_interval": 500, "sample_interval": 500}).nproc == 8
+    config = tiny_train_config(gpt2_data, tmp_path / "run", parallel="fsdp", max_steps=3, warmup_steps=1,
+                               micro_batch=4, total_batch_tokens=8 * 32, eval_interval=2, checkpoint_interval=2,
+                               sample_interval=2, sample_prompt="The king", sample_tokens=16, hellaswag_interval=2,
+                               hellaswag_path=str(FIXTURE), hellaswag_limit=13)
+    torchrun_each([config], 2, tmp_path)
+    samples, scores = read_metrics(tmp_path / "run", "sample"), read_metrics(tmp_path / "run", "hellaswag")
+    assert [r["step"] for r in samples] == [0, 2, 3] and [r["step"] for r in scores] == [2, 3]
+    loaded = load_model(tmp_path / "run")
+    assert loaded.step == 3 and [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [0, 1, 2]
+    text = Generator(loaded.model, loaded.tokenizer, precision="fp32").complete(
+        "The king", SamplingConfig(max_new_tokens=16, top_k=50, seed=3))
+    assert samples[-1]["text"] == text and text
+    single = evaluate_hellaswag(loaded.model, gpt2_tokenizer, read_examples(FIXTURE, 13))
+    assert {key: scores[-1][key] for key in single} == single
