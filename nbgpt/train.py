@@ -46,7 +46,7 @@ from .train_state import check_compatible, load_resumable, nothing_to_train, rng
 class Trainer:
     """Trains a GPT as a TrainConfig describes. Two forms of the model: `model`, the GPT itself (its weights
     are what checkpoints save, sampling decodes and HellaSwag scores), and `train_model`, what training and
-    validation run (compiled, and wrapped in DDP across ranks, when the configuration asks)."""
+    validation run (compiled when asked; across ranks wrapped in DDP, or, under FSDP, the GPT sharded in place)."""
 
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print):
         check_tracker(config.tracker)  # a tracker that cannot work is refused now, on every rank alike
