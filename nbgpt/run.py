@@ -26,9 +26,8 @@ from .errors import NbgptError
 from .files import atomic_write_json, read_json
 from .memory import refuse_unfit
 from .metrics import read_metrics
-from .processes import children, signal_tree
 from .run_config import RunConfig
-from .runlock import RunLock
+from .runlock import RunLock, children, signal_tree
 from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import check_tracker
 from .train_state import differing
