@@ -14,20 +14,20 @@ import os
 import re
 import shutil
 import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, ConfigWarning, config_warnings_to
 from .errors import NbgptError
 from .files import atomic_write_json, read_json
-from .logtail import LogTail
 from .memory import refuse_unfit
 from .metrics import read_metrics
-from .processes import children, signal_tree
 from .run_config import RunConfig
-from .runlock import RunLock
+from .runlock import RunLock, children, signal_tree
 from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import check_tracker
 from .train_state import differing
@@ -260,6 +260,43 @@ def recorded(run_dir: Path, record: dict):
         if previous is not None and latest_checkpoint(checkpoints) == newest:
             atomic_write_json(path, previous)
         raise
+
+
+class LogTail:
+    """Follow a growing text file from a background thread, passing each new complete line on (`tail -f`).
+    `with LogTail(path, echo):` echoes the lines appended to `path` while the block runs, and the rest
+    when it ends. Lines already in the file (an earlier attempt of the run) are not repeated."""
+
+    def __init__(self, path: str | os.PathLike, echo: Callable[[str], None], interval: float = 0.5):
+        self.path, self.echo, self.interval = Path(path), echo, interval
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+        self.pending = b""
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for line in lines:
+            self.echo(line.decode("utf-8", errors="replace"))
+
+    def _follow(self) -> None:
+        while not self.done.wait(self.interval):
+            self._read()
+
+    def __enter__(self) -> "LogTail":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self._read()
 
 
 def _to_kernels(signum: int) -> None:
