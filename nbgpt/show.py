@@ -18,7 +18,11 @@ class Source:
 
     def __init__(self, obj):
         obj = inspect.unwrap(obj)
-        lines, start = inspect.getsourcelines(obj)  # raises TypeError for builtins: they have no Python source
+        try:
+            lines, start = inspect.getsourcelines(obj)
+        except TypeError:  # builtins and C functions: no Python source to show
+            raise TypeError(f"show() takes a class, function or method written in Python; {obj!r} has no "
+                            f"Python source") from None
         path = Path(inspect.getsourcefile(obj)).resolve()
         where = path.relative_to(PACKAGE.parent) if path.is_relative_to(PACKAGE.parent) else path
         self.title = f"{obj.__module__}.{obj.__qualname__}  ({where}, line {start})"
