@@ -200,13 +200,15 @@ def test_plots_are_pngs_of_the_logged_curves(char_run):
 
 
 def test_gpt2_tokenizer_run_scores_hellaswag(tmp_path):
+    # The speedrun recipe: the rebuilt pieces' other branches (rotary, QK-norm, ReLU², an untied soft-capped head)
     result = nbgpt_run("--preset", "tiny", "--name", "bpe", "-p", "tokenizer", "gpt2", "-p", "max_steps", "6",
                        "-p", "hellaswag_path", str(FIXTURE), "-p", "bigram_steps", "5", "-p", "prompt", "Hello, I'm a language model,",
-                       "--notebooks", *NOTEBOOKS[:4], runs_dir=tmp_path)
+                       "-p", "recipe", "speedrun", "--notebooks", *NOTEBOOKS[:4], runs_dir=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     scored = json.loads((tmp_path / "bpe" / "hellaswag.json").read_text())
     assert scored["count"] == 20 and 0.0 <= scored["acc_norm"] <= 1.0
     assert_checks_ran(tmp_path / "bpe", NOTEBOOKS[1:4])  # the rebuilt pieces hold for GPT-2's BPE vocabulary too
+    assert "QK-norm, rotary positions" in stream_text(tmp_path / "bpe" / "02_model.ipynb")
     first = json.loads(FIXTURE.read_text().splitlines()[0])["ctx"]  # a real HellaSwag example was scored by hand
     assert repr(first) in stream_text(tmp_path / "bpe" / "04_evaluate_hellaswag.ipynb")
 
