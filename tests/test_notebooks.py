@@ -19,7 +19,7 @@ FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
 # The pieces each notebook rebuilds by hand and checks against nbgpt: a cell that asserts prints "✓ <name>..."
 # once its assertions hold, so a check that is removed, or whose assertion fails, leaves its line missing.
 CHECKS = {
-    "02_model.ipynb": ["bigram loss", "attention", "MLP", "block", "forward pass", "weight tying",
+    "02_model.ipynb": ["bigram loss", "attention", "MLP", "block", "forward pass", "weight tying", "residual init",
                        "padded vocabulary"],
     "03_train.ipynb": ["data loader", "loss at init", "learning-rate schedule", "gradient accumulation",
                        "DDP data split"],
