@@ -16,6 +16,16 @@ from nbgpt.run import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
+# The pieces each notebook rebuilds by hand and checks against nbgpt: a cell that asserts prints "✓ <name>..."
+# once its assertions hold, so a check that is removed, or whose assertion fails, leaves its line missing.
+CHECKS = {
+    "02_model.ipynb": ["bigram loss", "attention", "MLP", "block", "forward pass", "weight tying", "residual init",
+                       "padded vocabulary"],
+    "03_train.ipynb": ["data loader", "loss at init", "learning-rate schedule", "gradient accumulation",
+                       "DDP data split"],
+    "04_evaluate_hellaswag.ipynb": ["HellaSwag scoring"],
+    "05_sample.ipynb": ["KV-cached step"],
+}
 
 
 def test_notebooks_committed_clean_with_parameters_cell():
@@ -26,6 +36,33 @@ def test_notebooks_committed_clean_with_parameters_cell():
         tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1 and tagged[0] is code[0], f"{name}: the first code cell must be the parameters"
         assert all(len("".join(c["source"]).splitlines()) <= 15 for c in code), name
+
+
+def checks_that_ran(executed: Path) -> list[str]:
+    """The lines "✓ ..." printed by cells of an executed notebook that assert something."""
+    lines = []
+    for cell in json.loads(executed.read_text())["cells"]:
+        if cell["cell_type"] == "code" and "assert" in "".join(cell["source"]):
+            text = "".join("".join(o["text"]) for o in cell["outputs"] if o["output_type"] == "stream")
+            lines += [line[2:] for line in text.splitlines() if line.startswith("✓ ")]
+    return lines
+
+
+def assert_checks_ran(run_dir: Path, notebooks) -> None:
+    for name in notebooks:
+        ran = checks_that_ran(run_dir / name)
+        missing = [check for check in CHECKS[name] if not any(line.startswith(check) for line in ran)]
+        assert not missing and len(ran) == len(CHECKS[name]), f"{name}: {missing} did not run; ran {ran}"
+
+
+def stream_text(executed: Path) -> str:
+    cells = json.loads(executed.read_text())["cells"]
+    return "".join("".join(o["text"]) for c in cells for o in c.get("outputs", []) if o["output_type"] == "stream")
+
+
+def shown_sources(executed: Path) -> str:
+    cells = json.loads(executed.read_text())["cells"]
+    return "\n".join("".join(o.get("data", {}).get("text/plain", "")) for c in cells for o in c.get("outputs", []))
 
 
 def nbgpt_run(*args, runs_dir):
@@ -59,6 +96,30 @@ def test_pipeline_runs_every_notebook_and_reports(char_run):
     assert f"final val loss:     {final['val_loss']:.4f} at step 12 (" in stdout  # and what it averaged
     assert "samples.txt" in stdout and "loss.png" in stdout
     assert json.loads((run_dir / "hellaswag.json").read_text())["skipped"].startswith("HellaSwag is English text")
+
+
+def test_notebooks_rebuild_the_lectures_pieces_and_show_nbgpts_own_source(char_run):
+    """Every rebuilt piece's assert_close ran on a char-level model, and the source the notebooks show is the
+    library's as it is now (rendered at run time, never a pasted copy)."""
+    from nbgpt.generate import Decoder
+    from nbgpt.hellaswag import score_candidates
+    from nbgpt.loader import DataLoader
+    from nbgpt.model import GPT, Block, CausalSelfAttention
+    from nbgpt.schedule import lr_at
+    from nbgpt.show import show
+    from nbgpt.train import Trainer
+
+    run_dir, _ = char_run
+    assert_checks_ran(run_dir, NOTEBOOKS[1:])
+    shown = {"02_model.ipynb": [CausalSelfAttention, Block, GPT.forward],
+             "03_train.ipynb": [DataLoader.next_batch, lr_at, Trainer.train_step],
+             "04_evaluate_hellaswag.ipynb": [score_candidates], "05_sample.ipynb": [Decoder.steps]}
+    for name, objects in shown.items():
+        text = shown_sources(run_dir / name)
+        assert all(repr(show(obj)) in text for obj in objects), name
+        cells = json.loads((ROOT / "notebooks" / name).read_text())["cells"]
+        code = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert not any(show(obj).code.splitlines()[0] in code for obj in objects), f"{name} pastes library source"
 
 
 def test_progress_streams_live_and_executed_notebooks_hold_readable_lines(char_run):
@@ -139,12 +200,17 @@ def test_plots_are_pngs_of_the_logged_curves(char_run):
 
 
 def test_gpt2_tokenizer_run_scores_hellaswag(tmp_path):
+    # The speedrun recipe: the rebuilt pieces' other branches (rotary, QK-norm, ReLU², an untied soft-capped head)
     result = nbgpt_run("--preset", "tiny", "--name", "bpe", "-p", "tokenizer", "gpt2", "-p", "max_steps", "6",
                        "-p", "hellaswag_path", str(FIXTURE), "-p", "bigram_steps", "5", "-p", "prompt", "Hello, I'm a language model,",
-                       "--notebooks", *NOTEBOOKS[:4], runs_dir=tmp_path)
+                       "-p", "recipe", "speedrun", "--notebooks", *NOTEBOOKS[:4], runs_dir=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     scored = json.loads((tmp_path / "bpe" / "hellaswag.json").read_text())
     assert scored["count"] == 20 and 0.0 <= scored["acc_norm"] <= 1.0
+    assert_checks_ran(tmp_path / "bpe", NOTEBOOKS[1:4])  # the rebuilt pieces hold for GPT-2's BPE vocabulary too
+    assert "QK-norm, rotary positions" in stream_text(tmp_path / "bpe" / "02_model.ipynb")
+    first = json.loads(FIXTURE.read_text().splitlines()[0])["ctx"]  # a real HellaSwag example was scored by hand
+    assert repr(first) in stream_text(tmp_path / "bpe" / "04_evaluate_hellaswag.ipynb")
 
 
 def test_failing_cell_names_notebook_and_keeps_partial_output(tmp_path):
