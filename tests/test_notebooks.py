@@ -19,8 +19,8 @@ FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
 # The pieces each notebook rebuilds by hand and checks against nbgpt: a cell that asserts prints "✓ <name>..."
 # once its assertions hold, so a check that is removed, or whose assertion fails, leaves its line missing.
 CHECKS = {
-    "02_model.ipynb": ["bigram loss", "attention", "MLP", "block", "forward pass", "weight tying", "residual init",
-                       "padded vocabulary"],
+    "02_model.ipynb": ["bigram loss", "causal mask", "one head", "attention", "MLP", "block", "forward pass",
+                       "weight tying", "residual init", "padded vocabulary"],
     "03_train.ipynb": ["data loader", "loss at init", "learning-rate schedule", "gradient accumulation",
                        "DDP data split"],
     "04_evaluate_hellaswag.ipynb": ["HellaSwag scoring"],
@@ -104,14 +104,14 @@ def test_notebooks_rebuild_the_lectures_pieces_and_show_nbgpts_own_source(char_r
     from nbgpt.generate import Decoder
     from nbgpt.hellaswag import score_candidates
     from nbgpt.loader import DataLoader
-    from nbgpt.model import GPT, Block, CausalSelfAttention
+    from nbgpt.model import GPT, Block, CausalSelfAttention, attention, attention_probs
     from nbgpt.schedule import lr_at
     from nbgpt.show import show
     from nbgpt.train import Trainer
 
     run_dir, _ = char_run
     assert_checks_ran(run_dir, NOTEBOOKS[1:])
-    shown = {"02_model.ipynb": [CausalSelfAttention, Block, GPT.forward],
+    shown = {"02_model.ipynb": [CausalSelfAttention, attention, attention_probs, Block, GPT.forward, GPT.head],
              "03_train.ipynb": [DataLoader.next_batch, lr_at, Trainer.train_step],
              "04_evaluate_hellaswag.ipynb": [score_candidates], "05_sample.ipynb": [Decoder.steps]}
     for name, objects in shown.items():
