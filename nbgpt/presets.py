@@ -95,7 +95,7 @@ RUN_PRESETS: dict[str, dict] = {
     "gpt3-small": dict(
         source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
         prepare_workers=8, model="gpt3-small", vocab_multiple=64, bigram_steps=200, total_batch_tokens=524_288,
-        micro_batch=32, max_steps=19_073, max_lr=6e-4, min_lr_ratio=0.1, warmup_steps=715, eval_interval=250,
+        micro_batch="auto", max_steps=19_073, max_lr=6e-4, min_lr_ratio=0.1, warmup_steps=715, eval_interval=250,
         eval_batches=20, hellaswag_interval=250, checkpoint_interval=1000, keep_checkpoints=3, precision="auto",
         compile=True, nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4,
         top_k=50,
@@ -104,11 +104,12 @@ RUN_PRESETS: dict[str, dict] = {
     # over 375M tokens (358 steps of 2^20), cosine to 10 %, dense attention as above. 10B tokens of FineWeb-Edu
     # (9,537 steps; about 7 hours of an 8×H100 node at 40 % MFU) where the paper trained on 300B. Weights,
     # gradients and AdamW moments (16 bytes per parameter, ~20 GiB) are sharded over the 8 GPUs (parallel
-    # fsdp, nbgpt.sharding); HellaSwag is scored on the final checkpoint (notebook 04), not during training.
+    # fsdp, nbgpt.sharding). HellaSwag is scored on the final checkpoint (notebook 04); -p hellaswag_interval
+    # scores it during training too, through the shards.
     "gpt3-xl": dict(
         source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
         prepare_workers=8, model="gpt3-xl", vocab_multiple=64, bigram_steps=200, total_batch_tokens=1_048_576,
-        micro_batch=8, max_steps=9_537, max_lr=2e-4, min_lr_ratio=0.1, warmup_steps=358, eval_interval=250,
+        micro_batch="auto", max_steps=9_537, max_lr=2e-4, min_lr_ratio=0.1, warmup_steps=358, eval_interval=250,
         eval_batches=40, hellaswag_interval=0, checkpoint_interval=500, keep_checkpoints=2, precision="auto",
         compile=True, parallel="fsdp", nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4,
         top_k=50,

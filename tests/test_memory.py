@@ -171,3 +171,11 @@ def test_the_speed_up_cell_times_a_stand_in_where_the_whole_model_does_not_fit(m
     assert (run.nproc, plan.parallel, plan.fits, plan.micro_batch) == (8, "fsdp", True, 4)
     assert "8 would need" in plan.why and "in train_eager" in plan.why  # the training step sets it, not the cell
     refuse_unfit(run, "a100-40gb")
+
+
+@pytest.mark.parametrize("preset", ["gpt3-small", "gpt3-xl"])
+def test_the_gpt3_presets_as_shipped_fit_the_a100_40gb_they_are_offered_for(preset):
+    """The README offers both for an 8×A100/H100 node; a fixed micro-batch (8 for gpt3-xl, 32 for gpt3-small)
+    needed an 80 GB card, while micro_batch="auto" takes what a 40 GB one holds."""
+    plan = plan_memory(RunConfig.from_preset(preset), gpu="a100-40gb")
+    assert plan.fits and plan.micro_batch is not None and plan.micro_batch < {"gpt3-small": 32, "gpt3-xl": 8}[preset]
