@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,12 +126,29 @@ def held_gpu_memory_warning() -> str | None:
             f"cannot use; delete its models and tensors and call torch.cuda.empty_cache(), or restart the kernel")
 
 
+def _stream(process: subprocess.Popen, stop: StopSignals, echo) -> int | None:
+    """Echo torchrun's output until it ends; the signal that stopped the workers, if one did: sent here (and
+    passed on), or to a worker directly, which then says so in its stop line (TrainingStopped.by_signal)."""
+    signum, quiet = None, False
+    for line in process.stdout:
+        said = re.search(r"stopped by (SIG[A-Z]+) after step \d+ with a checkpoint", line)
+        signum = stop.signum or signum or (signal.Signals[said.group(1)] if said else None)
+        # After a stop, torchrun ends with a traceback of its own (a SignalException, or its workers' exit
+        # status 128 + signal): noise, since the workers have checkpointed and said so; it is read (so torchrun
+        # never blocks on a full pipe) but not echoed.
+        quiet = quiet or (signum is not None and line.startswith("Traceback"))
+        if not quiet:
+            echo(line.rstrip("\n"))
+    return stop.signum or signum
+
+
 def launch(config, nproc: int, echo=print, **node) -> int:
     """Train `config` (a TrainConfig) on `nproc` processes of this machine via torchrun, streaming output.
 
     From a notebook this is how a 2×T4 Kaggle box trains on both GPUs: the kernel stays a single process and
     torchrun's workers, admitted to the run directory this launcher locks, run beside it. SIGTERM/SIGINT are
-    passed on to the workers, which stop together with a checkpoint; this then raises TrainingStopped.
+    passed on to the workers, which stop together with a checkpoint; this then raises TrainingStopped, as it
+    does when a signal reached one worker alone (a scheduler's, or `kill` on its pid)
     Raises RuntimeError if the workers fail. GPU memory this process holds, the workers lack: it says so first."""
     if (warning := held_gpu_memory_warning()) is not None:
         echo(warning)
@@ -144,19 +163,12 @@ def launch(config, nproc: int, echo=print, **node) -> int:
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        env=worker_environment(os.environ), start_new_session=True)
             with StopSignals(forward=process.send_signal) as stop:
-                quiet = False
-                for line in process.stdout:
-                    # A stop makes torchrun end with a traceback of its own SignalException: noise, since
-                    # the workers have checkpointed and said so; it is read (so torchrun never blocks on a
-                    # full pipe) but not echoed.
-                    quiet = quiet or (stop.signum is not None and line.startswith("Traceback"))
-                    if not quiet:
-                        echo(line.rstrip("\n"))
+                signum = _stream(process, stop, echo)
                 code = process.wait()
         finally:
             os.unlink(config_file)
-    if stop.signum is not None:
-        raise TrainingStopped.by_signal(stop.signum, Path(config.out_dir) / "checkpoints")
+    if signum is not None:
+        raise TrainingStopped.by_signal(signum, Path(config.out_dir) / "checkpoints")
     if code != 0:
         raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}: {' '.join(cmd)}")
     return code

@@ -430,3 +430,32 @@ def test_embedding_lr_scale_gives_the_embeddings_their_own_rate(char_data, tmp_p
     assert rates[id(trainer.model.wte.weight)] == pytest.approx(5 * record["lr"])
     assert rates[id(trainer.model.h[0].attn.c_attn.weight)] == pytest.approx(record["lr"])
     assert rates[id(trainer.model.ln_f.weight)] == pytest.approx(record["lr"])
+
+
+def test_a_signal_to_one_worker_stops_the_launch_as_a_signal_to_the_launcher_does(char_data, tmp_path, monkeypatch):
+    """SIGTERM to one torchrun worker alone (a scheduler's, `kill PID`): the ranks agree, stop together with a
+    checkpoint, and launch raises TrainingStopped naming the signal, not torchrun's failure of its workers."""
+    import threading
+
+    from nbgpt.distributed import launch
+    from nbgpt.runlock import children
+    from nbgpt.stop import TrainingStopped
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = tmp_path / "run"
+    config = tiny_train_config(char_data, run, micro_batch=4, total_batch_tokens=8 * 32, max_steps=2000,
+                               eval_interval=0, checkpoint_interval=0)
+
+    def kill_one_worker_once_training() -> None:
+        metrics = run / "metrics.jsonl"
+        while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
+            time.sleep(0.1)
+        workers = [pid for launcher in children(os.getpid()) for pid in children(launcher)]
+        os.kill(max(workers), signal.SIGTERM)
+
+    killer = threading.Thread(target=kill_one_worker_once_training, daemon=True)
+    killer.start()
+    with pytest.raises(TrainingStopped) as stopped:
+        launch(config, nproc=2, echo=lambda line: None)
+    assert stopped.value.signum == signal.SIGTERM and "stopped by SIGTERM with a checkpoint" in str(stopped.value)
+    assert 1 <= load_latest(run / "checkpoints")["step"] < 2000
