@@ -173,8 +173,9 @@ def _plan(args: argparse.Namespace) -> int:
     overrides = dict(args.parameters or [])
     if args.nproc is not None:
         overrides["nproc"] = args.nproc
-    plan = plan_memory(RunConfig.from_preset(args.preset, overrides), args.gpu, args.gpu_memory)
-    print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan_lines(args.preset, plan)))
+    run = RunConfig.from_preset(args.preset, overrides)
+    plan = plan_memory(run, args.gpu, args.gpu_memory)
+    print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan_lines(f"{args.preset} ({run.train.model})", plan)))
     return 0 if plan.fits else 1
 
 
