@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import GPT, attention_probs, causal_mask  # causal_mask: notebook 02 imports it from here
+from .model import GPT, attention_probs
 
 
 @torch.no_grad()

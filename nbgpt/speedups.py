@@ -25,7 +25,6 @@ from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_devic
 from .memory import GIB, SpeedupCell, speedup_cell
 from .model import GPT, GPTConfig
 from .shards import TokenStore
-from .speedup_work import SPEEDUP_MICRO_BATCH  # noqa: F401 (notebook 03 cites nbgpt.speedups.SPEEDUP_MICRO_BATCH)
 from .speedup_work import adamw_pair, attention_pair, timing_micro_batch, train_step
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ import torch
 
 from conftest import tiny_train_config
 from nbgpt.generate import Generator
-from nbgpt.introspect import attention_weights, causal_mask, param_groups
+from nbgpt.introspect import attention_weights, param_groups
+from nbgpt.model import causal_mask
 from nbgpt.metrics import read_metrics
 from nbgpt.model import GPT, GPTConfig
 from nbgpt.schedule import evaluation_interval
@@ -135,7 +136,7 @@ def test_speedup_table_times_what_this_machine_can_show(budget_run):
 
 
 def test_speedup_table_times_a_small_micro_batch_on_gpus_only():
-    from nbgpt.speedups import SPEEDUP_MICRO_BATCH
+    from nbgpt.speedup_work import SPEEDUP_MICRO_BATCH
     from nbgpt.speedup_work import timing_micro_batch
 
     assert SPEEDUP_MICRO_BATCH == 4
