@@ -1,4 +1,4 @@
-"""What FSDP's extras cost (nbgpt.sharding), on 2 gloo processes of this CPU:
+"""What FSDP's extras cost (nbgpt.distributed), on 2 gloo processes of this CPU:
 
 - a training step with Muon against one with AdamW, both sharded: Muon all-gathers every block matrix's
   update direction to orthogonalise it whole, AdamW works on its shards alone;
@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from common import median_time, report
 from nbgpt.model import GPT, GPTConfig
-from nbgpt.sharding import full_state, shard
+from nbgpt.distributed import full_state, shard
 from nbgpt.run_config import TrainConfig
 from nbgpt.train_setup import build_optimizers
 

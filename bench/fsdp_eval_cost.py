@@ -1,7 +1,7 @@
 """What mid-training samples and HellaSwag cost under FSDP against DDP, on 2 gloo processes of this CPU.
 
 Under DDP rank 0 samples alone from a snapshot of its whole model, and each rank scores its share of the
-HellaSwag examples with its whole model. Under FSDP (nbgpt.sharding) every rank decodes through its shard,
+HellaSwag examples with its whole model. Under FSDP (nbgpt.distributed) every rank decodes through its shard,
 gathering each block's weights for every token, and each rank scores its share through its shard, a rank
 with fewer batches running one-token FILLER batches until it has run as many as the other. Times are rank
 0's wall seconds (the step a run waits for), the median of 3 after one warm-up.
@@ -16,11 +16,10 @@ import torch
 import torch.distributed as dist
 
 from common import ROOT, median_time, report
-from nbgpt.distributed import init_distributed, shutdown
+from nbgpt.distributed import init_distributed, shard, shutdown
 from nbgpt.generate import Generator, SamplingConfig
 from nbgpt.hellaswag import evaluate_hellaswag, read_examples
 from nbgpt.model import GPT, GPTConfig
-from nbgpt.sharding import shard
 from nbgpt.tokenizer import GPT2Tokenizer
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=50257)

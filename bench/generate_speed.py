@@ -18,7 +18,7 @@ from common import report
 
 from nbgpt.device import choose_precision
 from nbgpt.generate import Generator, SamplingConfig
-from nbgpt.hf import export_hf
+from nbgpt.model_files import export_hf
 from nbgpt.model import GPT, GPTConfig
 from nbgpt.tokenizer import GPT2Tokenizer
 

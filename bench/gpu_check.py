@@ -370,7 +370,7 @@ def decoding(ctx: Context) -> dict:
     import transformers
 
     from nbgpt.generate import Generator, SamplingConfig
-    from nbgpt.hf import export_hf
+    from nbgpt.model_files import export_hf
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(ctx.shapes.model)).eval()

@@ -149,7 +149,7 @@ def _one_line(exc: BaseException) -> str:
 
 def download(url: str, label: str) -> bytes:
     """The body of `url`, with a progress bar."""
-    from .progress import progress_bar
+    from .metrics import progress_bar
 
     with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0)

@@ -4,7 +4,7 @@
 `nbgpt train` takes TrainConfig's fields and GPTConfig's (which go into TrainConfig.model_overrides), `prepare`
 PrepareConfig's, `eval` EvalConfig's, `sample` SampleConfig's; `run -p NAME VALUE` takes any of them by flat
 name. Values are read by nbgpt.config.coerce, the same parser for flags, `-p`, JSON and presets. `nbgpt export`
-(a source and a folder) writes a model in HF's GPT-2 format or nbgpt's own (nbgpt.export).
+(a source and a folder) writes a model in HF's GPT-2 format or nbgpt's own (nbgpt.model_files).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .distributed import shutdown
     from .hellaswag import evaluate_hellaswag, load_examples_for
-    from .loading import load_model
+    from .model_files import load_model
     from .run_config import EvalConfig
     from .train_setup import start_runtime
 
@@ -125,8 +125,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_model
-    from .loading import load_model
+    from .model_files import export_model
+    from .model_files import load_model
 
     loaded = load_model(args.checkpoint)
     exported = export_model(loaded.model, loaded.tokenizer, args.out, args.format)
@@ -135,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .progress import eval_scope
+    from .metrics import eval_scope
     from .run import RunError, run_pipeline
     from .stop import TrainingStopped
 
@@ -262,7 +262,7 @@ def add_run_command(commands, presets: list[str]) -> None:
 
 
 MODEL_SOURCES = ("run directory, checkpoint file, exported folder (HF GPT-2 or nbgpt format), or hub name such as "
-                 "gpt2 (see nbgpt.loading)")
+                 "gpt2 (see nbgpt.model_files)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,10 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_export_command(commands) -> None:
-    from .export import FORMATS
+    from .model_files import FORMATS
 
     export = commands.add_parser("export", help="write a model for others: HF GPT-2 format where it can express "
-                                                "the model, else nbgpt's own (see nbgpt.export)")
+                                                "the model, else nbgpt's own (see nbgpt.model_files)")
     export.add_argument("--checkpoint", required=True, help=MODEL_SOURCES)
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--format", choices=FORMATS, default="auto",

@@ -22,7 +22,7 @@ import torch.nn as nn
 from .config import ConfigError, knob
 from .device import DTYPES, autocast, choose_precision
 from .model import KVCache
-from .sharding import from_rank_zero, is_sharded
+from .distributed import from_rank_zero, is_sharded
 from .tokenizer import Tokenizer
 
 
@@ -194,7 +194,7 @@ class Decoder:
 
     The model is a decoding snapshot (`inference_copy`) in the chosen precision. Rows of different lengths are
     left-padded; the KV cache masks the padding and starts each row's positions at its first real token.
-    A model sharded with FSDP (nbgpt.sharding) is no snapshot's: no process may hold it whole, so it decodes
+    A model sharded with FSDP (nbgpt.distributed) is no snapshot's: no process may hold it whole, so it decodes
     through its shards, every rank alongside the others with rank 0's tokens, the live model itself.
     """
 
@@ -412,9 +412,9 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def load_generator(source: str, device: str = "auto", precision: str = "auto") -> Generator:
-    """A generator for a run, checkpoint file, HF folder or hub name (nbgpt.loading.load_model), with the
+    """A generator for a run, checkpoint file, HF folder or hub name (nbgpt.model_files.load_model), with the
     tokenizer it was trained with."""
-    from .loading import load_model
+    from .model_files import load_model
 
     loaded = load_model(source, device=device)
     return Generator(loaded.model, loaded.tokenizer, precision=precision)

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from .assets import Asset, fetch
 from .device import DTYPES, autocast
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_reduce_sum, claim_root, is_sharded, most_on_any_rank, root_gathered
 from .errors import NbgptError
 from .model import KVCache
-from .sharding import claim_root, is_sharded, most_on_any_rank, root_gathered
 from .tokenizer import Tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

@@ -16,7 +16,7 @@ are the gradients' own memory, so nproc changes the per-rank micro-batch and not
 allocator does not see (the CUDA context, cuBLAS and NCCL workspaces) is set aside as NON_TORCH_GIB of the
 card, and the allocator's own slack (rounding to blocks, fragmentation) as MARGIN of the rest.
 
-Under FSDP (parallel="fsdp", nbgpt.sharding) the plan prices one rank from the same single-process trace and
+Under FSDP (parallel="fsdp", nbgpt.distributed) the plan prices one rank from the same single-process trace and
 the sharding's known bytes (see Shards): the trace's resident state divided by the ranks, the gathered 16-bit
 weights of two blocks and the root, the whole model's unsharded fp32 gradients while micro-steps accumulate,
 Muon's whole fp32 matrix, and activations as under DDP. (torch's FSDPMemTracker does trace a fully_shard'ed
@@ -402,7 +402,7 @@ def budget_gib(gpu_memory_gib: float) -> float:
 
 @dataclass(frozen=True)
 class Shards:
-    """What FSDP over `ranks` processes changes in one rank's bytes, from the model's shapes (nbgpt.sharding:
+    """What FSDP over `ranks` processes changes in one rank's bytes, from the model's shapes (nbgpt.distributed:
     each block a unit of its own, then the root; weights gathered in the run's 16-bit dtype)."""
 
     ranks: int
@@ -428,7 +428,7 @@ def sharded(traced: Traced, shards: Shards, accumulating: bool) -> Traced:
     every rank also holds the whole model's gradients unsharded in fp32, else one block's before its
     reduce-scatter. Activations, caches and the optimizer's temporaries stay as traced (the 16-bit weight
     copies the trace's autocast keeps are counted too: an upper bound). Mid-training HellaSwag and samples
-    run through the sharded model (nbgpt.sharding.root_gathered): like validation, a shard and what it gathers."""
+    run through the sharded model (nbgpt.distributed.root_gathered): like validation, a shard and what it gathers."""
     resident = traced.resident // shards.ranks + shards.gathered
     delta = resident - traced.resident
     grads = shards.weights if accumulating else shards.block_grads

@@ -526,3 +526,26 @@ def parameter_table(model: nn.Module) -> list[dict]:
     for row in rows.values():
         row["share"] = f"{100 * row['parameters'] / total:.1f} %"
     return list(rows.values())
+
+
+@torch.no_grad()
+def attention_weights(model: GPT, idx: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """softmax(q kᵀ / √D) with the causal mask, for one sequence idx (1, T) at `layer`: (H, T, T).
+
+    The model runs forward once while a hook catches what the layer's attention receives (the LayerNorm'd
+    residual stream and the rotary tables); the layer's own `qkv` then gives its queries and keys.
+    """
+    attn = model.h[layer].attn
+    device = next(model.parameters()).device
+    # A Generator's inference copy keeps its Linear weights in bf16/fp16: run it under autocast as it does.
+    low = ({p.dtype for p in model.parameters()} - {torch.float32} or {None}).pop()
+    caught = {}
+    hook = attn.register_forward_pre_hook(lambda module, args: caught.update(x=args[0], rope=args[1]))
+    try:
+        with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            model.eval()
+            model(idx.to(device))
+            q, k, _ = attn.qkv(caught["x"], caught["rope"])  # each (1, H, T, D)
+    finally:
+        hook.remove()
+    return attention_probs(q.float(), k.float())[0].cpu()  # the future is invisible: zero weight above the diagonal

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .device import fast_dtype
-from .sharding import like, whole
+from .distributed import like, whole
 
 # Coefficients (a, b, c) of the quintic f(x) = a x + b x³ + c x⁵ that Newton–Schulz applies to every singular
 # value (Jordan et al., 2024). f has a steep slope at 0 (a = 3.4445), so small singular values grow quickly,
@@ -134,3 +134,20 @@ def build_muon(model: nn.Module, weight_decay: float, learning_rate: float, beta
     muon = Muon(matrices, lr=learning_rate, weight_decay=weight_decay, ns_dtype=fast_dtype(torch.device(device_type)))
     return [muon, build_adamw(rest, weight_decay, learning_rate, betas, device_type,
                               embeddings=model.embedding_parameters(), embedding_lr_scale=embedding_lr_scale)]
+
+
+def param_groups(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[dict]:
+    """One row per optimizer parameter group: which tensors it holds, their shapes' rank, and its decay."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    rows = []
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            params = group["params"]
+            listed = [names.get(id(p), "?") for p in params]
+            rows.append({"optimizer": type(optimizer).__name__, "tensors": len(params),
+                         "parameters": sum(p.numel() for p in params),
+                         "dims": "/".join(sorted({f"{p.dim()}-D" for p in params})),
+                         "weight_decay": group.get("weight_decay", 0.0),
+                         "lr_scale": group.get("lr_scale", 1.0),
+                         "e.g.": ", ".join(listed[:3]) + (", …" if len(listed) > 3 else "")})
+    return rows

@@ -15,8 +15,7 @@ import matplotlib.pyplot as plt
 
 from .files import atomic_write, read_json
 from .hellaswag import GPT2_124M_ACC_NORM, GPT3_124M_ACC_NORM
-from .metrics import read_metrics
-from .progress import eval_scope
+from .metrics import eval_scope, read_metrics
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

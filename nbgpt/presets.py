@@ -104,7 +104,7 @@ RUN_PRESETS: dict[str, dict] = {
     # over 375M tokens (358 steps of 2^20), cosine to 10 %, dense attention as above. 10B tokens of FineWeb-Edu
     # (9,537 steps; about 7 hours of an 8×H100 node at 40 % MFU) where the paper trained on 300B. Weights,
     # gradients and AdamW moments (16 bytes per parameter, ~20 GiB) are sharded over the 8 GPUs (parallel
-    # fsdp, nbgpt.sharding). HellaSwag is scored on the final checkpoint (notebook 04); -p hellaswag_interval
+    # fsdp, nbgpt.distributed). HellaSwag is scored on the final checkpoint (notebook 04); -p hellaswag_interval
     # scores it during training too, through the shards.
     "gpt3-xl": dict(
         source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,

@@ -23,11 +23,10 @@ from typing import Callable
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, ConfigWarning, config_warnings_to
 from .errors import NbgptError
-from .files import atomic_write_json, read_json
+from .files import RunLock, atomic_write_json, children, read_json, signal_tree
 from .memory import refuse_unfit
 from .metrics import read_metrics
 from .run_config import RunConfig
-from .runlock import RunLock, children, signal_tree
 from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import check_tracker
 from .train_state import differing

@@ -144,7 +144,7 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model: faster steps after a one-time compile")
     parallel: str = knob("ddp", "how processes share the work: ddp (each holds the whole model, gradients are "
                                 "all-reduced) or fsdp (each holds 1/N of the weights, gradients and optimizer "
-                                "state: nbgpt.sharding); one process: neither")
+                                "state: nbgpt.distributed); one process: neither")
     threads: int | None = knob(None, "CPU threads for torch (none: torch's default)")
     # data order
     shuffle: bool = knob(False, "visit the training windows in a fresh random order each epoch (else in order)")

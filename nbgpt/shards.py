@@ -202,7 +202,7 @@ def _finish(writer: ShardWriter, src: Source, tok: Tokenizer, settings: dict, mi
 def _write_source(writer: ShardWriter, src: Source, tok: Tokenizer, vocab_path: Path | None, workers: int,
                   batch_chars: int, progress: bool) -> None:
     """Tokenize the documents the writer has not consumed yet into it, until the source ends or the cap is met."""
-    from .progress import progress_bar
+    from .metrics import progress_bar
 
     if writer.full:
         return  # an interrupted build that had already reached its cap: nothing more to read

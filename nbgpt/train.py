@@ -23,17 +23,15 @@ import torch
 from .checkpoint import save_checkpoint
 from .config import config_warnings_to
 from .device import autocast, peak_flops, resolve_device
-from .distributed import agreed_max, all_reduce_mean, shutdown
+from .distributed import agreed_max, all_reduce_mean, full_state, is_sharded, load_full_state, shutdown
 from .loader import DataLoader
 from .memory import resolve_micro_batch
-from .metrics import MetricsLog
+from .metrics import MetricsLog, ProgressLog, progress_bar
 from .model import flops_per_token
 from .optim import build_adamw
-from .progress import ProgressLog, progress_bar
 from .run_config import AUTO, TrainConfig
-from .runlock import RunLock
+from .files import RunLock
 from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
-from .sharding import full_state, is_sharded, load_full_state
 from .shards import DataError, TokenStore
 from .stop import DivergenceGuard, StopSignals, TrainingStopped
 from .tokenizer import tokenizer_spec

@@ -10,17 +10,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, TYPE_CHECKING
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .device import choose_precision, configure_backends, resolve_device
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, init_distributed, is_sharded, shard
 from .loader import DataLoader
-from .model import GPT, ConfigError, GPTConfig
+from .model import ConfigError, GPT, GPTConfig
 from .optim import build_adamw, build_muon
-from .sharding import is_sharded, shard
 from .shards import DataError, TokenStore
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> t
         torch.manual_seed(config.seed)
         model = GPT(config.model_config(vocab_size))
     else:
-        from .hf import load_hf
+        from .model_files import load_hf
 
         model = load_hf(config.init_from, vocab_multiple=config.model_overrides.get("vocab_multiple", 1))
         if model.config.vocab_size != vocab_size:
@@ -104,7 +103,7 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> torch.nn.Module:
     """The model as training and validation run it: compiled if asked, and that wrapped in DDP across ranks;
-    or, with parallel="fsdp", sharded in place (nbgpt.sharding) and then compiled. A single process has
+    or, with parallel="fsdp", sharded in place (nbgpt.distributed) and then compiled. A single process has
     nothing to share or shard: it trains the plain model either way. Under no_grad (validation) DDP's wrapper
     adds no gradient hooks, so one compiled graph serves both."""
     if runtime.dist.enabled and config.parallel == "fsdp":

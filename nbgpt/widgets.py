@@ -175,6 +175,6 @@ class PromptPanel(widgets.VBox):
 
 def prompt_panel(model: torch.nn.Module | Generator | str, tokenizer: Tokenizer | None = None, **kwargs) -> PromptPanel:
     """The interactive sampling panel for a model (with its tokenizer), an existing Generator, or anything
-    nbgpt.loading.load_model accepts (a run directory, "gpt2", ...); show it with `display(panel)` or as a
+    nbgpt.model_files.load_model accepts (a run directory, "gpt2", ...); show it with `display(panel)` or as a
     cell's last expression."""
     return PromptPanel(model, tokenizer, **kwargs)

@@ -8,11 +8,10 @@ import sys
 
 import torch
 
-from nbgpt.distributed import all_gather_objects, init_distributed, shutdown
+from nbgpt.distributed import all_gather_objects, init_distributed, shard, shutdown
 from nbgpt.generate import Generator, SamplingConfig
 from nbgpt.hellaswag import _fit_to_context, _shared_context_batches, evaluate_hellaswag, read_examples
 from nbgpt.model import GPT, GPTConfig
-from nbgpt.sharding import shard
 from nbgpt.tokenizer import GPT2Tokenizer
 
 out, fixture, limit, *budgets = sys.argv[1:]

@@ -15,8 +15,7 @@ from nbgpt.model import ConfigError, GPTConfig
 from nbgpt.presets import RUN_PRESETS
 from nbgpt.recipes import RECIPES
 from nbgpt.run import RunError, check_run
-from nbgpt.run_config import RunConfig, SampleConfig
-from nbgpt.run_config import TrainConfig
+from nbgpt.run_config import RunConfig, SampleConfig, TrainConfig
 
 
 def nbgpt(*args, cwd=None):
@@ -269,7 +268,7 @@ def test_expected_failures_share_one_base_class_that_main_prints_as_one_line(tmp
     from nbgpt.errors import NbgptError
     from nbgpt.files import WriteError
     from nbgpt.hellaswag import HellaSwagError, HellaSwagUnavailable
-    from nbgpt.hf import HFFormatError
+    from nbgpt.model_files import HFFormatError
     from nbgpt.shards import DataError
     from nbgpt.sources import SourceError
     from nbgpt.tokenizer import TokenizerError

@@ -191,7 +191,7 @@ def test_parity_with_transformers_on_cuda(tmp_path):
     """Same weights, same logits and the same greedy tokens as transformers on the GPU, in full fp32."""
     transformers = pytest.importorskip("transformers")
     from nbgpt.generate import Generator, SamplingConfig
-    from nbgpt.hf import load_hf
+    from nbgpt.model_files import load_hf
     from nbgpt.tokenizer import CharTokenizer
 
     torch.manual_seed(3)

@@ -17,7 +17,7 @@ import torch
 
 from conftest import tiny_train_config
 from nbgpt.checkpoint import CheckpointError, load_file, load_latest, save_checkpoint
-from nbgpt.runlock import RunLock, RunLockError
+from nbgpt.files import RunLock, RunLockError
 from nbgpt.metrics import read_metrics
 from nbgpt.shards import DataError, TokenStore, prepare
 from nbgpt.train import Trainer

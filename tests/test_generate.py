@@ -78,7 +78,7 @@ def test_decode_linear_slices_compute_the_linear_layer(parts, bias):
 
 
 def test_greedy_matches_transformers_generate(tmp_path):
-    from nbgpt.hf import load_hf
+    from nbgpt.model_files import load_hf
 
     torch.manual_seed(3)
     config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4,

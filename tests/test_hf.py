@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from nbgpt.hf import HFFormatError, export_hf, load_hf
+from nbgpt.model_files import HFFormatError, export_hf, load_hf
 from nbgpt.model import GPT, ConfigError, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -77,7 +77,7 @@ def test_speedrun_architecture_is_refused_naming_what_hf_cannot_represent(tmp_pa
     with pytest.raises(ConfigError) as refused:
         export_hf(model, tmp_path / "out")
     assert str(refused.value) == ("HF's GPT-2 cannot represent position='rope', qk_norm=True, logit_softcap=30; "
-                                  "save this model in nbgpt's own format instead (nbgpt.export.export_nbgpt, or "
+                                  "save this model in nbgpt's own format instead (nbgpt.model_files.export_nbgpt, or "
                                   "`nbgpt export --format nbgpt`)")
     assert not (tmp_path / "out").exists()
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from nbgpt.generate import Generator, SamplingConfig
-from nbgpt.hf import HFFormatError, load_hf
-from nbgpt.loading import load_model
+from nbgpt.model_files import HFFormatError, load_hf, load_model
 from nbgpt.widgets import prompt_panel
 
 transformers = pytest.importorskip("transformers")
@@ -105,7 +104,7 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path):
 
 def test_nbgpt_format_round_trip_of_a_speedrun_model(tmp_path, gpt2_tokenizer):
     """What HF's GPT-2 cannot express goes to nbgpt's own format; load_model reads it back exactly."""
-    from nbgpt.export import NBGPT_FILE, export_model
+    from nbgpt.model_files import NBGPT_FILE, export_model
     from nbgpt.model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -165,7 +164,7 @@ def test_export_never_overwrites_or_mixes_with_an_exported_model(tmp_path):
 def test_a_char_model_is_not_exported_as_hf_gpt2(tmp_path):
     """HF folders are read as GPT-2 BPE models: a char model's ids would load and decode to nonsense."""
     from nbgpt.config import ConfigError
-    from nbgpt.export import export_model
+    from nbgpt.model_files import export_model
     from nbgpt.model import GPT, GPTConfig
     from nbgpt.tokenizer import CharTokenizer
 

@@ -278,7 +278,7 @@ def stop_the_kernel_mid_training(runs_dir, signum, after_step, *args):
     `nbgpt run`) once training has logged a step past `after_step`, and return the finished `nbgpt run`."""
     import time
 
-    from nbgpt.runlock import children
+    from nbgpt.files import children
 
     cmd = [sys.executable, "-m", "nbgpt", "run", "--runs-dir", str(runs_dir), "--preset", "tiny", "-p", "max_steps",
            "100000", "-p", "checkpoint_interval", "2", *args]

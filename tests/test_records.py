@@ -11,10 +11,9 @@ import torch
 
 from conftest import tiny_train_config
 from nbgpt.generate import Generator
-from nbgpt.introspect import attention_weights, param_groups
-from nbgpt.model import causal_mask
+from nbgpt.model import GPT, GPTConfig, attention_weights, causal_mask
+from nbgpt.optim import param_groups
 from nbgpt.metrics import read_metrics
-from nbgpt.model import GPT, GPTConfig
 from nbgpt.schedule import evaluation_interval
 from nbgpt.train import Trainer
 from nbgpt.run_config import TrainConfig
@@ -65,7 +64,7 @@ def test_a_run_on_a_gpu_of_unknown_peak_logs_and_plots_without_mfu(budget_run, t
     """A GPU missing from the peak table writes "mfu": null; progress lines and figures take that."""
     from nbgpt.metrics import MetricsLog
     from nbgpt.plots import loss_figure, schedule_figure
-    from nbgpt.progress import format_record
+    from nbgpt.metrics import format_record
 
     out, _ = budget_run
     log = MetricsLog(tmp_path / "metrics.jsonl")

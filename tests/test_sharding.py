@@ -1,4 +1,4 @@
-"""FSDP (parallel="fsdp", nbgpt.sharding) on the CPU with gloo: the same training as DDP, checkpoints in the
+"""FSDP (parallel="fsdp", nbgpt.distributed) on the CPU with gloo: the same training as DDP, checkpoints in the
 same format, and the gather Muon needs."""
 
 import json
@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_train_config
 from nbgpt.checkpoint import load_latest
-from nbgpt.loading import load_model
+from nbgpt.model_files import load_model
 from nbgpt.metrics import read_metrics
 
 HERE = Path(__file__).parent

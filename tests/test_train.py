@@ -399,7 +399,7 @@ def test_resuming_with_another_model_or_recipe_is_refused(char_data, tmp_path, c
 
 def test_speedrun_recipe_trains_and_its_checkpoint_decodes_with_the_kv_cache(char_data, tmp_path):
     from nbgpt.generate import Generator, SamplingConfig
-    from nbgpt.loading import load_model
+    from nbgpt.model_files import load_model
     from nbgpt.optim import Muon
 
     # a tiny char-level model takes a higher rate than the recipe's (given explicitly, it wins over the recipe)
@@ -438,7 +438,7 @@ def test_a_signal_to_one_worker_stops_the_launch_as_a_signal_to_the_launcher_doe
     import threading
 
     from nbgpt.distributed import launch
-    from nbgpt.runlock import children
+    from nbgpt.files import children
     from nbgpt.stop import TrainingStopped
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

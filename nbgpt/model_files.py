@@ -1,25 +1,55 @@
-"""Hugging Face GPT-2 format in and out: OpenAI's released weights, or a model to hand to `transformers`.
+"""A trained model's files: written for others, and read back whatever they are.
 
-HF's GPT-2 stores its Linear layers as `Conv1D` modules whose weight is (in, out), the transpose of
-`nn.Linear`'s (out, in); that, the vocabulary padding and the tied LM head are all that differ.
+Written (`export_model`, `nbgpt export`):
+    HF GPT-2        config.json + model.safetensors: `transformers.GPT2LMHeadModel.from_pretrained` loads it;
+                    with GPT-2's tokenizer files (vocab.json, merges.txt...), so `AutoTokenizer` and
+                    `pipeline("text-generation")` load the folder too.
+                    For the gpt2 recipe, and any model without rotary positions, QK-norm or soft-capped logits.
+    nbgpt's own     nbgpt_model.json (the GPTConfig and the tokenizer) + model.safetensors (the state_dict):
+                    for everything else, the speedrun recipe included. `nbgpt.model_files.load_model` (and so
+                    `nbgpt sample`, `nbgpt eval`, the notebooks) loads it; outside nbgpt, `GPT(GPTConfig(...))`
+                    and `safetensors.torch.load_file` are all it takes.
 
-HF's GPT-2 also takes ReLU² (activation_function="relu2") and an untied head (tie_word_embeddings=false), so
-those speedrun techniques export too. Rotary positions, QK-norm and logit soft-capping it cannot express: such
-models are saved in nbgpt's own format (nbgpt.export), which nbgpt.loading reads back.
+Neither format is a pickle: loading one never runs code.
+
+Read (`load_model`: `nbgpt sample`, `nbgpt eval`, the notebooks and the prompt panel):
+    runs/mine                        the newest good checkpoint of a run (its checkpoints.json), even
+                                     when an export of an older step sits beside them
+    runs/mine/checkpoints/ckpt_0000500.pt   one nbgpt checkpoint file
+    path/to/export                   a folder in nbgpt's own format (nbgpt_model.json + model.safetensors)
+    path/to/folder                   an HF-format GPT-2 folder (config.json + model.safetensors)
+    gpt2, openai-community/gpt2      OpenAI's weights: the Hugging Face cache, else the hub when online
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn as nn
 
 from .assets import offline
+from .checkpoint import checkpoint_folder, resolve_checkpoint, warn
+from .config import ConfigError
+from .device import resolve_device
 from .errors import NbgptError
-from .files import atomic_write, atomic_write_json
-from .model import GPT, ConfigError, GPTConfig
+from .files import atomic_write, atomic_write_json, read_json
+from .model import GPT, GPTConfig
+from .tokenizer import ENDOFTEXT, GPT2Tokenizer, Tokenizer, gpt2_ranks_bytes, tokenizer_from_spec, tokenizer_spec
+
+
+# Hugging Face GPT-2 format in and out: OpenAI's released weights, or a model to hand to `transformers`.
+#
+# HF's GPT-2 stores its Linear layers as `Conv1D` modules whose weight is (in, out), the transpose of
+# `nn.Linear`'s (out, in); that, the vocabulary padding and the tied LM head are all that differ.
+#
+# HF's GPT-2 also takes ReLU² (activation_function="relu2") and an untied head (tie_word_embeddings=false), so
+# those speedrun techniques export too. Rotary positions, QK-norm and logit soft-capping it cannot express: such
+# models are saved in nbgpt's own format (nbgpt.model_files), which nbgpt.model_files reads back.
 
 # Parameters stored transposed by HF's Conv1D.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -142,7 +172,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer_files: bool = Fa
     config = model.config
     if unrepresentable := hf_unrepresentable(config):
         raise ConfigError(f"HF's GPT-2 cannot represent {', '.join(unrepresentable)}; save this model in nbgpt's "
-                          f"own format instead (nbgpt.export.export_nbgpt, or `nbgpt export --format nbgpt`)")
+                          f"own format instead (nbgpt.model_files.export_nbgpt, or `nbgpt export --format nbgpt`)")
     from safetensors.torch import save
 
     out = Path(out_dir)
@@ -209,8 +239,6 @@ def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """vocab.json's {token text: id} (end-of-text included) and merges.txt's lines, in rank order."""
     import base64
 
-    from .tokenizer import ENDOFTEXT, gpt2_ranks_bytes
-
     ranks = {base64.b64decode(token): int(rank) for token, rank in
              (line.split() for line in gpt2_ranks_bytes().splitlines() if line)}
     chars = byte_to_char()
@@ -227,8 +255,6 @@ def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 
 def write_gpt2_tokenizer(out_dir: str | os.PathLike, max_length: int) -> Path:
     """The files transformers' GPT2Tokenizer reads (see TOKENIZER_FILES), each written atomically."""
-    from .tokenizer import ENDOFTEXT
-
     out = Path(out_dir)
     vocab, merges = gpt2_vocab_and_merges()
     special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
@@ -238,3 +264,145 @@ def write_gpt2_tokenizer(out_dir: str | os.PathLike, max_length: int) -> Path:
     atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer", "model_max_length":
                                                       max_length, "add_prefix_space": False, **special})
     return out
+
+
+# nbgpt's own format, and the choice between the two.
+
+NBGPT_FILE = "nbgpt_model.json"  # marks a folder in nbgpt's own format
+FORMATS = ("auto", "hf", "nbgpt")
+MODEL_FILES = ("config.json", "model.safetensors", NBGPT_FILE)  # what either format writes
+
+
+def export_nbgpt(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write `model` and what rebuilds it (its GPTConfig and tokenizer) into `out_dir`, atomically per file."""
+    from safetensors.torch import save
+
+    # safetensors stores no tensor twice: a tied head is left out and re-tied by GPT's constructor on load.
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()
+             if not (name == "lm_head.weight" and model.config.tie_embeddings)}
+    out = Path(out_dir)
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "nbgpt"})))
+    # written last: a folder with this file is complete
+    atomic_write_json(out / NBGPT_FILE, {"format": "nbgpt", "version": 1, "model_config": model.config.to_dict(),
+                                         "tokenizer": tokenizer_spec(tokenizer)})
+    return out
+
+
+def load_nbgpt(directory: str | os.PathLike) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a folder that export_nbgpt wrote."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_json(directory / NBGPT_FILE)
+    if meta.get("format") != "nbgpt" or meta.get("version") != 1:
+        raise ConfigError(f"{directory / NBGPT_FILE} is not version 1 of nbgpt's model format; export it again "
+                          f"with this version of nbgpt")
+    model = GPT(GPTConfig.from_dict(meta["model_config"]))
+    state = load_file(str(directory / "model.safetensors"))
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]  # the same tensor in the model
+    model.load_state_dict(state)
+    return model, tokenizer_from_spec(meta["tokenizer"])
+
+
+def check_export_folder(out_dir: str | os.PathLike) -> None:
+    """An export goes into a new or empty folder of its own. Never over, or mixed with, files already there
+    (a folder with both formats' files loads wrongly), and never in a run's folder, where the run's newer
+    checkpoints and the export's older weights would claim the same path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder; export into a new folder, e.g. {out.parent / 'export'}")
+    run = next((p for p in (out, *out.absolute().parents) if p.is_dir() and checkpoint_folder(p) is not None), None)
+    if run is not None:
+        raise ConfigError(f"{out} is {'' if run == out else 'inside '}the run directory {run}, whose checkpoints "
+                          f"its loaders read; export into a folder of its own, e.g. "
+                          f"{run.parent / (run.name + '-export')}")
+    if out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+        raise ConfigError(f"{out} already holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}; export "
+                          f"into a new or empty folder, e.g. {out.parent / (out.name + '-export')}")
+
+
+class Exported(NamedTuple):
+    out: Path
+    format: str  # "hf" or "nbgpt"
+    why: str  # why that format
+    tokenizer: str  # where the tokenizer went, and who can read it
+
+
+def export_model(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, format: str = "auto") -> Exported:
+    """Export in `format`; "auto" is HF's GPT-2 format when it can express the model, else nbgpt's own."""
+    if format not in FORMATS:
+        raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_export_folder(out_dir)
+    # HF folders are read (by nbgpt and by transformers users) as GPT-2 BPE models: other token ids would load
+    # without complaint and decode to nonsense.
+    obstacles = hf_unrepresentable(model.config)
+    obstacles += [] if tokenizer.name == "gpt2" else [f"tokenizer {tokenizer.name!r} (HF GPT-2 means GPT-2's BPE)"]
+    if format == "hf" and obstacles:
+        raise ConfigError(f"HF's GPT-2 format cannot carry {', '.join(obstacles)}; export with --format nbgpt "
+                          f"(or auto), nbgpt's own format, which nbgpt.model_files.load_model reads")
+    if format == "hf" or (format == "auto" and not obstacles):
+        return Exported(export_hf(model, out_dir, tokenizer_files=True), "hf", "HF's GPT-2 expresses this model",
+                        f"GPT-2's BPE in {', '.join(TOKENIZER_FILES)}: transformers' AutoTokenizer and "
+                        f"pipeline('text-generation') load the folder")
+    reason = "asked for" if format == "nbgpt" else f"HF's GPT-2 cannot carry {', '.join(obstacles)}"
+    kept = ("the character vocabulary", "transformers has no tokenizer for nbgpt's character vocabulary") \
+        if tokenizer.name == "char" else ("GPT-2's BPE, by name", "transformers cannot load an nbgpt-format model")
+    return Exported(export_nbgpt(model, tokenizer, out_dir), "nbgpt", reason,
+                    f"{kept[0]}, in {NBGPT_FILE} (nbgpt's loaders rebuild it); no HF tokenizer files: {kept[1]}")
+
+
+# One loader for every model nbgpt evaluates or prompts, whatever it was saved as.
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on the requested device
+    tokenizer: Tokenizer
+    source: str  # what was asked for
+    step: int | None = None  # the training step, for nbgpt checkpoints
+    val_loss: float | None = None  # the validation loss recorded with that checkpoint
+    format: str = "GPT-2"  # of weights that are no checkpoint: "GPT-2" (HF folders, hub names) or "nbgpt"
+
+    def describe(self) -> str:
+        if self.step is None:
+            return f"{self.format}-format weights from {self.source}"
+        loss = "not measured" if self.val_loss is None else f"{self.val_loss:.4f}"
+        return f"nbgpt checkpoint of step {self.step} from {self.source} (validation loss {loss})"
+
+
+def load_model(source: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """The model and tokenizer of a run, checkpoint file, exported folder or hub name (see the module docstring)."""
+    path = Path(source)
+    if path.is_dir() and checkpoint_folder(path) is not None:
+        # A run's checkpoints win over an export beside them: the export is a snapshot of some earlier step.
+        loaded = _from_checkpoint(path)
+        if exported := sorted(name for name in MODEL_FILES if (path / name).is_file()):
+            warn(f"{path} holds checkpoints and an exported model ({', '.join(exported)}): loaded its newest "
+                 f"checkpoint, step {loaded.step}, not the export; move the export to a folder of its own")
+    elif (path / NBGPT_FILE).is_file():
+        loaded = LoadedModel(*load_nbgpt(path), str(path), format="nbgpt")
+    elif path.is_file() or (path.is_dir() and not (path / "config.json").is_file()):
+        loaded = _from_checkpoint(path)
+    else:
+        loaded = _from_hf(source)
+    loaded.model.to(resolve_device(device)).eval()
+    return loaded
+
+
+def _from_checkpoint(path: Path) -> LoadedModel:
+    payload = resolve_checkpoint(path)
+    model = GPT(GPTConfig.from_dict(payload["model_config"]))
+    model.load_state_dict(payload["model"])
+    return LoadedModel(model, tokenizer_from_spec(payload["tokenizer"]), str(path), payload["step"],
+                       payload.get("val_loss"))
+
+
+def _from_hf(source: str | os.PathLike) -> LoadedModel:
+    """HF folders carry no tokenizer nbgpt can rebuild; GPT-2's BPE is the one their vocabulary was made for."""
+    model = load_hf(source)
+    tokenizer = GPT2Tokenizer()
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise HFFormatError(f"{source} has vocab_size {model.config.vocab_size}, fewer than GPT-2 BPE's "
+                            f"{tokenizer.vocab_size} tokens, so it was trained with another tokenizer; nbgpt reads "
+                            f"HF folders as GPT-2 BPE models only")
+    return LoadedModel(model, tokenizer, str(source))
