@@ -44,7 +44,7 @@ MODEL = dict(model="gpt2", n_layer=4, n_head=4, n_embd=256, block_size=128, voca
 # checkpoints.
 COMMON = dict(micro_batch=8, total_batch_tokens=8 * 128, eval_interval=0, final_eval_batches=0,
               checkpoint_interval=0, progress=False, seed=1337, precision="auto", shuffle=False, **MODEL)
-# The recipe bundles live in nbgpt.recipes; the GPT-2 rows add a warm-up of 10 steps (~7 % of 150 steps;
+# The recipe bundles live in nbgpt.run_config; the GPT-2 rows add a warm-up of 10 steps (~7 % of 150 steps;
 # build-nanogpt's is 715 of 19,073) and change only the peak learning rate (a small sweep around GPT-2's
 # 6e-4; its best row is the reference). The speedrun's bundle has no warm-up.
 GPT2 = dict(recipe="gpt2", warmup_steps=10)
@@ -100,7 +100,7 @@ def run_row(name: str, settings: dict, args) -> dict:
     """One row in a fresh process (run the bench alone on the machine: other work skews the budget). A row already
     in --log (a JSON line per row, as this prints them) with the same name, settings and recipe bundle (the
     values `recipe` expands to, which change as the recipe is tuned) is read back instead."""
-    from nbgpt.recipes import RECIPES
+    from nbgpt.run_config import RECIPES
 
     bundle = RECIPES[settings["recipe"]]
     for line in args.log.read_text().splitlines() if args.log and args.log.is_file() else []:

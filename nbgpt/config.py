@@ -49,26 +49,35 @@ class _Unset:
         return "unset"
 
 
-UNSET = _Unset()  # the dataclass default of a knob a recipe may set: "not given" (see knob's `recipe`)
+UNSET = _Unset()  # the dataclass default of every knob: "not given", until __post_init__ settles it
 
 
-def knob(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, recipe: bool = False):
+def knob(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING):
     """A config field with its one line of help, written beside it: the class reads like a commented list of
     its knobs, and `--help` shows the same line for the field's flag (knob_help), so the two never differ.
 
-    recipe=True marks a knob a recipe (nbgpt.recipes) may set: the field starts UNSET, so that __post_init__
-    can tell a value given from one left out, and gives it the named recipe's value or else `default`, its one
-    default (knob_default)."""
-    if recipe:
-        return dataclasses.field(default=UNSET, metadata={"help": help, "default": default})
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
+    The field starts UNSET, its one default kept in the knob (knob_default): __post_init__ can tell a value
+    given from one left out, which a configuration of several layers (TrainConfig: a preset, a recipe) needs,
+    and fills what is left with fill_defaults."""
+    return dataclasses.field(default=UNSET, metadata={"help": help, "default": default, "factory": default_factory})
 
 
 def knob_default(f: dataclasses.Field):
-    """The default of a dataclass field: its knob's own, for one a recipe may set."""
-    if "default" in f.metadata:
-        return f.metadata["default"]
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    """The default of a dataclass field: a knob's own (see knob), else the field's."""
+    default, factory = f.metadata.get("default", f.default), f.metadata.get("factory", f.default_factory)
+    return default if factory is dataclasses.MISSING else factory()
+
+
+def default_of(cls, name: str):
+    """The default of knob `name` of config dataclass `cls`."""
+    return knob_default(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
+def fill_defaults(config) -> None:
+    """Every knob of a dataclass instance still unset takes its default (call first in __post_init__)."""
+    for f in dataclasses.fields(config):
+        if getattr(config, f.name) is UNSET:
+            setattr(config, f.name, knob_default(f))
 
 
 def knob_help(cls) -> dict[str, str]:
@@ -166,7 +175,9 @@ def field_types(cls) -> dict[str, object]:
 
 
 def check_fields(config) -> None:
-    """Coerce every field of a dataclass instance to its annotation, in place (call from __post_init__)."""
+    """Fill every unset knob with its default, then coerce every field of a dataclass instance to its
+    annotation, in place (call from __post_init__)."""
+    fill_defaults(config)
     for name, annotation in field_types(type(config)).items():
         setattr(config, name, coerce(annotation, getattr(config, name), name))
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, knob
+from .config import ConfigError, fill_defaults, knob
 from .device import DTYPES, autocast, choose_precision
 from .model import KVCache
 from .distributed import from_rank_zero, is_sharded
@@ -39,6 +39,7 @@ class SamplingConfig:
     num_return_sequences: int = knob(1, "independent samples of the prompt")
 
     def __post_init__(self) -> None:
+        fill_defaults(self)
         # ConfigError: the one-line error of every bad setting, whether a flag, -p or a notebook set it
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, check_known, knob
+from .config import ConfigError, check_known, fill_defaults, knob
 
 
 @dataclass
@@ -31,7 +31,7 @@ class GPTConfig:
     vocab_multiple: int = knob(1, "round the embedding and LM-head rows up to a multiple of this (64: 50257 -> "
                                   "50304, friendlier matmul shapes); the extra rows are sliced off the logits, so "
                                   "outputs are unchanged")
-    # The speedrun recipe's architecture (nbgpt.recipes); every default is GPT-2's, so parity with it holds.
+    # The speedrun recipe's architecture (nbgpt.run_config); every default is GPT-2's, so parity with it holds.
     activation: str = knob("gelu", "the MLP's nonlinearity: gelu (tanh-approximated, GPT-2) or relu2 "
                            "(relu(x)²)")
     qk_norm: bool = knob(False, "RMS-normalise each head's queries and keys, so attention logits stay within ±√D")
@@ -41,6 +41,7 @@ class GPTConfig:
     logit_softcap: float = knob(0.0, "c > 0 squashes logits smoothly into (-c, c): c·tanh(logits / c); 0 = off")
 
     def __post_init__(self) -> None:
+        fill_defaults(self)
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -1,7 +1,8 @@
 """Named runs of the five-notebook pipeline: every papermill parameter, by preset.
 
 Keys are the flat knob names of nbgpt.run_config (fields of its step dataclasses, TrainConfig and GPTConfig);
-anything a preset leaves out keeps its dataclass default.
+anything a preset leaves out keeps its knob's default, or its recipe's value where it names one (a preset that
+names a recipe sets none of the recipe's knobs: the recipe would overrule them).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ RUN_PRESETS: dict[str, dict] = {
     ),
     # build-nanogpt's GPT-2 (124M) recipe on FineWeb-Edu 10B tokens, one 8×A100/H100 node.
     "gpt2-124m": dict(
-        source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
+        recipe="gpt2", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
         prepare_workers=8, model="gpt2", vocab_multiple=64, bigram_steps=200, total_batch_tokens=524_288,
-        micro_batch="auto", max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=20,
+        micro_batch="auto", max_steps=19_073, warmup_steps=715, eval_interval=250, eval_batches=20,
         hellaswag_interval=250, checkpoint_interval=1000, keep_checkpoints=3, precision="auto", compile=True,
         nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4, top_k=50,
     ),
@@ -47,14 +48,14 @@ RUN_PRESETS: dict[str, dict] = {
     # steps), and a checkpoint every ~30 minutes
     # so a 12-hour session limit costs little; `nbgpt run --preset gpt2-124m-t4x2 --resume` continues.
     "gpt2-124m-t4x2": dict(
-        source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
+        recipe="gpt2", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000, val_tokens=100_000_000,
         prepare_workers=4, model="gpt2", vocab_multiple=64, bigram_steps=200, total_batch_tokens=524_288,
-        micro_batch="auto", max_steps=19_073, max_lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=10,
+        micro_batch="auto", max_steps=19_073, warmup_steps=715, eval_interval=250, eval_batches=10,
         hellaswag_interval=1000, hellaswag_limit=2000, checkpoint_interval=100, keep_checkpoints=2,
         precision="fp16", compile=False, nproc=2, prompt="Hello, I'm a language model,", max_new_tokens=64,
         num_return_sequences=4, top_k=50,
     ),
-    # The speedrun recipe (nbgpt.recipes) at GPT-2 124M's size on one 8×A100/H100 node, same data and batch as
+    # The speedrun recipe (nbgpt.run_config) at GPT-2 124M's size on one 8×A100/H100 node, same data and batch as
     # gpt2-124m. The token budget is provisional: 3.0B tokens (5,722 steps of 0.5M), 30 % of gpt2-124m's 10B,
     # because the modded-nanogpt records that reached GPT-2's FineWeb loss with these techniques trained on a
     # few billion tokens; it is to be replaced by a measured time-to-loss. Learning rates, optimizer, schedule

@@ -17,21 +17,66 @@ A name that two steps read (device, precision, seed, hellaswag_path, hellaswag_l
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 
-from .config import (UNSET, ConfigError, ConfigWarning, check_fields, check_known, coerce, field_types, knob,
-                     knob_default, typed_mapping)
+from .config import (UNSET, ConfigError, ConfigWarning, check_fields, check_known, coerce, default_of,
+                     did_you_mean, field_types, fill_defaults, knob, knob_default, typed_mapping)
 from .device import PRECISIONS
 from .generate import SamplingConfig
 from .model import MODEL_PRESETS, GPTConfig
 from .presets import get_preset
-from .recipes import RECIPES, architecture, check_recipe, under_recipe
 from .shards import check_cap, prepare
 
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # of TrainConfig, EvalConfig and SampleConfig (nbgpt.device)
 AUTO = "auto"  # TrainConfig.micro_batch: the largest micro-batch that fits (nbgpt.memory.resolve_micro_batch)
 TRACKERS = ("none", "wandb", "tensorboard")  # TrainConfig.tracker (nbgpt.trackers)
+
+
+# Recipes: named bundles of settings that together make one way of training a GPT.
+#
+#     gpt2       GPT-2 as OpenAI trained it (2019), as build-nanogpt reproduces it: learned positions, GELU, tied
+#                embeddings, AdamW, warmup + cosine to 10 % at GPT-3's 124M learning rate.
+#     speedrun   the early modded-nanogpt speedrun records (2024), which reached GPT-2 124M's FineWeb loss in a
+#                fraction of the tokens: rotary positions, QK-norm, ReLU², zero-initialised output projections,
+#                an untied, soft-capped LM head, Muon for the blocks' matrices, and a trapezoidal schedule.
+#
+# A recipe is named with TrainConfig's `recipe`, wherever the run is configured (TrainConfig(...), a preset, `-p`,
+# `nbgpt train` flags); nothing else in nbgpt asks which recipe is in use, every technique being a knob of its
+# own. What wins (TrainConfig._settle, the one place it is decided):
+#
+#     a knob's default  <  the run preset's value  <  the named recipe's  <  a value given explicitly
+#
+# So `-p recipe speedrun` on the gpt2-124m preset replaces the preset's learning rate too, and
+# `-p recipe speedrun -p qk_norm false` is the speedrun without QK-norm: how an ablation is spelled. A preset
+# that names a recipe sets none of its knobs (they would be overruled).
+RECIPES: dict[str, dict] = {
+    "gpt2": dict(
+        position="absolute", activation="gelu", qk_norm=False, zero_init_proj=False, tie_embeddings=True,
+        logit_softcap=0.0, optimizer="adamw", schedule="cosine", max_lr=6e-4, min_lr_ratio=0.1,
+        embedding_lr_scale=1.0, weight_decay=0.1,
+    ),
+    # Muon scales its updates to AdamW's size, so one max_lr serves both optimizers (the values: bench/RESULTS.md,
+    # "The speedrun recipe's learning rates"). No warm-up: an orthogonalised update has the same size from the
+    # first step, so there are no noisy early statistics to wait out.
+    "speedrun": dict(
+        position="rope", activation="relu2", qk_norm=True, zero_init_proj=True, tie_embeddings=False,
+        logit_softcap=30.0, optimizer="muon", schedule="trapezoid", max_lr=3e-3, min_lr_ratio=0.0,
+        embedding_lr_scale=10.0, weight_decay=0.1, warmup_steps=0,
+    ),
+}
+
+
+def recipe_bundle(name: str | None) -> dict:
+    """The settings recipe `name` sets ({} for None: no recipe)."""
+    if name is not None and name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}{did_you_mean(name, RECIPES)}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name] if name is not None else {}
+
+
+def architecture(name: str) -> dict:
+    """The GPTConfig fields of recipe `name`: its model, to lay over any preset's shape."""
+    return {field: value for field, value in recipe_bundle(name).items() if field in field_types(GPTConfig)}
 
 
 def _choice(name: str, value, choices: tuple) -> None:
@@ -96,25 +141,22 @@ class TrainConfig:
     micro_batch: int | str = knob(32, "sequences per forward pass per rank, or auto: the most that fit the GPU "
                                       "(nbgpt.memory)")
     seq_len: int | None = knob(None, "tokens per training window (none: the model's block_size)")
-    recipe: str = knob("gpt2", "gpt2 or speedrun: a named bundle of optimizer, schedule and architecture settings "
-                       "(nbgpt.recipes)", recipe=True)
+    recipe: str | None = knob(None, "gpt2 or speedrun: a named bundle of optimizer, schedule and architecture "
+                              "settings (RECIPES); none: no bundle, every knob its own value")
     # schedule
     max_steps: int = knob(200, "optimizer steps to train: the schedule's horizon")
     max_seconds: float | None = knob(None, "wall-clock budget in seconds (none: no budget); the schedule's horizon "
                                            "is fitted to it")
-    max_lr: float = knob(1e-3, "peak learning rate, reached after warmup_steps", recipe=True)
-    min_lr_ratio: float = knob(0.1, "the learning rate decays to min_lr_ratio * max_lr", recipe=True)
-    warmup_steps: int = knob(20, "steps of linear learning-rate warmup up to max_lr", recipe=True)
-    schedule: str = knob("cosine", "after warmup: cosine decay, or trapezoid (constant, then a linear cooldown)",
-                         recipe=True)
+    max_lr: float = knob(1e-3, "peak learning rate, reached after warmup_steps")
+    min_lr_ratio: float = knob(0.1, "the learning rate decays to min_lr_ratio * max_lr")
+    warmup_steps: int = knob(20, "steps of linear learning-rate warmup up to max_lr")
+    schedule: str = knob("cosine", "after warmup: cosine decay, or trapezoid (constant, then a linear cooldown)")
     cooldown_fraction: float = knob(0.4, "trapezoid: the share of the steps spent cooling down to min_lr_ratio * "
                                          "max_lr")
-    weight_decay: float = knob(0.1, "decoupled weight decay of the weight matrices (biases and norms get none)",
-                               recipe=True)
-    optimizer: str = knob("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest",
-                          recipe=True)
+    weight_decay: float = knob(0.1, "decoupled weight decay of the weight matrices (biases and norms get none)")
+    optimizer: str = knob("adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest")
     embedding_lr_scale: float = knob(1.0, "the input embeddings' learning rate (wte, wpe; a tied head is wte), in "
-                                          "multiples of max_lr", recipe=True)
+                                          "multiples of max_lr")
     beta1: float = knob(0.9, "Adam's first-moment (momentum) decay")
     beta2: float = knob(0.95, "Adam's second-moment decay")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this before each step")
@@ -156,13 +198,12 @@ class TrainConfig:
     tracker_project: str = knob("nbgpt", "the W&B project")
     tracker_run_name: str | None = knob(None, "the W&B run's name (none: the run directory's name)")
 
-    def __post_init__(self) -> None:
-        named = self._fill_unset()
+    # A run preset's values (RunConfig.from_preset): under a named recipe's, over the knobs' defaults.
+    preset: InitVar[dict | None] = None
+
+    def __post_init__(self, preset: dict | None) -> None:
+        self._settle(preset or {})
         check_fields(self)
-        bundle = architecture(self.recipe) if named else {}
-        preset = MODEL_PRESETS.get(self.model, {})  # a model preset's own architecture stands (small-char: rotary)
-        unset = {name: value for name, value in bundle.items() if name not in preset}
-        self.model_overrides = typed_mapping(GPTConfig, {**unset, **self.model_overrides}, exclude=("vocab_size",))
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "trapezoid"):
@@ -190,22 +231,23 @@ class TrainConfig:
         for message in contradictions(self):
             warnings.warn(message, ConfigWarning, stacklevel=3)
 
-    def _fill_unset(self) -> bool:
-        """The one place a recipe is applied: each knob left UNSET takes the named recipe's value, else its own
-        default; a recipe left unset is the default one and applies nothing (cpu-demo's Muon stands). Whether
-        a recipe was named: then its architecture fills the model fields left unset (__post_init__)."""
-        named = self.recipe is not UNSET
-        if named:
-            check_recipe(self.recipe)
-        bundle = RECIPES[self.recipe] if named else {}
+    def _settle(self, preset: dict) -> None:
+        """The one place a configuration's layers meet, a recipe included: each knob takes the first of the value
+        given, the named recipe's, the preset's and its own default; so do the GPTConfig fields (model_overrides).
+        A recipe nobody names applies nothing (cpu-demo's Muon stands, and the run's recipe is None)."""
+        bundle = recipe_bundle(preset.get("recipe") if self.recipe is UNSET else self.recipe)
         for f in fields(self):
-            if getattr(self, f.name) is UNSET:
-                setattr(self, f.name, bundle.get(f.name, knob_default(f)))
-        return named
+            if getattr(self, f.name) is UNSET and f.name != "model_overrides":
+                setattr(self, f.name, bundle.get(f.name, preset.get(f.name, knob_default(f))))
+        gpt = set(field_types(GPTConfig)) - {"vocab_size"}
+        given = {} if self.model_overrides is UNSET else self.model_overrides
+        model = {**{name: value for name, value in {**preset, **bundle}.items() if name in gpt}, **given}
+        self.model_overrides = typed_mapping(GPTConfig, model, exclude=("vocab_size",))
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """TrainConfig from flat names: GPTConfig fields (n_layer, bias, ...) go into model_overrides.
+    def from_dict(cls, values: dict, preset: dict | None = None) -> "TrainConfig":
+        """TrainConfig from flat names: GPTConfig fields (n_layer, bias, ...) go into model_overrides; `preset`
+        is a run preset's flat values, under the recipe's and `values` (see _settle).
 
         Checkpoints written before model_overrides existed stored those fields flat, None meaning "the
         preset's": they load too.
@@ -217,7 +259,7 @@ class TrainConfig:
                 if name != "model_overrides" and not (name in model_fields and value is None)}
         check_known(flat, set(field_types(cls)) | model_fields, "TrainConfig field")
         overrides = {**nested, **{name: flat.pop(name) for name in model_fields & set(flat)}}
-        return cls(**flat, model_overrides=overrides)
+        return cls(**flat, model_overrides=overrides, preset=preset)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size})
@@ -246,7 +288,7 @@ def contradictions(config: TrainConfig) -> list[str]:
     if config.warmup_steps >= config.max_steps:
         found.append(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the learning rate "
                      f"never reaches max_lr; lower warmup_steps (e.g. to {max(1, config.max_steps // 20)})")
-    if config.schedule == "cosine" and config.cooldown_fraction != TrainConfig.cooldown_fraction:
+    if config.schedule == "cosine" and config.cooldown_fraction != default_of(TrainConfig, "cooldown_fraction"):
         found.append(f"cooldown_fraction={config.cooldown_fraction} has no effect with schedule='cosine'; "
                      f"set schedule='trapezoid' to use it")
     elif config.schedule == "trapezoid" and config.warmup_steps > config.max_steps * (1 - config.cooldown_fraction):
@@ -259,7 +301,7 @@ def contradictions(config: TrainConfig) -> list[str]:
             found.append(f"{name}={interval} > max_steps={config.max_steps}: it happens only at the end of "
                          f"the run; lower {name} to see it during training")
     model = {**MODEL_PRESETS.get(config.model, {}), **config.model_overrides}
-    if "rope_base" in config.model_overrides and model.get("position", GPTConfig.position) != "rope":
+    if "rope_base" in config.model_overrides and model.get("position", default_of(GPTConfig, "position")) != "rope":
         found.append(f"rope_base={config.model_overrides['rope_base']} has no effect with learned absolute "
                      f"positions; set position='rope' to use rotary positions")
     return found
@@ -323,6 +365,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Fail now, not hours into a run: the model must build and the batch must split over nproc."""
+        fill_defaults(self)
         self.nproc = coerce(int, self.nproc, "nproc")
         if self.nproc < 1:
             raise ConfigError(f"nproc must be at least 1, got {self.nproc}")
@@ -347,15 +390,21 @@ class RunConfig:
         """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed by flat name
         (typed values or text): a recipe named by either one sets its knobs over the preset's values, under the
         overrides. run_dir sets where training reads and writes."""
-        values = under_recipe({} if preset is None else get_preset(preset), overrides or {})
-        table = knobs()
-        check_known(values, table, "parameter")
-        top: dict = {}
-        parts: dict[str, dict] = {step: {} for step in STEPS}
-        for name, value in values.items():
-            for step, _ in table[name]:
-                (top if step is None else parts[step])[name] = value
+        low, given = {} if preset is None else get_preset(preset), dict(overrides or {})
+        check_known({**low, **given}, knobs(), "parameter")
+        low, given = _by_step(low), _by_step(given)
         if run_dir is not None:
-            parts["train"].update(data_dir=str(Path(run_dir) / "data"), out_dir=str(run_dir))
-        steps = {step: cls_(**parts[step]) for step, cls_ in STEPS.items() if step != "train"}
-        return cls(**top, **steps, train=TrainConfig.from_dict(parts["train"]))
+            given["train"].update(data_dir=str(Path(run_dir) / "data"), out_dir=str(run_dir))
+        steps = {step: cls_(**{**low[step], **given[step]}) if step != "train" else
+                 TrainConfig.from_dict(given[step], preset=low[step]) for step, cls_ in STEPS.items()}
+        return cls(**{**low[None], **given[None]}, **steps)
+
+
+def _by_step(values: dict) -> dict[str | None, dict]:
+    """Flat knob values sorted by the step that reads each (None: RunConfig's own); a shared knob goes to all."""
+    parts: dict[str | None, dict] = {None: {}, **{step: {} for step in STEPS}}
+    table = knobs()
+    for name, value in values.items():
+        for step, _ in table[name]:
+            parts[step][name] = value
+    return parts

@@ -4,7 +4,7 @@ A step accumulates gradients over `grad_accum_steps` micro-batches of (micro_bat
 `world_size` processes, so that every optimizer step sees `total_batch_tokens` tokens (0.5 M for GPT-2),
 whatever the hardware. The learning rate warms up linearly, then follows a cosine down to `min_lr_ratio` of its
 peak, or (schedule="trapezoid") stays at its peak until a linear cooldown. `recipe` names a bundle of these
-settings and of the model's (nbgpt.recipes).
+settings and of the model's (nbgpt.run_config).
 
 `Trainer.fit` reads top to bottom, one step at a time: evaluate, score HellaSwag and sample when due, take the
 optimizer step (`train_step`: accumulate, clip, step), log it, checkpoint when due, stop when asked to.

@@ -89,8 +89,8 @@ def _tokens(identity: dict) -> str:
 
 def check_compatible(payload: dict, config: TrainConfig, model_config: dict, tokenizer, optimizers: int,
                      checkpoint_dir: Path) -> None:
-    """Refuse a checkpoint this run cannot continue: other token ids, another recipe, another model shape,
-    another optimizer."""
+    """Refuse a checkpoint this run cannot continue: other token ids, another model shape, another optimizer
+    (what a recipe changes is among them; its name alone is a label)."""
     if payload["tokenizer"]["identity"] != tokenizer.identity():
         # Another run's checkpoints in this out_dir, far more often than a dataset that changed under a run.
         theirs = payload["train_config"].get("data_dir") or "another dataset"
@@ -99,11 +99,6 @@ def check_compatible(payload: dict, config: TrainConfig, model_config: dict, tok
             f"{_tokens(payload['tokenizer']['identity'])}), and this run's data {config.data_dir} has other "
             f"tokens ({_tokens(tokenizer.identity())}): choose another out_dir (run directory) for this run, or "
             f"resume that one with its data_dir {theirs}")
-    recipe = payload["train_config"].get("recipe", "gpt2")  # checkpoints from before recipes were gpt2's
-    if recipe != config.recipe:
-        raise CheckpointError(f"the checkpoint in {checkpoint_dir} was trained with recipe={recipe!r}, this run "
-                              f"asks for recipe={config.recipe!r}; resume with recipe={recipe!r}, or use another "
-                              f"out_dir")
     saved = payload["model_config"]
     if differ := ", ".join(f"{name} {saved.get(name)!r} there, {model_config.get(name)!r} here"
                            for name in differing(saved, model_config)):

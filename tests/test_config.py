@@ -13,9 +13,8 @@ from nbgpt.cli import build_parser, given
 from nbgpt.config import ConfigWarning
 from nbgpt.model import ConfigError, GPTConfig
 from nbgpt.presets import RUN_PRESETS
-from nbgpt.recipes import RECIPES
+from nbgpt.run_config import RECIPES, RunConfig, SampleConfig, TrainConfig
 from nbgpt.run import RunError, check_run
-from nbgpt.run_config import RunConfig, SampleConfig, TrainConfig
 
 
 def nbgpt(*args, cwd=None):
@@ -163,7 +162,10 @@ def test_recipe_overrides_the_preset_and_explicit_values_override_the_recipe(tmp
     assert recipe_values(ablated) == {**RECIPES["speedrun"], "qk_norm": False, "max_lr": 0.02}
     back = RunConfig.from_preset("gpt2-124m-speedrun", {"recipe": "gpt2"}).train
     assert back.recipe == "gpt2" and recipe_values(back, "gpt2") == RECIPES["gpt2"]  # switching back is symmetric
-    assert RunConfig.from_preset("cpu-demo").train.optimizer == "muon"  # no recipe named: the preset stands
+    demo = RunConfig.from_preset("cpu-demo").train
+    assert (demo.optimizer, demo.recipe) == ("muon", None)  # no recipe named: the preset stands, and says so
+    for name, preset in RUN_PRESETS.items():  # a preset naming a recipe sets none of its knobs (they'd be overruled)
+        assert not set(preset) & set(RECIPES.get(preset.get("recipe"), {})), name
     code = TrainConfig.from_dict({"recipe": "speedrun", "qk_norm": False, "model": "gpt2"})
     assert recipe_values(code) == {**RECIPES["speedrun"], "qk_norm": False}
     assert TrainConfig.from_dict(asdict(code)) == code  # a checkpoint's train_config means the same run
@@ -302,7 +304,7 @@ def test_one_answer_to_whether_hellaswag_can_score_a_model(char_data, tmp_path):
 
 def test_a_recipes_architecture_is_read_from_its_bundle():
     """Notebook 02 shows the speedrun's model on the run's own shape, from the recipe rather than a copy of it."""
-    from nbgpt.recipes import architecture
+    from nbgpt.run_config import architecture
 
     model = GPTConfig.from_dict({**GPTConfig.from_preset("tiny", vocab_size=65).to_dict(), **architecture("speedrun")})
     assert {name: getattr(model, name) for name in architecture("speedrun")} == {

@@ -104,7 +104,7 @@ def test_input_longer_than_context():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-# The speedrun recipe's architecture (nbgpt.recipes), with its zero-initialised matrices made random, as
+# The speedrun recipe's architecture (nbgpt.run_config), with its zero-initialised matrices made random, as
 # after training: otherwise the head's zero logits would make any two computations agree.
 SPEEDRUN = dict(position="rope", activation="relu2", qk_norm=True, zero_init_proj=True, tie_embeddings=False,
                 logit_softcap=30.0)
