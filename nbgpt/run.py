@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import differing, latest_checkpoint
 from .config import ConfigError, ConfigWarning, config_warnings_to
 from .errors import NbgptError
 from .files import RunLock, atomic_write_json, children, read_json, signal_tree
@@ -29,7 +29,6 @@ from .metrics import read_metrics
 from .run_config import RunConfig
 from .stop import StopSignals, TrainingStopped, signal_name
 from .trackers import check_tracker
-from .train_state import differing
 
 RUN_FILE = "run.json"  # the preset and -p values the run was started with
 # The kernel's own start-up notices (e.g. that its sockets are local TCP without encryption) say nothing
@@ -106,7 +105,7 @@ def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | 
     with RunLock(run_dir), LogTail(run_dir / "train.log", echo), StopSignals(forward=_to_kernels) as stop, \
             recorded(run_dir, {"preset": preset, "overrides": typed, **marked}):
         parameters = {"run_dir": str(run_dir), "preset": preset, "overrides": typed}
-        resume = f"Resume with: python -m nbgpt run --runs-dir {runs_dir} --name {run_dir.name} --resume"
+        resume = f"python -m nbgpt run --runs-dir {runs_dir} --name {run_dir.name} --resume"
         executed = [execute_notebook(path, run_dir, parameters, stop, resume, echo) for path in chosen]
     return summarize(run_dir, executed)
 
@@ -127,7 +126,7 @@ def execute_notebook(notebook: Path, run_dir: Path, parameters: dict, stop: Stop
     except Exception as exc:
         if stop.signum is not None:
             raise TrainingStopped(f"stopped by {signal_name(stop.signum)} in {notebook.name}; the partial notebook "
-                                  f"is kept at {output}", resume, stop.signum) from None
+                                  f"is kept at {output}", stop.signum, resume=resume) from None
         if (stopped := kernel_stopped(exc, notebook.name, output, resume)) is not None:
             raise stopped from None
         if not isinstance(exc, PapermillExecutionError):
@@ -135,7 +134,8 @@ def execute_notebook(notebook: Path, run_dir: Path, parameters: dict, stop: Stop
         raise RunError(f"{notebook.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
                        f"{exc.ename}: {exc.evalue}\nThe partial notebook is kept at {output}") from None
     if stop.signum is not None:  # the signal came between cells: stop before the next notebook
-        raise TrainingStopped(f"stopped by {signal_name(stop.signum)} after {notebook.name}", resume, stop.signum)
+        raise TrainingStopped(f"stopped by {signal_name(stop.signum)} after {notebook.name}", stop.signum,
+                              resume=resume)
     return output
 
 
@@ -149,12 +149,12 @@ def kernel_stopped(exc: Exception, notebook: str, output: Path, resume: str) -> 
     if isinstance(exc, DeadKernelError):  # its exit status is not ours to read: a kill is a SIGTERM's kin
         return TrainingStopped(f"the kernel running {notebook} died (a second stop signal ends it at once, as do "
                                f"kill -9 and the out-of-memory killer); the checkpoints on disk are intact and the "
-                               f"partial notebook is kept at {output}", resume, signal.SIGTERM)
+                               f"partial notebook is kept at {output}", signal.SIGTERM, resume=resume)
     if isinstance(exc, PapermillExecutionError) and exc.ename == "TrainingStopped":
         named = re.search(r"\bSIG[A-Z]+\b", exc.evalue)  # TrainingStopped's message names its signal
         signum = signal.Signals.__members__.get(named.group() if named else "", signal.SIGTERM)
         return TrainingStopped(f"{notebook} stopped by {signal_name(signum)} to its kernel, with a checkpoint; the "
-                               f"partial notebook is kept at {output}", resume, signum)
+                               f"partial notebook is kept at {output}", signum, resume=resume)
     return None
 
 

@@ -152,3 +152,15 @@ class Clock:
     def eta_per_step(self) -> float:
         """The rate an ETA uses: per_step, or the one step measured so far (0 before any)."""
         return self.per_step() or (self.step_seconds or [0.0])[-1]
+
+
+def nothing_to_train(step: int, max_steps: int, config: TrainConfig) -> str | None:
+    """Why a resumed run has no step left to train, as the line that says what to do, else None."""
+    if step < max_steps:
+        return None
+    if config.max_seconds is not None and step < config.max_steps:  # the horizon was fitted to the time budget
+        return (f"nothing was trained: the checkpoint at step {step} ends the schedule that its max_seconds="
+                f"{config.max_seconds:g} budget fitted, and a resumed run keeps that schedule; to train longer, start "
+                f"a new run (another out_dir or --name) with a larger max_seconds")
+    return (f"nothing was trained: the checkpoint is at step {step}, already at or past max_steps="
+            f"{config.max_steps}; to train further, raise max_steps above {step} (e.g. -p max_steps {2 * step})")

@@ -20,26 +20,30 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import latest_checkpoint
 from .errors import NbgptError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class TrainingStopped(NbgptError):
-    """Training, or the pipeline around it, ended before its last step. The message says what happened, then
-    how to go on from there; `signum` is the signal that asked for the stop (exit status 128 + it), None for a
-    run that stopped itself (exit status 2)."""
+# How a stopped run goes on, unless whoever started it knows better (`nbgpt run` gives its own command): a
+# Trainer, in a notebook or under `nbgpt train`, continues from its newest checkpoint by default.
+RESUME = "run it again with resume=True (the default), which continues from the newest checkpoint"
 
-    def __init__(self, what: str, resume: str, signum: int | None = None):
-        super().__init__(f"{what}. {resume}")
+
+class TrainingStopped(NbgptError):
+    """Training, or the pipeline around it, ended before its last step. Every stop says the same three things,
+    in one sentence built here: what happened, what to change first (if anything), and how to go on (`resume`).
+    `signum` is the signal that asked for the stop (exit status 128 + it), None for a run that stopped itself
+    (exit status 2)."""
+
+    def __init__(self, what: str, signum: int | None = None, change: str = "", resume: str = RESUME):
+        super().__init__(f"{what}. {change + '. ' if change else ''}To go on: {resume}")
         self.signum = signum
 
     @classmethod
     def by_signal(cls, signum: int, checkpoint_dir: Path | str, step: int | None = None) -> "TrainingStopped":
         after = "" if step is None else f" after step {step}"
-        return cls(f"stopped by {signal_name(signum)}{after} with a checkpoint in {checkpoint_dir}",
-                   "Run again with resume=True (the default) to continue", signum)
+        return cls(f"stopped by {signal_name(signum)}{after} with a checkpoint in {checkpoint_dir}", signum)
 
 
 class TrainingDiverged(TrainingStopped):
@@ -89,8 +93,8 @@ class StopSignals:
 
 
 class DivergenceGuard:
-    def __init__(self, max_bad_steps: int, checkpoint_dir: Path):
-        self.max_bad_steps, self.checkpoint_dir = max_bad_steps, checkpoint_dir
+    def __init__(self, max_bad_steps: int, latest_checkpoint: Callable[[], Path | None]):
+        self.max_bad_steps, self.latest_checkpoint = max_bad_steps, latest_checkpoint
         self.in_a_row = 0
 
     def observe(self, record: dict) -> None:
@@ -98,10 +102,9 @@ class DivergenceGuard:
         self.in_a_row = self.in_a_row + 1 if record.get("nonfinite") else 0
         if self.in_a_row < self.max_bad_steps:
             return
-        latest = latest_checkpoint(self.checkpoint_dir)
-        kept = (f"the last good checkpoint is {latest}" if latest is not None else
-                f"no checkpoint exists yet in {self.checkpoint_dir}")
+        latest = self.latest_checkpoint()
+        kept = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
         raise TrainingDiverged(
             f"the loss or gradient was not finite for {self.in_a_row} steps in a row (up to step "
             f"{record['step']}); those steps were skipped, so no update reached the weights; {kept}",
-            "Lower max_lr, raise warmup_steps, or use precision='fp32'/'bf16', then resume")
+            change="Lower max_lr, raise warmup_steps, or use precision='fp32'/'bf16'")

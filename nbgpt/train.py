@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import (check_compatible, latest_checkpoint, load_resumable, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import config_warnings_to
 from .device import autocast, peak_flops, resolve_device
 from .distributed import agreed_max, all_reduce_mean, full_state, is_sharded, load_full_state, shutdown
@@ -31,14 +32,13 @@ from .model import flops_per_token
 from .optim import build_adamw
 from .run_config import AUTO, TrainConfig
 from .files import RunLock
-from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at
+from .schedule import Clock, Schedule, budget_shortfall, fitted_max_steps, lr_at, nothing_to_train
 from .shards import DataError, TokenStore
 from .stop import DivergenceGuard, StopSignals, TrainingStopped
 from .tokenizer import tokenizer_spec
 from .trackers import check_tracker, open_tracker
 from .train_setup import (Runtime, build_loaders, build_model, build_optimizers, grad_scaler, gradient_sync,
                           open_store, start_runtime, wrap_model)
-from .train_state import check_compatible, load_resumable, nothing_to_train, rng_state, set_rng_state
 
 
 class Trainer:
@@ -97,18 +97,18 @@ class Trainer:
         self.step, self.elapsed, self.last_val_loss = 0, 0.0, None  # elapsed: seconds trained, a resume continues it
         self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
         self.clock = Clock()
-        self.divergence = DivergenceGuard(config.max_bad_steps, self.checkpoint_dir)
+        self.divergence = DivergenceGuard(config.max_bad_steps, lambda: latest_checkpoint(self.checkpoint_dir))
         self._hellaswag_examples = None
 
     def _resume(self) -> None:
         """Continue from the newest good checkpoint, if any; the metrics log keeps only the steps it covers."""
-        payload = load_resumable(self.config, self.checkpoint_dir, self.dist.is_main, self.log_event)
+        payload = load_resumable(self.config.resume, self.checkpoint_dir, self.dist.is_main, self.log_event)
         if payload is None:
             if self.dist.is_main:
                 self.metrics.truncate_from(0)  # records of an attempt that never checkpointed are void
             return
-        check_compatible(payload, self.config, self.model_config.to_dict(), self.tokenizer, len(self.optimizers),
-                         self.checkpoint_dir)
+        check_compatible(payload, self.config.data_dir, self.model_config.to_dict(), self.tokenizer,
+                         len(self.optimizers), self.checkpoint_dir)
         self._restore(payload)
         finished = nothing_to_train(self.step, self.max_steps, self.config)
         if self.dist.is_main:  # the steps after the checkpoint are about to be redone; with none left, the
@@ -123,7 +123,7 @@ class Trainer:
                            + self._validation_change(payload["train_config"].get("eval_batches"), *saved))
 
     def _restore(self, payload: dict) -> None:
-        """Put a compatible checkpoint's state back (the keys `save` writes; see nbgpt.train_state)."""
+        """Put a compatible checkpoint's state back (the keys `save` writes; see nbgpt.checkpoint)."""
         load_full_state(self.model, self.optimizers, payload["model"], payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
         self.train_loader.load_state_dict(payload["loader"])
@@ -344,7 +344,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current state (rank 0 writes; other ranks wait so nobody runs ahead). The payload's
-        keys are a file format (nbgpt.train_state): they are only ever added, and `_restore` reads new ones
+        keys are a file format (nbgpt.checkpoint): they are only ever added, and `_restore` reads new ones
         with defaults. Weights that are not finite are never written: they would become the run's "latest"."""
         path = None
         model_state, optimizer_states = full_state(self.model, self.optimizers)  # under FSDP: rank 0's alone

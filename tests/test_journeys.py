@@ -89,7 +89,7 @@ def test_preset_journey_signal_then_resume_is_bit_exact(preset, precision, signu
     out, err = victim.communicate(timeout=120)
     assert victim.returncode == 128 + signum, out[-2000:] + err[-3000:]
     assert "Traceback" not in err and "ZMQError" not in err, err
-    assert err.strip().splitlines()[-1].endswith(f"Resume with: python -m nbgpt run --runs-dir {runs} --name victim "
+    assert err.strip().splitlines()[-1].endswith(f"To go on: python -m nbgpt run --runs-dir {runs} --name victim "
                                                  f"--resume")
     stopped_at = load_latest(runs / "victim" / "checkpoints")["step"]
     assert 8 < stopped_at < 40, "the run finished before the signal"

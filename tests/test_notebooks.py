@@ -295,7 +295,7 @@ def test_a_signal_to_the_notebook_kernel_stops_the_run_in_one_line_with_the_resu
     """SIGTERM to the kernel stops training with a checkpoint; a kernel that dies (a second SIGTERM exits it at
     once, as kill -9 does) leaves the checkpoints intact: either way one line, the resume command and the exit
     status of a stopped run, no traceback."""
-    resume = f"Resume with: python -m nbgpt run --runs-dir {tmp_path} --name tiny --resume"
+    resume = f"To go on: python -m nbgpt run --runs-dir {tmp_path} --name tiny --resume"
     rc, _, err = stop_the_kernel_mid_training(tmp_path, signal.SIGTERM, 2, "--notebooks", *NOTEBOOKS[:3])
     assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
     partial = tmp_path / "tiny" / "03_train.ipynb"

@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from nbgpt.checkpoint import CheckpointError, load_latest
+from nbgpt.checkpoint import CheckpointError, load_latest, saved_cuda_state
 from nbgpt.device import DTYPES, GPU_PEAK_FLOPS, cpu_matmul_speedup, gpu_peak_flops, peak_flops
 from nbgpt.metrics import read_metrics
-from nbgpt.model import GPT, ConfigError
+from nbgpt.model import ConfigError, GPT
 from nbgpt.stop import TrainingDiverged
 from nbgpt.shards import DataError
 from nbgpt.train import Trainer, lr_at
 from nbgpt.run_config import TrainConfig
-from nbgpt.train_state import saved_cuda_state
 
 
 def train_losses(run_dir):
