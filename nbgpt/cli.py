@@ -163,6 +163,8 @@ def _run(args: argparse.Namespace) -> int:
               f"{eval_scope(result.final_eval)}")
     if result.hellaswag:
         print(f"hellaswag:          {json.dumps(result.hellaswag)}")
+    for warning in result.warnings:  # said while training, and worth seeing again at the end
+        print(warning)
     return 0
 
 
@@ -191,7 +193,8 @@ def plan_lines(preset: str, plan) -> list[str]:
     lines = [f"nbgpt plan: {preset} on {plan.nproc} × {plan.gpu} ({plan.gpu_memory_gib:g} GiB each), "
              f"{plan.parallel}, {plan.precision}, compile {'on' if plan.compile else 'off'}"]
     if plan.micro_batch is not None:
-        lines.append(f"micro_batch: {plan.micro_batch} sequences per GPU per micro-step, "
+        lines.append(f"micro_batch: {plan.micro_batch} sequence{'s' if plan.micro_batch != 1 else ''} per GPU per "
+                     f"micro-step, "
                      f"{plan.sequences_per_rank // plan.micro_batch} micro-step(s) per optimizer step")
     lines += [f"  {plan.why}", "", f"  {'phase':<28}{'peak GiB per GPU':>17}"]
     used = "train_compiled" if plan.compile else "train_eager"

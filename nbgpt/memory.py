@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from .config import ConfigError
 from .device import DTYPES, autocast
 from .model import GPT, GPTConfig, KVCache
-from .speedup_work import adamw_pair, attention_pair, timing_micro_batch, train_step
+from .speedups import SpeedupCell, adamw_pair, attention_pair, cell_shapes, timing_micro_batch, train_step
 from .train_setup import build_optimizers
 
 from .run_config import AUTO
@@ -305,28 +305,6 @@ def _cell_peak(config: GPTConfig, seq_len: int, fast: str, batch: int) -> int:
     return _CELL_TRACES[key]
 
 
-@dataclass(frozen=True)
-class SpeedupCell:
-    """The model notebook 03's speed-up cell times on a GPU, and what it needs there."""
-
-    n_layer: int  # the run's model's blocks
-    layers: int  # the blocks of the model the cell times: n_layer (the whole model), fewer, or 0 (nothing fits)
-    whole_gib: float  # the cell's peak on the whole model
-    peak_gib: float  # its peak as it runs (0: it times nothing)
-    budget_gib: float  # what the plan lets torch use on that GPU
-
-    @property
-    def timed_on(self) -> str:
-        """One line for the table: what was timed and, for a stand-in, why."""
-        if self.layers == self.n_layer:
-            return f"the whole model ({self.n_layer} layers)"
-        need = f"the whole model would need {self.whole_gib:.2f} GiB of the {self.budget_gib:.2f} GiB usable"
-        if not self.layers:
-            return f"skipped: not even 1 layer of this width fits ({need})"
-        return (f"a stand-in: {self.layers} of {self.n_layer} layers, same width, heads and vocabulary "
-                f"({self.peak_gib:.2f} GiB; {need}): speed-ups act per layer, so the ratios hold")
-
-
 def speedup_cell(config: GPTConfig, seq_len: int, fast: str, batch: int, gpu_memory_gib: float) -> SpeedupCell:
     """What notebook 03's speed-up cell times on a GPU of `gpu_memory_gib`, at `batch` sequences of `seq_len`
     with `fast` ("bf16" or "fp16") autocast: the whole model when its traced peak fits the plan's budget,
@@ -344,6 +322,18 @@ def speedup_cell(config: GPTConfig, seq_len: int, fast: str, batch: int, gpu_mem
         while 0 < layers < config.n_layer - 1 and peak(layers + 1) <= budget:
             layers += 1
     return SpeedupCell(config.n_layer, layers, whole, peak(layers) if layers else 0.0, budget)
+
+
+def speedup_cell_for(train: TrainConfig, gpu_memory_gib: float | None = None) -> SpeedupCell | None:
+    """What notebook 03's speed-up table (nbgpt.speedups) should time for `train` on a GPU of `gpu_memory_gib`
+    (this GPU's when None); None off a GPU with no size given: a CPU times the whole model, its memory being
+    the machine's."""
+    config, batch, seq_len, fast, device = cell_shapes(train)
+    if gpu_memory_gib is None and device.type == "cuda":
+        gpu_memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    if gpu_memory_gib is None:
+        return None
+    return speedup_cell(config, seq_len, "fp16" if fast == "fp16" else "bf16", batch, gpu_memory_gib)
 
 
 _TRACES: dict[tuple, Traced] = {}  # one trace per process for each distinct question
@@ -459,7 +449,8 @@ def choose_micro_batch(price, sequences: int, budget: float, asked: int | str) -
         if max(price(batch).values()) <= budget:
             larger = [d for d in divisors(sequences) if d > batch]
             beyond = f"; {larger[0]} would need {peak_phase(price(larger[0]))}" if larger else ""
-            return batch, (f"micro_batch=auto: {batch}, the largest divisor of the {sequences} sequences per GPU "
+            return batch, (f"micro_batch=auto: {batch}, the largest divisor of the {sequences} "
+                           f"sequence{'s' if sequences != 1 else ''} per GPU "
                            f"per step whose peak fits {budget:.1f} GiB{beyond}")
     return None, (f"micro_batch=auto: not even 1 sequence per micro-step fits {budget:.1f} GiB "
                   f"({peak_phase(price(1))})")

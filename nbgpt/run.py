@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +73,7 @@ class RunResult:
     final_val_loss: float | None
     hellaswag: dict | None
     final_eval: dict | None = None  # the record of final_val_loss (its step, and what it averaged)
+    warnings: list[str] = field(default_factory=list)  # what training warned of (a budget that ended it early)
 
 
 def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | None = None, runs_dir: str = "runs",
@@ -309,5 +310,6 @@ def summarize(run_dir: Path, executed: list[Path]) -> RunResult:
     evals = read_metrics(run_dir, "eval")
     hellaswag = read_json(run_dir / "hellaswag.json") if (run_dir / "hellaswag.json").is_file() else None
     samples = run_dir / "samples.txt"
+    warned = [r["message"] for r in read_metrics(run_dir, "event") if r["message"].startswith("warning:")]
     return RunResult(run_dir, executed, sorted(run_dir.glob("*.png")), samples if samples.is_file() else None,
-                     evals[-1]["val_loss"] if evals else None, hellaswag, evals[-1] if evals else None)
+                     evals[-1]["val_loss"] if evals else None, hellaswag, evals[-1] if evals else None, warned)

@@ -5,30 +5,96 @@ the least disturbed by other work on the machine). A speed-up that this hardware
 
 On a GPU the table runs in the notebook's kernel, before training starts in processes of its own on the same
 GPUs: it times at most SPEEDUP_MICRO_BATCH sequences, gives back all it allocated before it returns, and times
-a model the memory plan says fits the card (nbgpt.memory.speedup_cell). An fp32 model with its gradients and
-two AdamWs' moments needs ~24 bytes per parameter in one process, whatever `parallel` the run trains with:
-~35 GiB for GPT-2 XL. Where the whole model does not fit, a stand-in of the same width, heads and vocabulary
-with fewer layers is timed instead, and every row says so ("timed on"): the speed-ups act layer by layer
-(each matmul, attention, optimizer update), so their ratios stay meaningful.
+the model the memory plan says fits the card (nbgpt.memory.speedup_cell_for, which traces this very work on
+fake tensors). An fp32 model with its gradients and two AdamWs' moments needs ~24 bytes per parameter in one
+process, whatever `parallel` the run trains with: ~35 GiB for GPT-2 XL. Where the whole model does not fit, a
+stand-in of the same width, heads and vocabulary with fewer layers is timed instead, and every row says so
+("timed on"): the speed-ups act layer by layer (each matmul, attention, optimizer update), so their ratios stay
+meaningful.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 from .device import DTYPES, choose_precision, cpu_has_native_bf16, resolve_device, synchronize
-from .memory import GIB, SpeedupCell, speedup_cell
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, attention_probs
 from .shards import TokenStore
-from .speedup_work import adamw_pair, attention_pair, timing_micro_batch, train_step
 
 if TYPE_CHECKING:
     from .run_config import TrainConfig
+
+# The micro-batch the cell times on a GPU at most: the speed-ups show at any size, and the cell must leave the
+# GPU's memory to training (an fp32 eager step of GPT-2 at its micro-batch of 64 would need ~86 GiB).
+SPEEDUP_MICRO_BATCH = 4
+
+
+def timing_micro_batch(micro_batch: int | str, device_type: str) -> int:
+    """The sequences per timed step: the run's micro-batch, at most SPEEDUP_MICRO_BATCH on a GPU. The cell runs
+    before the trainer resolves micro_batch="auto", which times SPEEDUP_MICRO_BATCH sequences."""
+    if not isinstance(micro_batch, int):
+        return SPEEDUP_MICRO_BATCH
+    return min(micro_batch, SPEEDUP_MICRO_BATCH) if device_type == "cuda" else micro_batch
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], None]:
+    """One forward + backward of `model` on x (B, T), in fp32 (dtype None) or under autocast to `dtype`."""
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            _, loss = model(x, x)
+        loss.backward()
+    return step
+
+
+def attention_pair(config: GPTConfig, batch: int, T: int, device: torch.device, dtype: torch.dtype):
+    """(explicit, fused) causal attention, forward + backward, over one layer's (B, H, T, D) queries."""
+    shape = (batch, config.n_head, T, config.head_size)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def explicit() -> None:  # the (B, H, T, T) score matrix is built, stored for backward, and read again
+        (attention_probs(q, k).to(v.dtype) @ v).sum().backward()
+
+    def fused() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    return explicit, fused
+
+
+def adamw_pair(model: torch.nn.Module):
+    """(per-tensor loop, fused) AdamW steps over the model's parameters, which get small random gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    loop = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    fused = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    return loop.step, fused.step
+
+
+@dataclass(frozen=True)
+class SpeedupCell:
+    """The model notebook 03's speed-up cell times on a GPU, and what it needs there."""
+
+    n_layer: int  # the run's model's blocks
+    layers: int  # the blocks of the model the cell times: n_layer (the whole model), fewer, or 0 (nothing fits)
+    whole_gib: float  # the cell's peak on the whole model
+    peak_gib: float  # its peak as it runs (0: it times nothing)
+    budget_gib: float  # what the plan lets torch use on that GPU
+
+    @property
+    def timed_on(self) -> str:
+        """One line for the table: what was timed and, for a stand-in, why."""
+        if self.layers == self.n_layer:
+            return f"the whole model ({self.n_layer} layers)"
+        need = f"the whole model would need {self.whole_gib:.2f} GiB of the {self.budget_gib:.2f} GiB usable"
+        if not self.layers:
+            return f"skipped: not even 1 layer of this width fits ({need})"
+        return (f"a stand-in: {self.layers} of {self.n_layer} layers, same width, heads and vocabulary "
+                f"({self.peak_gib:.2f} GiB; {need}): speed-ups act per layer, so the ratios hold")
 
 
 def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
@@ -53,17 +119,21 @@ def _row(name: str, what: str, device: torch.device, baseline=None, faster=None,
             "speed-up ×": f"{base / fast:.2f}"}
 
 
-def speedup_table(train: TrainConfig, gpu_memory_gib: float | None = None) -> list[dict]:
-    """Rows of {speed-up, what it does, baseline ms, with it ms, speed-up ×, timed on} for one micro-batch of
-    the run's model on its device (fresh weights: speed does not depend on what was learned). On a GPU the
-    model is the one speedup_cell fits to its memory; `gpu_memory_gib` fits it to a card of that many GiB
-    instead, on any device (a CPU included). Returns holding nothing on the device: the GPU memory it used is
-    back with the driver, for the training processes."""
+def cell_shapes(train: TrainConfig) -> tuple[GPTConfig, int, int, str, torch.device]:
+    """(model, sequences, seq_len, fast 16-bit precision, device) of the table for a run: the run's model on its
+    device (fresh weights: speed does not depend on what was learned), one micro-batch at the run's seq_len."""
     device = resolve_device(train.device)
     config = train.model_config(TokenStore(train.data_dir).tokenizer().vocab_size)
-    batch, seq_len = timing_micro_batch(train.micro_batch, device.type), train.seq_len or config.block_size
-    fast = choose_precision(device, "auto")
-    cell = _sized(config, seq_len, fast, batch, device, gpu_memory_gib)
+    batch = timing_micro_batch(train.micro_batch, device.type)
+    return config, batch, train.seq_len or config.block_size, choose_precision(device, "auto"), device
+
+
+def speedup_table(train: TrainConfig, cell: SpeedupCell | None = None) -> list[dict]:
+    """Rows of {speed-up, what it does, baseline ms, with it ms, speed-up ×, timed on} for one micro-batch of
+    the run's model (cell_shapes), or of the model `cell` says fits the GPU (nbgpt.memory.speedup_cell_for;
+    None: the whole model). Returns holding nothing on the device: the GPU memory it used is back with the
+    driver, for the training processes."""
+    config, batch, seq_len, fast, device = cell_shapes(train)
     timed_on = cell.timed_on if cell else f"the whole model ({config.n_layer} layers)"
     if cell and not cell.layers:
         return [_row(name, what, device, why_not=timed_on) | {"timed on": timed_on} for name, what in _described(fast)]
@@ -75,17 +145,6 @@ def speedup_table(train: TrainConfig, gpu_memory_gib: float | None = None) -> li
             torch.compiler.reset()  # compiled code keeps what it was compiled for alive
             gc.collect()
             torch.cuda.empty_cache()
-
-
-def _sized(config: GPTConfig, seq_len: int, fast: str, batch: int, device: torch.device,
-           gpu_memory_gib: float | None) -> SpeedupCell | None:
-    """The model to time on a GPU of `gpu_memory_gib` (this GPU's when None); None off a GPU with no size
-    given: a CPU times the whole model, its memory being the machine's."""
-    if gpu_memory_gib is None and device.type == "cuda":
-        gpu_memory_gib = torch.cuda.get_device_properties(device).total_memory / GIB
-    if gpu_memory_gib is None:
-        return None
-    return speedup_cell(config, seq_len, "fp16" if fast == "fp16" else "bf16", batch, gpu_memory_gib)
 
 
 def _described(fast: str) -> tuple[tuple[str, str], ...]:
@@ -112,7 +171,7 @@ def _timed_rows(config: GPTConfig, micro_batch: int, seq_len: int, device: torch
              lambda: _vocab_pair(config.n_embd, min(micro_batch * seq_len, 512), device))
     why_not = ("" if cuda and _ampere(device) else gpu_only + " (Ampere+)",
                "" if fast != "fp32" else _no_fast_precision(device),
-               "" if cuda else gpu_only + " (compiling takes minutes on a CPU)", "", "", "")
+               "" if cuda else "skipped on a CPU: compiling takes minutes here (compile=True still compiles training)", "", "", "")
     return [_row(name, what, device, *(() if why else pair()), why_not=why)
             for (name, what), pair, why in zip(_described(fast), pairs, why_not)]
 

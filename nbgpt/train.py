@@ -137,12 +137,12 @@ class Trainer:
         """What a move to another layout does to validation, which reads eval_batches batches of micro_batch on
         each process: '' when it averages as many sequences as before, else the count and the eval_batches
         that restores it, so a jump in the validation curve is never mistaken for a change in the model."""
-        per_batch = self.train_loader.B * self.dist.world_size
-        before, now = (eval_batches or 0) * micro_batch * world_size, self.config.eval_batches * per_batch
+        per_batch, split = self.train_loader.B * self.dist.world_size, self.val_loader.epoch_sequences
+        before, now = min((eval_batches or 0) * micro_batch * world_size, split), self.val_batches() * per_batch
         if not before or before == now:
             return ""
         fix = f"; -p eval_batches {before // per_batch} keeps it comparable" if before % per_batch == 0 else ""
-        return (f"; validation now averages {now} sequences ({self.config.eval_batches} batches of "
+        return (f"; validation now averages {now} sequences ({self.val_batches()} batches of "
                 f"{self.train_loader.B} on {self.dist.world_size} process(es)), it averaged {before}{fix}")
 
     def _start_records(self, setup_warnings: list[str]) -> None:

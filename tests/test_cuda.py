@@ -169,9 +169,11 @@ def test_speedup_table_gives_back_all_gpu_memory(char_data, tmp_path):
     reserved for the training processes to miss."""
     config = cuda_config(char_data, tmp_path / "r", micro_batch=64)
     script = ("import json, sys, torch\n"
+              "from nbgpt.memory import speedup_cell_for\n"
               "from nbgpt.speedups import speedup_table\n"
               "from nbgpt.run_config import TrainConfig\n"
-              "rows = speedup_table(TrainConfig.from_dict(json.loads(sys.argv[1])))\n"
+              "config = TrainConfig.from_dict(json.loads(sys.argv[1]))\n"
+              "rows = speedup_table(config, speedup_cell_for(config))\n"
               "print(len(rows), torch.cuda.max_memory_allocated() > 0, torch.cuda.memory_reserved())\n")
     result = subprocess.run([sys.executable, "-c", script, json.dumps(asdict(config))], capture_output=True,
                             text=True, timeout=300)

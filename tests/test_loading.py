@@ -208,13 +208,13 @@ def test_export_stays_out_of_run_directories_and_their_checkpoints_win(tmp_path)
     refusals = {out: export(out) for out in ("runs/ddp", "runs/ddp/export", "runs/ddp/checkpoints", "README.md",
                                               "notes")}
     assert {out: (r.returncode, r.stderr) for out, r in refusals.items()} == {
-        "runs/ddp": (2, f"nbgpt: ConfigError: runs/ddp is the run directory runs/ddp, whose checkpoints its loaders "
-                        f"read; export into a folder of its own, e.g. runs/ddp-export\n"),
+        "runs/ddp": (2, "nbgpt: ConfigError: runs/ddp is the run directory runs/ddp, whose checkpoints its loaders "
+                        "read; export into a folder of its own, e.g. runs/ddp-export\n"),
         "runs/ddp/export": (2, f"nbgpt: ConfigError: runs/ddp/export is inside the run directory {run}, whose "
                                f"checkpoints its loaders read; export into a folder of its own, e.g. {run}-export\n"),
-        "runs/ddp/checkpoints": (2, f"nbgpt: ConfigError: runs/ddp/checkpoints is the run directory "
-                                    f"runs/ddp/checkpoints, whose checkpoints its loaders read; export into a folder "
-                                    f"of its own, e.g. runs/ddp/checkpoints-export\n"),
+        "runs/ddp/checkpoints": (2, "nbgpt: ConfigError: runs/ddp/checkpoints is the run directory "
+                                    "runs/ddp/checkpoints, whose checkpoints its loaders read; export into a folder "
+                                    "of its own, e.g. runs/ddp/checkpoints-export\n"),
         "README.md": (2, "nbgpt: ConfigError: README.md is a file, not a folder; export into a new folder, e.g. "
                          "export\n"),
         "notes": (2, "nbgpt: ConfigError: notes already holds todo.txt; export into a new or empty folder, e.g. "

@@ -14,6 +14,7 @@ from nbgpt.generate import Generator
 from nbgpt.model import GPT, GPTConfig, attention_weights, causal_mask
 from nbgpt.optim import param_groups
 from nbgpt.metrics import read_metrics
+from nbgpt.run import summarize
 from nbgpt.schedule import evaluation_interval
 from nbgpt.train import Trainer
 from nbgpt.run_config import TrainConfig
@@ -135,8 +136,7 @@ def test_speedup_table_times_what_this_machine_can_show(budget_run):
 
 
 def test_speedup_table_times_a_small_micro_batch_on_gpus_only():
-    from nbgpt.speedup_work import SPEEDUP_MICRO_BATCH
-    from nbgpt.speedup_work import timing_micro_batch
+    from nbgpt.speedups import SPEEDUP_MICRO_BATCH, timing_micro_batch
 
     assert SPEEDUP_MICRO_BATCH == 4
     assert timing_micro_batch(64, "cuda") == 4 and timing_micro_batch(2, "cuda") == 2
@@ -164,7 +164,7 @@ def test_speedup_table_times_a_stand_in_that_fits_the_gpu_it_is_sized_for(char_d
     layers of the same width, the deepest the memory plan says fit, and says so in every row; with no room
     for even one layer every row says why it was skipped and no model runs; sized for no GPU (a CPU), the
     whole model is timed as before."""
-    from nbgpt.memory import MARGIN, NON_TORCH_GIB, speedup_cell
+    from nbgpt.memory import MARGIN, NON_TORCH_GIB, speedup_cell, speedup_cell_for
     from nbgpt.speedups import speedup_table
 
     config = tiny_train_config(char_data, tmp_path, n_layer=6, micro_batch=2)
@@ -177,14 +177,14 @@ def test_speedup_table_times_a_stand_in_that_fits_the_gpu_it_is_sized_for(char_d
     cell = speedup_cell(model, 32, "bf16", 2, memory)
     assert 0 < cell.layers < 6 and cell.peak_gib <= cell.budget_gib < cell.whole_gib
     assert speedup_cell(replace(model, n_layer=cell.layers + 1), 32, "bf16", 2, 1000.0).peak_gib > cell.budget_gib
-    rows, depths = timed_models(lambda: speedup_table(config, gpu_memory_gib=memory))
+    rows, depths = timed_models(lambda: speedup_table(config, speedup_cell_for(config, memory)))
     assert depths and set(depths) == {cell.layers}  # the stand-in is what ran
     assert {r["timed on"] for r in rows} == {cell.timed_on}
     assert cell.timed_on.startswith(f"a stand-in: {cell.layers} of 6 layers, same width, heads and vocabulary")
     need = f"the whole model would need {cell.whole_gib:.2f} GiB of the {cell.budget_gib:.2f} GiB usable"
     assert need in cell.timed_on
     assert float(next(r for r in rows if r["speed-up"] == "fused AdamW")["speed-up ×"]) > 0
-    rows, depths = timed_models(lambda: speedup_table(config, gpu_memory_gib=NON_TORCH_GIB + 1e-6))
+    rows, depths = timed_models(lambda: speedup_table(config, speedup_cell_for(config, NON_TORCH_GIB + 1e-6)))
     assert not depths and len(rows) == 6
     assert all(r["speed-up ×"].startswith("skipped: not even 1 layer of this width fits") for r in rows)
 
@@ -215,6 +215,7 @@ def test_a_budget_that_ends_training_early_says_so_in_one_line(char_data, tmp_pa
     assert "of max_steps=1,000,000 steps" in lines[0] and "0% of the speed" in lines[0]
     assert "max_seconds=" in lines[0] and "make demo ARGS=" in lines[0]
     assert (out / "train.log").read_text().count(lines[0]) == 1
+    assert summarize(out, []).warnings == [lines[0]]  # `nbgpt run` repeats it under its final summary
 
 
 def test_a_budget_that_is_not_the_limit_says_nothing(budget_run):
