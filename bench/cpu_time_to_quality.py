@@ -6,7 +6,7 @@ the whole validation split. Training gets whatever the budget leaves and fits it
 Usage: python bench/cpu_time_to_quality.py [--recipe demo|nanogpt] [--budget 100] [--set key=value ...] [--runs 3]
 
 --recipe demo (default) trains with the `cpu-demo` preset's model and schedule, precision and batch as
-`cpu_recipe` picks them for this CPU. --recipe nanogpt is nanoGPT's CPU recipe for shakespeare_char, rebuilt on
+`cpu_settings` picks them for this CPU. --recipe nanogpt is nanoGPT's CPU recipe for shakespeare_char, rebuilt on
 nbgpt's model: 4 layers × 128, 4 heads, context 64, batch 12, no dropout, AdamW at 1e-3 (warm-up 100, cosine
 to 1e-4 at 2,000 iterations, beta2 0.99), fp32, 2,000 iterations whatever the time they take.
 """
@@ -38,7 +38,7 @@ import tempfile  # noqa: E402
 
 from common import ROOT, report  # noqa: E402
 
-# The cpu-demo preset's model and schedule (see bench/RESULTS.md); precision and batch come from cpu_recipe.
+# The cpu-demo preset's model and schedule (see bench/RESULTS.md); precision and batch come from cpu_settings.
 DEMO = dict(model="cpu-char", optimizer="muon", max_lr=1e-2, min_lr_ratio=0.0, warmup_steps=30, weight_decay=0.1)
 NANOGPT = dict(model="cpu-char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, micro_batch=12,
                total_batch_tokens=12 * 64, optimizer="adamw", max_lr=1e-3, min_lr_ratio=0.1, warmup_steps=100,
@@ -47,12 +47,12 @@ NANOGPT = dict(model="cpu-char", n_layer=4, n_head=4, n_embd=128, block_size=64,
 
 def recipe_settings(recipe: str) -> dict:
     """TrainConfig fields of `recipe` on this machine (measured here, in the process that trains)."""
-    from nbgpt.presets import cpu_recipe
+    from nbgpt.presets import cpu_settings
 
     common = dict(eval_interval=200, eval_batches=4, final_eval_batches=0)
     if recipe == "nanogpt":
         return {**common, **NANOGPT}
-    return {**common, **DEMO, **cpu_recipe()}
+    return {**common, **DEMO, **cpu_settings()}
 
 
 def one_run(budget: float, settings: dict, data: str, threads: int) -> dict:

@@ -42,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(exc: Exception) -> int:
-    """Print an expected failure as its one line and return its exit code: a run stopped by a signal carries
-    `signum` (128 + it; its message says how to resume); anything else is 2."""
-    signum = getattr(exc, "signum", None)
-    if signum is not None:
+    """Print an expected failure as its one line and return its exit code: a run a signal stopped says so and
+    how to go on (exit 128 + the signal, TrainingStopped.exit_status); anything else is 2."""
+    from .stop import TrainingStopped
+
+    if isinstance(exc, TrainingStopped) and exc.signum is not None:
         print(exc, file=sys.stderr)
-        return 128 + signum
+        return exc.exit_status
     print(f"nbgpt: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 2
 

@@ -285,10 +285,9 @@ def _tokens(identity: dict) -> str:
     return f"{identity.get('kind')}, vocabulary {identity.get('vocab_size')}"
 
 
-def check_compatible(payload: dict, data_dir: str, model_config: dict, tokenizer, optimizers: int,
-                     checkpoint_dir: Path) -> None:
-    """Refuse a checkpoint this run cannot continue: other token ids, another model shape, another optimizer
-    (what a recipe changes is among them; its name alone is a label)."""
+def check_compatible(payload: dict, then: dict, now: dict, tokenizer, data_dir: str, checkpoint_dir: Path) -> None:
+    """Refuse a checkpoint this run cannot continue: other token ids, or other settings among those a run is
+    bound to (TrainConfig.bound_settings: `then` the checkpoint's run's, `now` this run's)."""
     if payload["tokenizer"]["identity"] != tokenizer.identity():
         # Another run's checkpoints in this out_dir, far more often than a dataset that changed under a run.
         theirs = payload["train_config"].get("data_dir") or "another dataset"
@@ -297,15 +296,11 @@ def check_compatible(payload: dict, data_dir: str, model_config: dict, tokenizer
             f"{_tokens(payload['tokenizer']['identity'])}), and this run's data {data_dir} has other "
             f"tokens ({_tokens(tokenizer.identity())}): choose another out_dir (run directory) for this run, or "
             f"resume that one with its data_dir {theirs}")
-    saved = payload["model_config"]
-    if differ := ", ".join(f"{name} {saved.get(name)!r} there, {model_config.get(name)!r} here"
-                           for name in differing(saved, model_config)):
-        raise CheckpointError(f"the checkpoint in {checkpoint_dir} is of a different model ({differ}); resume with "
-                              f"the checkpoint's model settings, or use another out_dir")
-    if len(payload["optimizer"]) != optimizers:
-        raise CheckpointError(f"the checkpoint in {checkpoint_dir} was trained with another optimizer "
-                              f"({len(payload['optimizer'])} state(s), this run has {optimizers}); "
-                              f"resume with the same optimizer setting, or use another out_dir")
+    if differ := ", ".join(f"{name} {then.get(name)!r} there, {now.get(name)!r} here"
+                           for name in differing(then, now)):
+        raise CheckpointError(f"the checkpoint in {checkpoint_dir} was trained with other settings ({differ}); "
+                              f"resume with the checkpoint's settings (nproc and micro_batch may change), or use "
+                              f"another out_dir")
 
 
 def differing(saved: dict, current: dict) -> list[str]:

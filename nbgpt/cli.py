@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
                               notebooks=args.notebooks, replace=args.replace)
     except TrainingStopped as exc:
         print(f"nbgpt run: {exc}", file=sys.stderr)
-        return 128 + exc.signum
+        return exc.exit_status
     except RunError as exc:
         print(f"nbgpt run: {exc}", file=sys.stderr)
         return 2
@@ -177,7 +177,8 @@ def _plan(args: argparse.Namespace) -> int:
         overrides["nproc"] = args.nproc
     run = RunConfig.from_preset(args.preset, overrides)
     plan = plan_memory(run, args.gpu, args.gpu_memory)
-    print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan_lines(f"{args.preset} ({run.train.model})", plan)))
+    title = f"{args.preset} ({run.train.model})"
+    print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan_lines(title, plan)))
     return 0 if plan.fits else 1
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,8 +25,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
 from .device import DTYPES
+from .errors import NbgptError
 from .files import RunLock
 from .stop import StopSignals, TrainingStopped
+
+
+class WorkersFailed(NbgptError):
+    """torchrun's workers ended with an error (theirs is in the output above this one)."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +141,7 @@ def _stream(process: subprocess.Popen, stop: StopSignals, echo) -> int | None:
     passed on), or to a worker directly, which then says so in its stop line (TrainingStopped.by_signal)."""
     signum, quiet = None, False
     for line in process.stdout:
-        said = re.search(r"stopped by (SIG[A-Z]+) after step \d+ with a checkpoint", line)
-        signum = stop.signum or signum or (signal.Signals[said.group(1)] if said else None)
+        signum = stop.signum or signum or TrainingStopped.signal_in(line)
         # After a stop, torchrun ends with a traceback of its own (a SignalException, or its workers' exit
         # status 128 + signal): noise, since the workers have checkpointed and said so; it is read (so torchrun
         # never blocks on a full pipe) but not echoed.
@@ -156,7 +158,7 @@ def launch(config, nproc: int, echo=print, **node) -> int:
     torchrun's workers, admitted to the run directory this launcher locks, run beside it. SIGTERM/SIGINT are
     passed on to the workers, which stop together with a checkpoint; this then raises TrainingStopped, as it
     does when a signal reached one worker alone (a scheduler's, or `kill` on its pid)
-    Raises RuntimeError if the workers fail. GPU memory this process holds, the workers lack: it says so first."""
+    Raises WorkersFailed if the workers fail. GPU memory this process holds, the workers lack: it says so first."""
     if (warning := held_gpu_memory_warning()) is not None:
         echo(warning)
     with RunLock(config.out_dir):
@@ -177,7 +179,8 @@ def launch(config, nproc: int, echo=print, **node) -> int:
     if signum is not None:
         raise TrainingStopped.by_signal(signum, Path(config.out_dir) / "checkpoints")
     if code != 0:
-        raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}: {' '.join(cmd)}")
+        raise WorkersFailed(f"torchrun with {nproc} processes exited with code {code} (the workers' errors are "
+                            f"above): {' '.join(cmd)}")
     return code
 
 
@@ -194,8 +197,8 @@ def launch(config, nproc: int, echo=print, **node) -> int:
 # Checkpoints stay what they are without sharding: full state dicts gathered to rank 0 (torch's
 # `get_model_state_dict`, and the optimizers' shards gathered one tensor at a time, to its CPU memory), written
 # as one verified file. So a run saved under FSDP resumes on any number of processes, under DDP or FSDP, and
-# export, sample, eval and the panel read it like any other. torch's distributed checkpoint format was not used: its metadata file is
-# a pickle, and nbgpt never unpickles what it loads.
+# export, sample, eval and the panel read it like any other. torch's distributed checkpoint format was not
+# used: its metadata file is a pickle, and nbgpt never unpickles what it loads.
 #
 # Mid-training samples and HellaSwag run through the sharded model itself, on every rank: each forward pass
 # gathers weights from all ranks, so every rank must run the same passes in the same order (a rank that skips

@@ -37,7 +37,8 @@ from torch.overrides import TorchFunctionMode
 from .config import ConfigError
 from .device import DTYPES, autocast
 from .model import GPT, GPTConfig, KVCache
-from .speedups import SpeedupCell, adamw_pair, attention_pair, cell_shapes, timing_micro_batch, train_step
+from .speedups import (SpeedupCell, adamw_pair, attention_pair, cell_shapes, forward_backward,
+                       timing_micro_batch)
 from .train_setup import build_optimizers
 
 from .run_config import AUTO
@@ -289,7 +290,7 @@ def _trace_speedups(config: GPTConfig, seq_len: int, fast: torch.dtype, batch: i
         model = GPT(config)
         _with_gradients(model)
         t.tracker.track_external(model)
-        step = t.peak(lambda: train_step(model, _tokens(batch, seq_len), None)())
+        step = t.peak(lambda: forward_backward(model, _tokens(batch, seq_len), None)())
         attention = t.peak(lambda: [f() for f in attention_pair(config, batch, seq_len, torch.device("cpu"), fast)])
         adamw = t.peak(lambda: [f() for f in adamw_pair(model)])
     return max(step, attention, adamw)
@@ -350,9 +351,6 @@ def trace(train: TrainConfig, config: GPTConfig, precision: str, seq_len: int, t
 
 
 # -------------------------------------------------------------------------------------------------------- plans
-
-PHASES = ("train_eager", "train_compiled", "eval", "hellaswag", "sample", "speedups")
-
 
 @dataclass
 class MemoryPlan:

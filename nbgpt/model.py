@@ -63,7 +63,8 @@ class GPTConfig:
             raise ConfigError(f"GPTConfig.activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got "
                               f"{self.activation!r}")
         if not (self.logit_softcap == 0 or self.logit_softcap > 0):  # also refuses NaN
-            raise ConfigError(f"GPTConfig.logit_softcap must be 0 (off) or positive (e.g. 30), got {self.logit_softcap}")
+            raise ConfigError(f"GPTConfig.logit_softcap must be 0 (off) or positive (e.g. 30), got "
+                              f"{self.logit_softcap}")
 
     @property
     def padded_vocab_size(self) -> int:

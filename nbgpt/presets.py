@@ -24,7 +24,7 @@ RUN_PRESETS: dict[str, dict] = {
     ),
     # The laptop demo: Shakespeare's complete works, character level, the small GPT and schedule that won the
     # CPU time-to-quality sweep (bench/RESULTS.md): 4 layers x 128, context 64, Muon + AdamW at peak LR 1e-2
-    # and a cosine to zero; precision and batch from `cpu_recipe`. A fixed number of steps, so that the result
+    # and a cosine to zero; precision and batch from `cpu_settings`. A fixed number of steps, so that the result
     # does not depend on how busy the machine is: 3,000 steps end at ~1.53 (bf16) and ~1.65 (fp32), taking
     # ~3 minutes on 2 quiet cores. max_seconds is a cap for a slow or busy machine: the cosine is then fitted
     # to it, and the run says how much slower it was and what budget would give the full result.
@@ -59,9 +59,9 @@ RUN_PRESETS: dict[str, dict] = {
     # gpt2-124m. The token budget is provisional: 3.0B tokens (5,722 steps of 0.5M), 30 % of gpt2-124m's 10B,
     # because the modded-nanogpt records that reached GPT-2's FineWeb loss with these techniques trained on a
     # few billion tokens; it is to be replaced by a measured time-to-loss. Learning rates, optimizer, schedule
-    # (warm-up included) and architecture come from the recipe, so this entry sets none of them. It prepares the whole sample (no
-    # max_tokens): while the budget is provisional a longer trial should find fresh tokens, and such a node has
-    # the disk.
+    # (warm-up included) and architecture come from the recipe, so this entry sets none of them. It prepares
+    # the whole sample (no max_tokens): while the budget is provisional a longer trial should find fresh
+    # tokens, and such a node has the disk.
     "gpt2-124m-speedrun": dict(
         recipe="speedrun", source="fineweb-edu", tokenizer="gpt2", shard_tokens=100_000_000,
         val_tokens=100_000_000, prepare_workers=8, model="gpt2", vocab_multiple=64, bigram_steps=200,
@@ -112,8 +112,8 @@ RUN_PRESETS: dict[str, dict] = {
         prepare_workers=8, model="gpt3-xl", vocab_multiple=64, bigram_steps=200, total_batch_tokens=1_048_576,
         micro_batch="auto", max_steps=9_537, max_lr=2e-4, min_lr_ratio=0.1, warmup_steps=358, eval_interval=250,
         eval_batches=40, hellaswag_interval=0, checkpoint_interval=500, keep_checkpoints=2, precision="auto",
-        compile=True, parallel="fsdp", nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64, num_return_sequences=4,
-        top_k=50,
+        compile=True, parallel="fsdp", nproc=8, prompt="Hello, I'm a language model,", max_new_tokens=64,
+        num_return_sequences=4, top_k=50,
     ),
 }
 
@@ -125,7 +125,7 @@ RUN_PRESETS: dict[str, dict] = {
 CPU_BATCH = {"bf16": 32, "fp32": 16}
 
 
-def cpu_recipe(precision: str = "auto") -> dict:
+def cpu_settings(precision: str = "auto") -> dict:
     """The CPU demo's precision and batch for this machine: "auto" resolves to what a measured matmul says
     the CPU is fast at (see `nbgpt.device.choose_precision`), and the batch follows that precision."""
     precision = choose_precision(torch.device("cpu"), precision)
@@ -134,7 +134,7 @@ def cpu_recipe(precision: str = "auto") -> dict:
 
 
 # Presets completed at lookup time by a function of this machine's measured speed.
-MEASURED_PRESETS: dict[str, Callable[[], dict]] = {"cpu-demo": cpu_recipe}
+MEASURED_PRESETS: dict[str, Callable[[], dict]] = {"cpu-demo": cpu_settings}
 
 
 def get_preset(name: str) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import threading
@@ -152,8 +151,7 @@ def kernel_stopped(exc: Exception, notebook: str, output: Path, resume: str) -> 
                                f"kill -9 and the out-of-memory killer); the checkpoints on disk are intact and the "
                                f"partial notebook is kept at {output}", signal.SIGTERM, resume=resume)
     if isinstance(exc, PapermillExecutionError) and exc.ename == "TrainingStopped":
-        named = re.search(r"\bSIG[A-Z]+\b", exc.evalue)  # TrainingStopped's message names its signal
-        signum = signal.Signals.__members__.get(named.group() if named else "", signal.SIGTERM)
+        signum = TrainingStopped.signal_in(exc.evalue) or signal.SIGTERM
         return TrainingStopped(f"{notebook} stopped by {signal_name(signum)} to its kernel, with a checkpoint; the "
                                f"partial notebook is kept at {output}", signum, resume=resume)
     return None
@@ -211,9 +209,9 @@ DATA_SETTINGS = ("source", "tokenizer", "shard_tokens", "val_fraction", "val_tok
 
 
 def check_continuable(preset: str, saved: dict, typed: dict, run_dir: Path) -> None:
-    """A run with checkpoints continues only the model it trains on the data it reads: a -p that changes the
-    recipe, the model, the optimizer, the dataset or the order of its windows (seq_len, total_batch_tokens,
-    shuffle and its seed) is refused here, before any notebook runs and before run.json records it. nproc and
+    """A run with checkpoints continues only the model it trains on the data it reads: a -p that changes a
+    setting its checkpoints are bound to (TrainConfig.bound_settings: the model, the optimizer, the order of its
+    windows) or the dataset is refused here, before any notebook runs and before run.json records it. nproc and
     micro_batch may change: the data position counts windows of the whole run (nbgpt.loader)."""
     checkpoints = run_dir / "checkpoints"
     if not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
@@ -227,19 +225,13 @@ def check_continuable(preset: str, saved: dict, typed: dict, run_dir: Path) -> N
 
 
 def run_identity(preset: str, values: dict, run_dir: Path) -> dict:
-    """The settings a run's checkpoints are bound to (see check_continuable)."""
+    """The settings a run's checkpoints are bound to (TrainConfig.bound_settings, the Trainer's test too), and
+    the data they were trained on (see check_continuable)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # check_run has shown them once
         run = RunConfig.from_preset(preset, values, run_dir)
-    train = run.train
-    model = train.model_config(vocab_size=256).to_dict()  # vocab comes from the data either way
-    identity = {"recipe": train.recipe, "optimizer": train.optimizer, **model,
-                "seq_len": train.seq_len or model["block_size"], "total_batch_tokens": train.total_batch_tokens,
-                "shuffle": train.shuffle, "align_documents": train.align_documents,
-                **{name: getattr(run.prepare, name) for name in DATA_SETTINGS}}
-    if train.shuffle:  # the seed orders the windows only when they are shuffled
-        identity["seed"] = train.seed
-    return identity
+    model = run.train.model_config(vocab_size=256).to_dict()  # vocab comes from the data either way
+    return {**run.train.bound_settings(model), **{name: getattr(run.prepare, name) for name in DATA_SETTINGS}}
 
 
 @contextlib.contextmanager

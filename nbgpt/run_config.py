@@ -74,11 +74,6 @@ def recipe_bundle(name: str | None) -> dict:
     return RECIPES[name] if name is not None else {}
 
 
-def architecture(name: str) -> dict:
-    """The GPTConfig fields of recipe `name`: its model, to lay over any preset's shape."""
-    return {field: value for field, value in recipe_bundle(name).items() if field in field_types(GPTConfig)}
-
-
 def _choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -234,7 +229,10 @@ class TrainConfig:
     def _settle(self, preset: dict) -> None:
         """The one place a configuration's layers meet, a recipe included: each knob takes the first of the value
         given, the named recipe's, the preset's and its own default; so do the GPTConfig fields (model_overrides).
-        A recipe nobody names applies nothing (cpu-demo's Muon stands, and the run's recipe is None)."""
+        A recipe nobody names applies nothing (cpu-demo's Muon stands, and the run's recipe is None).
+        dataclasses.replace hands every field over as given, so it changes a recipe's name, not its knobs: to
+        switch recipes, configure the run again (RunConfig.from_preset with {"recipe": ...}, or TrainConfig with
+        only the values you mean)."""
         bundle = recipe_bundle(preset.get("recipe") if self.recipe is UNSET else self.recipe)
         for f in fields(self):
             if getattr(self, f.name) is UNSET and f.name != "model_overrides":
@@ -261,8 +259,29 @@ class TrainConfig:
         overrides = {**nested, **{name: flat.pop(name) for name in model_fields & set(flat)}}
         return cls(**flat, model_overrides=overrides, preset=preset)
 
+    @classmethod
+    def of_checkpoint(cls, payload: dict) -> "TrainConfig":
+        """The TrainConfig a checkpoint's run trained with, as this version reads it: knobs added since take
+        their defaults, knobs since removed are dropped, and what it warned of when it started is not said
+        again."""
+        known = set(field_types(cls)) | set(field_types(GPTConfig))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)
+            return cls.from_dict({k: v for k, v in payload["train_config"].items() if k in known})
+
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size})
+
+    def bound_settings(self, model: dict) -> dict:
+        """The settings this run's checkpoints are bound to, with `model` its GPTConfig as a dict: the model, the
+        optimizer, and which windows each step reads (seq_len, total_batch_tokens, shuffle and then its seed,
+        align_documents). A resume that changes one is refused, by the Trainer and by `nbgpt run` alike (a
+        recipe changes some of them); nproc and micro_batch may change, as the data position counts windows of
+        the whole run (nbgpt.loader)."""
+        bound = {"optimizer": self.optimizer, **model, "seq_len": self.seq_len or model["block_size"],
+                 "total_batch_tokens": self.total_batch_tokens, "shuffle": self.shuffle,
+                 "align_documents": self.align_documents}
+        return {**bound, "seed": self.seed} if self.shuffle else bound
 
     def batch_layout(self, block_size: int, world_size: int, micro_batch: int | None = None) -> tuple[int, int]:
         """(seq_len, grad_accum_steps): how total_batch_tokens splits over ranks and micro-steps of

@@ -1,5 +1,6 @@
 """When things happen in a run: the learning rate at a step, which evaluations, samples and checkpoints a step
-owes, and how a wall-clock budget becomes a number of steps.
+owes, how a wall-clock budget becomes a number of steps (timed by the run's Clock), and when a schedule has no
+step left.
 
 Everything here is a pure function of the configuration, the step and measured time, so the training loop
 only asks "is it due?" and never does interval arithmetic itself.

@@ -43,7 +43,8 @@ def timing_micro_batch(micro_batch: int | str, device_type: str) -> int:
     return min(micro_batch, SPEEDUP_MICRO_BATCH) if device_type == "cuda" else micro_batch
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], None]:
+def forward_backward(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None
+                     ) -> Callable[[], None]:
     """One forward + backward of `model` on x (B, T), in fp32 (dtype None) or under autocast to `dtype`."""
     def step() -> None:
         with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -164,14 +165,15 @@ def _timed_rows(config: GPTConfig, micro_batch: int, seq_len: int, device: torch
     gpu_only = "needs a GPU"
     # Each pair is built just before it is timed and dropped after: never two rows' tensors at once.
     pairs = (lambda: _tf32(model, x),
-             lambda: (train_step(model, x, None), train_step(model, x, DTYPES[fast])),
+             lambda: (forward_backward(model, x, None), forward_backward(model, x, DTYPES[fast])),
              lambda: _compiled(model, x),
              lambda: attention_pair(config, micro_batch, seq_len, device, DTYPES[fast]),
              lambda: adamw_pair(model),
              lambda: _vocab_pair(config.n_embd, min(micro_batch * seq_len, 512), device))
     why_not = ("" if cuda and _ampere(device) else gpu_only + " (Ampere+)",
                "" if fast != "fp32" else _no_fast_precision(device),
-               "" if cuda else "skipped on a CPU: compiling takes minutes here (compile=True still compiles training)", "", "", "")
+               "" if cuda else "skipped on a CPU: compiling takes minutes here (compile=True still compiles training)",
+               "", "", "")
     return [_row(name, what, device, *(() if why else pair()), why_not=why)
             for (name, what), pair, why in zip(_described(fast), pairs, why_not)]
 
@@ -191,7 +193,7 @@ def _tf32(model, x):
         def step() -> None:
             torch.set_float32_matmul_precision(level)
             try:
-                train_step(model, x, None)()
+                forward_backward(model, x, None)()
             finally:
                 torch.set_float32_matmul_precision("high")
         return step
@@ -199,7 +201,7 @@ def _tf32(model, x):
 
 
 def _compiled(model, x):
-    return train_step(model, x, None), train_step(torch.compile(model), x, None)
+    return forward_backward(model, x, None), forward_backward(torch.compile(model), x, None)
 
 
 def _vocab_pair(n_embd: int, tokens: int, device: torch.device):

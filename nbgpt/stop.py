@@ -14,6 +14,7 @@ a learning rate, a precision too narrow), and training stops, naming the last go
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,6 +45,18 @@ class TrainingStopped(NbgptError):
     def by_signal(cls, signum: int, checkpoint_dir: Path | str, step: int | None = None) -> "TrainingStopped":
         after = "" if step is None else f" after step {step}"
         return cls(f"stopped by {signal_name(signum)}{after} with a checkpoint in {checkpoint_dir}", signum)
+
+    @staticmethod
+    def signal_in(text: str) -> int | None:
+        """The signal a by_signal stop names in `text` (a torchrun worker's output, a kernel's error), else None:
+        how a process that started the stopped one learns why it stopped."""
+        said = re.search(r"stopped by (SIG[A-Z]+)(?: after step \d+)? with a checkpoint", text)
+        return signal.Signals[said.group(1)] if said else None
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal, as a shell reports a process a signal ended; 2 for a run that stopped itself."""
+        return 2 if self.signum is None else 128 + self.signum
 
 
 class TrainingDiverged(TrainingStopped):

@@ -10,9 +10,9 @@ A resumed run continues the same tracker run from the checkpoint's step, where m
   at and after it, as metrics.jsonl dropped its records.
 - W&B: the run's id is kept in <run dir>/tracker.json and the run resumed. Its history is not rewound (W&B's
   `resume_from` is a beta feature that not every server offers), so the steps between the checkpoint and
-  the interruption that W&B already holds keep the values first logged; a resume is bit-exact, so their loss, lr and grad_norm are the
-  ones the redone steps compute. Offline, W&B cannot know which steps it holds: each attempt is a folder of
-  its own under <run dir>/wandb/, with every step it trained.
+  the interruption that W&B already holds keep the values first logged; a resume is bit-exact, so their
+  loss, lr and grad_norm are the ones the redone steps compute. Offline, W&B cannot know which steps it holds:
+  each attempt is a folder of its own under <run dir>/wandb/, with every step it trained.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ class Trainer:
         self.schedule = Schedule(config)
         self.step, self.elapsed, self.last_val_loss = 0, 0.0, None  # elapsed: seconds trained, a resume continues it
         self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
-        self.clock = Clock()
+        self.clock = Clock()  # fit starts one from the run's elapsed time; this one times a train_step called alone
         self.divergence = DivergenceGuard(config.max_bad_steps, lambda: latest_checkpoint(self.checkpoint_dir))
         self._hellaswag_examples = None
 
@@ -107,8 +107,10 @@ class Trainer:
             if self.dist.is_main:
                 self.metrics.truncate_from(0)  # records of an attempt that never checkpointed are void
             return
-        check_compatible(payload, self.config.data_dir, self.model_config.to_dict(), self.tokenizer,
-                         len(self.optimizers), self.checkpoint_dir)
+        then = TrainConfig.of_checkpoint(payload)
+        check_compatible(payload, then.bound_settings(payload["model_config"]),
+                         self.config.bound_settings(self.model_config.to_dict()), self.tokenizer, self.config.data_dir,
+                         self.checkpoint_dir)
         self._restore(payload)
         finished = nothing_to_train(self.step, self.max_steps, self.config)
         if self.dist.is_main:  # the steps after the checkpoint are about to be redone; with none left, the
@@ -120,7 +122,7 @@ class Trainer:
             self.log_event(f"trained so far on {saved[0]} process(es) x micro_batch {saved[1]}, now "
                            f"{self.dist.world_size} x {self.train_loader.B} in {self.grad_accum_steps} micro-step(s): "
                            f"each step reads the same sequences as before"
-                           + self._validation_change(payload["train_config"].get("eval_batches"), *saved))
+                           + self._validation_change(then.eval_batches, *saved))
 
     def _restore(self, payload: dict) -> None:
         """Put a compatible checkpoint's state back (the keys `save` writes; see nbgpt.checkpoint)."""
@@ -133,12 +135,12 @@ class Trainer:
         if self.config.max_seconds is not None:  # a horizon fitted to the budget is the run's, not the process's
             self.max_steps = min(self.config.max_steps, payload["max_steps"])
 
-    def _validation_change(self, eval_batches: int | None, world_size: int, micro_batch: int) -> str:
+    def _validation_change(self, eval_batches: int, world_size: int, micro_batch: int) -> str:
         """What a move to another layout does to validation, which reads eval_batches batches of micro_batch on
         each process: '' when it averages as many sequences as before, else the count and the eval_batches
         that restores it, so a jump in the validation curve is never mistaken for a change in the model."""
         per_batch, split = self.train_loader.B * self.dist.world_size, self.val_loader.epoch_sequences
-        before, now = min((eval_batches or 0) * micro_batch * world_size, split), self.val_batches() * per_batch
+        before, now = min(eval_batches * micro_batch * world_size, split), self.val_batches() * per_batch
         if not before or before == now:
             return ""
         fix = f"; -p eval_batches {before // per_batch} keeps it comparable" if before % per_batch == 0 else ""
@@ -189,7 +191,7 @@ class Trainer:
         self.on_record, last_train = on_record, {}
         try:
             with StopSignals() as signals:
-                while self.step < min(self.max_steps, until if until is not None else self.max_steps):
+                while self.step < self.max_steps and (until is None or self.step < until):
                     self._evaluations(final=False)  # evaluate, HellaSwag and sample when due
                     last_train = self.train_step()  # the optimizer step
                     self.elapsed = self.clock.elapsed()

@@ -108,9 +108,9 @@ def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> torch.nn.Mo
     adds no gradient hooks, so one compiled graph serves both."""
     if runtime.dist.enabled and config.parallel == "fsdp":
         shard(model, runtime.precision)
-    forward_model = torch.compile(model) if config.compile else model
+    compiled = torch.compile(model) if config.compile else model
     if not runtime.dist.enabled or config.parallel == "fsdp":
-        return forward_model
+        return compiled
     device_ids = [runtime.dist.local_rank] if runtime.device.type == "cuda" else None
     # DDP re-sends the module's buffers from rank 0 before every forward by default. GPT's only buffers are
     # the rotary tables, computed from the config alike on every rank and never updated: nothing to re-send.
@@ -119,7 +119,7 @@ def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> torch.nn.Mo
     no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside a second copy
     # of them there, which saves one model's worth of gradient memory.
-    return DistributedDataParallel(forward_model, device_ids=device_ids, gradient_as_bucket_view=True,
+    return DistributedDataParallel(compiled, device_ids=device_ids, gradient_as_bucket_view=True,
                                    **no_buffer_sync)
 
 

@@ -302,13 +302,11 @@ def test_one_answer_to_whether_hellaswag_can_score_a_model(char_data, tmp_path):
     assert "HellaSwagUnavailable: HellaSwag is English text in GPT-2 BPE" in result.stderr
 
 
-def test_a_recipes_architecture_is_read_from_its_bundle():
-    """Notebook 02 shows the speedrun's model on the run's own shape, from the recipe rather than a copy of it."""
-    from nbgpt.run_config import architecture
-
-    model = GPTConfig.from_dict({**GPTConfig.from_preset("tiny", vocab_size=65).to_dict(), **architecture("speedrun")})
-    assert {name: getattr(model, name) for name in architecture("speedrun")} == {
+def test_a_recipe_named_over_a_preset_keeps_the_presets_shape():
+    """Notebook 02 shows the speedrun's model on the run's own shape, built as `-p recipe speedrun` builds it."""
+    model = RunConfig.from_preset("tiny", {"recipe": "speedrun"}).train.model_config(65)
+    assert {name: getattr(model, name) for name in RECIPES["speedrun"] if name in asdict(model)} == {
         name: value for name, value in RECIPES["speedrun"].items() if name in asdict(model)}
-    assert (model.position, model.n_layer, model.tie_embeddings) == ("rope", 2, False)
+    assert (model.position, model.n_layer, model.n_embd, model.tie_embeddings) == ("rope", 2, 64, False)
     with pytest.raises(ConfigError, match="unknown recipe 'modded'"):
-        architecture("modded")
+        RunConfig.from_preset("tiny", {"recipe": "modded"})

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_train_config
 
+from nbgpt.cli import PHASE_NAMES
 from nbgpt.config import ConfigError
-from nbgpt.memory import (CPU_AUTO_MICRO_BATCH, KNOWN_GPUS, MARGIN, NON_TORCH_GIB, PHASES, CudaAutocast, find_gpu,
+from nbgpt.memory import (CPU_AUTO_MICRO_BATCH, KNOWN_GPUS, MARGIN, NON_TORCH_GIB, CudaAutocast, find_gpu,
                           plan_memory, refuse_unfit, speedup_cell)
-from nbgpt.run_config import RunConfig
+from nbgpt.run_config import RunConfig, TrainConfig
 from nbgpt.train import Trainer
-from nbgpt.run_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_plan_prices_every_phase_and_chooses_the_largest_micro_batch_that_fits()
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert (plan["gpu"], plan["nproc"], plan["precision"], plan["sequences_per_rank"]) == ("T4", 2, "fp16", 256)
-    assert set(plan["phases"]) == set(PHASES) and all(gib > 0 for gib in plan["phases"].values())
+    assert set(plan["phases"]) == set(PHASE_NAMES) and all(gib > 0 for gib in plan["phases"].values())
     assert plan["fits"] and plan["budget_gib"] < KNOWN_GPUS["T4"][0]
     assert plan["speedup_layers"] == 12  # GPT-2 124M: notebook 03 times the whole model, as it always did
     batch = plan["micro_batch"]

@@ -9,7 +9,7 @@ import torch
 from nbgpt.device import choose_precision, fast_dtype
 from nbgpt.model import GPT, GPTConfig
 from nbgpt.optim import Muon, build_adamw, build_muon, orthogonalise
-from nbgpt.presets import CPU_BATCH, cpu_recipe, get_preset
+from nbgpt.presets import CPU_BATCH, cpu_settings, get_preset
 
 CPU = torch.device("cpu")
 
@@ -127,6 +127,6 @@ def test_cpu_demo_recipe_follows_the_precision():
     demo = get_preset("cpu-demo")
     assert demo["precision"] == choose_precision(CPU, "auto")
     assert demo["micro_batch"] == CPU_BATCH[demo["precision"]] and demo["total_batch_tokens"] == demo["micro_batch"] * 64
-    assert cpu_recipe("fp32") == dict(precision="fp32", micro_batch=CPU_BATCH["fp32"],
+    assert cpu_settings("fp32") == dict(precision="fp32", micro_batch=CPU_BATCH["fp32"],
                                       total_batch_tokens=CPU_BATCH["fp32"] * 64)
-    assert cpu_recipe("bf16")["micro_batch"] == CPU_BATCH["bf16"] != CPU_BATCH["fp32"]
+    assert cpu_settings("bf16")["micro_batch"] == CPU_BATCH["bf16"] != CPU_BATCH["fp32"]

@@ -15,7 +15,6 @@ from nbgpt.device import DTYPES, GPU_PEAK_FLOPS, cpu_matmul_speedup, gpu_peak_fl
 from nbgpt.metrics import read_metrics
 from nbgpt.model import ConfigError, GPT
 from nbgpt.stop import TrainingDiverged
-from nbgpt.shards import DataError
 from nbgpt.train import Trainer, lr_at
 from nbgpt.run_config import TrainConfig
 
@@ -200,7 +199,7 @@ def test_resume_with_another_micro_batch_reads_the_same_data_and_continues_the_s
     positions = [{k: load_latest(tmp_path / run / "checkpoints")["loader"][k] for k in ("epoch", "sequence")}
                  for run in ("straight", "split")]
     assert positions[0] == positions[1] == {"epoch": 0, "sequence": 8 * 8}
-    with pytest.raises(DataError, match="resume with total_batch_tokens=256 or start a new run"):
+    with pytest.raises(CheckpointError, match=r"other settings \(total_batch_tokens 256 there, 512 here\)"):
         Trainer(tiny_train_config(char_data, tmp_path / "split", micro_batch=2, total_batch_tokens=512, **kwargs))
 
 
@@ -217,7 +216,7 @@ def test_muon_owns_block_matrices_and_learns(char_data, tmp_path):
     trainer.fit()
     records = read_metrics(tmp_path / "r", "train")
     assert records[-1]["loss"] < records[0]["loss"] - 0.5 and all("grad_scale" in r for r in records)
-    with pytest.raises(CheckpointError, match="another optimizer .*resume with the same optimizer"):
+    with pytest.raises(CheckpointError, match=r"other settings \(optimizer 'muon' there, 'adamw' here\); resume with "):
         Trainer(tiny_train_config(char_data, tmp_path / "r", max_steps=40))
     with pytest.raises(ConfigError, match="optimizer must be 'adamw' or 'muon', got 'sgd'"):
         Trainer(tiny_train_config(char_data, tmp_path / "other", optimizer="sgd"))
@@ -379,10 +378,12 @@ def test_hellaswag_that_cannot_be_scored_is_said_once_and_training_goes_on(char_
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(n_layer=1), r"different model \(n_layer 2 there, 1 here\); resume with the checkpoint's model settings, "
-                      r"or use another out_dir"),
-    (dict(recipe="speedrun"), r"different model \(.*position 'absolute' there, 'rope' here.*\); resume with the "
-                              r"checkpoint's model settings, or use another out_dir"),
+    (dict(n_layer=1), r"other settings \(n_layer 2 there, 1 here\); resume with the checkpoint's settings \(nproc "
+                      r"and micro_batch may change\), or use another out_dir"),
+    (dict(recipe="speedrun"), r"other settings \(optimizer 'adamw' there, 'muon' here, .*position 'absolute' there, "
+                              r"'rope' here.*\)"),
+    # the same test as `nbgpt run --resume` makes (TrainConfig.bound_settings): another batch reads other windows
+    (dict(total_batch_tokens=16 * 32), r"other settings \(total_batch_tokens 256 there, 512 here\)"),
 ])
 def test_resuming_with_another_model_or_recipe_is_refused(char_data, tmp_path, change, message):
     trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=2, checkpoint_interval=2))
