@@ -42,9 +42,9 @@ from .train_setup import (Runtime, build_loaders, build_model, build_optimizers,
 
 
 class Trainer:
-    """Trains a GPT as a TrainConfig describes. Two forms of the model: `model`, the GPT itself (its weights
-    are what checkpoints save, sampling decodes and HellaSwag scores), and `train_model`, what training and
-    validation run (compiled when asked; across ranks wrapped in DDP, or, under FSDP, the GPT sharded in place)."""
+    """Trains a GPT as a TrainConfig describes. Two handles on the model: `train_model`, what the training step
+    runs (compiled when asked; across ranks wrapped in DDP, or, under FSDP, the GPT sharded in place), and
+    `model`, the GPT itself, which is evaluated (validation, HellaSwag, samples) and saved."""
 
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print):
         check_tracker(config.tracker)  # a tracker that cannot work is refused now, on every rank alike
@@ -301,7 +301,7 @@ class Trainer:
         """Mean validation loss over the same first `batches` (default eval_batches; 0: all) val batches."""
         if self.val_loader is None:
             return None
-        model = self.train_model
+        model = self.model
         model.eval()
         self.val_loader.reset()
         batches = self.val_batches(batches)

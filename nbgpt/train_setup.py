@@ -102,10 +102,10 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 
 def wrap_model(model: GPT, config: TrainConfig, runtime: Runtime) -> torch.nn.Module:
-    """The model as training and validation run it: compiled if asked, and that wrapped in DDP across ranks;
-    or, with parallel="fsdp", sharded in place (nbgpt.distributed) and then compiled. A single process has
-    nothing to share or shard: it trains the plain model either way. Under no_grad (validation) DDP's wrapper
-    adds no gradient hooks, so one compiled graph serves both."""
+    """The model as the training step runs it: compiled if asked, and that wrapped in DDP across ranks; or,
+    with parallel="fsdp", sharded in place (nbgpt.distributed) and then compiled. A single process has nothing
+    to share or shard: it trains the plain model either way. Evaluation runs the GPT itself: its forward pass
+    needs no gradient hooks, and one compiled graph (for training) is all a run compiles."""
     if runtime.dist.enabled and config.parallel == "fsdp":
         shard(model, runtime.precision)
     compiled = torch.compile(model) if config.compile else model
