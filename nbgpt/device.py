@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from .config import ConfigWarning
+from .knobs import ConfigWarning
 from .errors import NbgptError
 
 PRECISIONS = ("fp32", "bf16", "fp16")

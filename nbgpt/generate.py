@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, fill_defaults, knob
+from .knobs import ConfigError, fill_defaults, knob
 from .device import DTYPES, autocast, choose_precision
 from .model import KVCache
 from .distributed import from_rank_zero, is_sharded
@@ -235,7 +235,7 @@ class Decoder:
         # Only a cache masks left padding; a model that attends over its context (one with a cache) would
         # read the padding without it.
         if not self.use_cache and self.model.kv_cache and bool(pad.any()):
-            raise ValueError("use_cache=False needs prompts of equal length (nothing masks the padding); "
+            raise ConfigError("use_cache=False needs prompts of equal length (nothing masks the padding); "
                              "generate them one at a time or use the cache")
         tokens = tokens.to(self.device)
         generator = None
@@ -344,7 +344,7 @@ class Generator:
         """Yield the completion of one prompt piece by piece as tokens arrive (see StreamingText)."""
         config = config or SamplingConfig()
         if config.num_return_sequences != 1:
-            raise ValueError("stream() produces one sequence; use generate() for num_return_sequences > 1")
+            raise ConfigError("stream() produces one sequence; use generate() for num_return_sequences > 1")
         text = StreamingText(config.stop)
         start, produced = time.perf_counter(), 0
         for step_ids in self.token_steps([self.encode_prompt(prompt)], config, should_stop):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .assets import Asset, fetch
+from .knobs import ConfigError
 from .device import DTYPES, autocast
 from .distributed import DistInfo, all_reduce_sum, claim_root, is_sharded, most_on_any_rank, root_gathered
 from .errors import NbgptError
@@ -293,7 +294,7 @@ def evaluate_hellaswag(model: torch.nn.Module, tokenizer: Tokenizer, examples: S
     dist_info = dist_info or DistInfo()
     mine = [e for i, e in enumerate(examples) if i % dist_info.world_size == dist_info.rank]
     if per_example and is_sharded(model):  # its batches per rank are not counted alike (score_shared_context's are)
-        raise ValueError("per_example scoring needs a model that is not sharded; use the shared-context scorer")
+        raise ConfigError("per_example scoring needs a model that is not sharded; use the shared-context scorer")
     if per_example:
         rows = candidates(mine, tokenizer, model.block_size)
         scores = []

@@ -17,7 +17,7 @@ allocator does not see (the CUDA context, cuBLAS and NCCL workspaces) is set asi
 card, and the allocator's own slack (rounding to blocks, fragmentation) as MARGIN of the rest.
 
 Under FSDP (parallel="fsdp", nbgpt.distributed) the plan prices one rank from the same single-process trace and
-the sharding's known bytes (see Shards): the trace's resident state divided by the ranks, the gathered 16-bit
+the sharding's known bytes (see RankShare): the trace's resident state divided by the ranks, the gathered 16-bit
 weights of two blocks and the root, the whole model's unsharded fp32 gradients while micro-steps accumulate,
 Muon's whole fp32 matrix, and activations as under DDP. (torch's FSDPMemTracker does trace a fully_shard'ed
 GPT on fake tensors over a fake process group, with the device mesh built outside FakeTensorMode; wiring it
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .config import ConfigError
-from .device import DTYPES, autocast
+from .knobs import ConfigError
+from .device import DTYPES, autocast, resolve_device
 from .model import GPT, GPTConfig, KVCache
 from .speedups import (SpeedupCell, adamw_pair, attention_pair, cell_shapes, forward_backward,
                        timing_micro_batch)
@@ -389,7 +389,7 @@ def budget_gib(gpu_memory_gib: float) -> float:
 
 
 @dataclass(frozen=True)
-class Shards:
+class RankShare:
     """What FSDP over `ranks` processes changes in one rank's bytes, from the model's shapes (nbgpt.distributed:
     each block a unit of its own, then the root; weights gathered in the run's 16-bit dtype)."""
 
@@ -400,17 +400,17 @@ class Shards:
     matrix: int  # Muon orthogonalises a whole matrix: the largest, gathered in fp32 (0 under AdamW)
 
 
-def shards_of(config: GPTConfig, precision: str, ranks: int, optimizer: str) -> Shards:
+def rank_share(config: GPTConfig, precision: str, ranks: int, optimizer: str) -> RankShare:
     with torch.device("meta"):
         model = GPT(config)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     block, total = count(model.h[0]), count(model)
     gathered_bytes = DTYPES[precision].itemsize
     matrix = max(p.numel() for p in model.h[0].parameters() if p.ndim == 2) * 4 if optimizer == "muon" else 0
-    return Shards(ranks, 4 * total, gathered_bytes * (2 * block + total - config.n_layer * block), 4 * block, matrix)
+    return RankShare(ranks, 4 * total, gathered_bytes * (2 * block + total - config.n_layer * block), 4 * block, matrix)
 
 
-def sharded(traced: Traced, shards: Shards, accumulating: bool) -> Traced:
+def sharded(traced: Traced, shards: RankShare, accumulating: bool) -> Traced:
     """One FSDP rank's peaks from the single-process trace: its resident state (weights, gradients, optimizer
     moments) becomes 1/ranks of it plus the gathered weights; while micro-steps accumulate (gradient sync off)
     every rank also holds the whole model's gradients unsharded in fp32, else one block's before its
@@ -491,7 +491,7 @@ def pricer(traced: Traced, config: GPTConfig, train: TrainConfig, precision: str
         return (lambda batch: phases_at(traced, batch, speedups_gib)), (
             f"eval, hellaswag and sample are counted with the training state resident ({traced.resident / GIB:.2f} "
             f"GiB: weights, gradients, optimizer state)",)
-    shards = shards_of(config, precision, nproc, train.optimizer)
+    shards = rank_share(config, precision, nproc, train.optimizer)
     return (lambda batch: phases_at(sharded(traced, shards, sequences // batch > 1), batch, speedups_gib)), (
         f"fsdp over {nproc} GPUs, modelled from the one-process trace: 1/{nproc} of its resident state "
         f"({traced.resident / GIB:.2f} GiB), {shards.gathered / GIB:.2f} GiB of gathered weights (two blocks and "
@@ -559,8 +559,6 @@ def resolve_micro_batch(train: TrainConfig, vocab_size: int, world_size: int, de
 def refuse_unfit(run: RunConfig, gpu: str | None = None, gpu_memory_gib: float | None = None) -> None:
     """ConfigError, one line, when not even micro-batch 1 fits the target GPU (this machine's when none is
     named); nothing when the run will not train on a GPU this machine has."""
-    from .device import resolve_device
-
     if gpu is None and gpu_memory_gib is None and resolve_device(run.train.device).type != "cuda":
         return
     plan = plan_memory(run, gpu, gpu_memory_gib)

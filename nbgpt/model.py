@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, check_known, fill_defaults, knob
+from .knobs import ConfigError, check_known, fill_defaults, knob
 
 
 @dataclass
@@ -416,9 +416,8 @@ class GPT(nn.Module):
             # Soft-capping (Gemma 2): about the identity for |logit| << c, and never beyond ±c. A confident
             # wrong prediction then costs at most ~2c nats, so no single token can produce a huge gradient,
             # and the head cannot buy loss by inflating all logits. In the logits' own dtype: near ±c a bf16
-            # tanh resolves steps of c/256, as fine as bf16 logits of that size, and an fp32 copy costs: for
-            # 1024 × 50304 bf16 logits on 2 AVX-512 cores, loss + backward took 0.58 s capped in bf16, 0.80 s
-            # in fp32 (0.33 s uncapped).
+            # tanh resolves steps of c/256, as fine as bf16 logits of that size, and an fp32 copy costs time
+            # (bench/RESULTS.md, "The soft cap's dtype").
             logits = cap * torch.tanh(logits / cap)
         return logits
 
@@ -456,10 +455,10 @@ class BigramLM(nn.Module):
     """The simplest language model: each token's next-token logits are one row of a V x V table.
 
     It sees one token of context, so whatever GPT does better than this is what attention over the past
-    buys. It has GPT's forward signature, `block_size` and `kv_cache`, so the trainer and the generator
-    accept it unchanged. For a large
-    vocabulary the table is factorised through `rank` dimensions (GPT-2's full 50257² table would be 2.5 B
-    parameters); it is still a bigram model, only with a table of limited rank.
+    buys. It has GPT's forward signature, `block_size` and `kv_cache`, so the generator samples it
+    unchanged (notebook 02; nbgpt.train.train_bigram trains it). For a large vocabulary the table is
+    factorised through `rank` dimensions (GPT-2's full 50257² table would be 2.5 B parameters); it is still a
+    bigram model, only with a table of limited rank.
     """
 
     kv_cache = False  # nothing to cache: the next token depends on the current one alone

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .assets import offline
 from .checkpoint import checkpoint_folder, resolve_checkpoint, warn
-from .config import ConfigError
+from .knobs import ConfigError
 from .device import resolve_device
 from .errors import NbgptError
 from .files import atomic_write, atomic_write_json, read_json

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, did_you_mean
+from .knobs import ConfigError, did_you_mean
 from .device import choose_precision
 
 RUN_PRESETS: dict[str, dict] = {
@@ -72,9 +72,10 @@ RUN_PRESETS: dict[str, dict] = {
     ),
     # The speedrun recipe on Kaggle's 2×T4, laid out as gpt2-124m-t4x2 (fp16 + GradScaler; Muon
     # orthogonalises in fp32 there, nbgpt.device.fast_dtype). Sized for at most 30 hours of 2×T4: at the
-    # README's ~30 minutes per 100 steps of 0.5M tokens, 5,000 steps (2.6B tokens) take ~25 h; max_seconds
-    # caps the run at 30 h of training wherever the time goes, the trapezoid's cooldown fitted to it. A
-    # checkpoint every 100 steps is ~30 minutes, so a 12-hour session limit costs little. max_tokens prepares
+    # projected ~17 s per 0.5M-token step (bench/t4_plan.py: no T4 measured yet), 5,000 steps (2.6B tokens)
+    # take ~24 h; max_seconds caps the run at 30 h of training wherever the time goes, the trapezoid's
+    # cooldown fitted to it. A checkpoint every 100 steps is ~30 minutes, so a 12-hour session limit costs
+    # little. max_tokens prepares
     # only what the run reads: 100 M validation + 5,000 × 524,288 training tokens = 2,721,440,000, rounded up
     # to 28 whole shards of 100 M: 2.8 B tokens, 5.6 GB of uint16, where the whole 10 B sample (~20 GB) is more
     # than the 20 GB Kaggle keeps. A longer run (-p max_steps) needs a larger -p max_tokens, or it reads the

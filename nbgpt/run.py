@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import differing, latest_checkpoint
-from .config import ConfigError, ConfigWarning, config_warnings_to
+from .checkpoint import latest_checkpoint
+from .knobs import ConfigError, ConfigWarning, config_warnings_to, differences
 from .errors import NbgptError
 from .files import RunLock, atomic_write_json, children, read_json, signal_tree
 from .memory import refuse_unfit
@@ -216,12 +216,10 @@ def check_continuable(preset: str, saved: dict, typed: dict, run_dir: Path) -> N
     checkpoints = run_dir / "checkpoints"
     if not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
         return
-    before, now = run_identity(preset, saved, run_dir), run_identity(preset, typed, run_dir)
-    differ = [f"{name}={before.get(name)!r}" for name in differing(before, now)]
-    if differ:
-        raise RunError(f"{run_dir} has checkpoints of a model trained with {', '.join(differ)}; resume with "
-                       f"those settings (drop the -p that changes them; nproc and micro_batch may change), or "
-                       f"use --name for a new run")
+    if differ := differences(run_identity(preset, saved, run_dir), run_identity(preset, typed, run_dir)):
+        raise RunError(f"{run_dir} has checkpoints trained with other settings ({differ}); resume with those "
+                       f"settings (drop the -p that changes them; nproc and micro_batch may change), or use --name "
+                       f"for a new run")
 
 
 def run_identity(preset: str, values: dict, run_dir: Path) -> dict:

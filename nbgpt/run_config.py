@@ -20,7 +20,7 @@ import warnings
 from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 
-from .config import (UNSET, ConfigError, ConfigWarning, check_fields, check_known, coerce, default_of,
+from .knobs import (UNSET, ConfigError, ConfigWarning, check_fields, check_known, coerce, default_of,
                      did_you_mean, field_types, fill_defaults, knob, knob_default, typed_mapping)
 from .device import PRECISIONS
 from .generate import SamplingConfig
@@ -29,6 +29,8 @@ from .presets import get_preset
 from .shards import check_cap, prepare
 
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # of TrainConfig, EvalConfig and SampleConfig (nbgpt.device)
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (auto: the best available)"  # the same three steps read both
+PRECISION_HELP = "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on GPUs, fp32 on CPUs)"
 AUTO = "auto"  # TrainConfig.micro_batch: the largest micro-batch that fits (nbgpt.memory.resolve_micro_batch)
 TRACKERS = ("none", "wandb", "tensorboard")  # TrainConfig.tracker (nbgpt.trackers)
 
@@ -175,9 +177,8 @@ class TrainConfig:
     max_bad_steps: int = knob(3, "consecutive steps with a non-finite loss or gradient before training stops")
     # hardware
     seed: int = knob(1337, "random seed of the initialisation, the data order and samples")
-    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps (auto: the best available)")
-    precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on "
-                                  "GPUs, fp32 on CPUs)")
+    device: str = knob("auto", DEVICE_HELP)
+    precision: str = knob("auto", PRECISION_HELP)
     compile: bool = knob(False, "torch.compile the model: faster steps after a one-time compile")
     parallel: str = knob("ddp", "how processes share the work: ddp (each holds the whole model, gradients are "
                                 "all-reduced) or fsdp (each holds 1/N of the weights, gradients and optimizer "
@@ -331,9 +332,8 @@ class EvalConfig:
     hellaswag_path: str | None = knob(None, "hellaswag_val.jsonl (none: the cache, then a one-time download)")
     hellaswag_limit: int | None = knob(None, "score only the first N examples (none: all 10,042)")
     max_batch_tokens: int = knob(4096, "tokens scored per forward pass")
-    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps (auto: the best available)")
-    precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on "
-                          "GPUs, fp32 on CPUs)")
+    device: str = knob("auto", DEVICE_HELP)
+    precision: str = knob("auto", PRECISION_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -345,9 +345,8 @@ class SampleConfig(SamplingConfig):
     """SamplingConfig's knobs plus what to say and where to run."""
 
     prompt: str = knob("", "text the sample continues ('': start from end-of-text)")
-    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps (auto: the best available)")
-    precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where native and faster, else fp16 on "
-                          "GPUs, fp32 on CPUs)")
+    device: str = knob("auto", DEVICE_HELP)
+    precision: str = knob("auto", PRECISION_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)

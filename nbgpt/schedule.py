@@ -2,7 +2,7 @@
 owes, how a wall-clock budget becomes a number of steps (timed by the run's Clock), and when a schedule has no
 step left.
 
-Everything here is a pure function of the configuration, the step and measured time, so the training loop
+Everything here but the Clock is a pure function of the configuration, the step and measured time, so the loop
 only asks "is it due?" and never does interval arithmetic itself.
 """
 

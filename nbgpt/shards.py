@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import ConfigError
+from .knobs import ConfigError, differences
 from .errors import NbgptError
 from .files import atomic_write, atomic_write_json, make_dirs, read_json, remove_stale_temp_files, sha256_file
 from .sources import Source, SourceError, get_source
@@ -229,13 +229,11 @@ def _finished_dataset(out: Path, settings: dict, min_window: int) -> dict | None
     # A setting the manifest lacks is one added to nbgpt after the dataset was built: .get reads it as None,
     # which is how such a dataset was built (e.g. max_tokens=None, the whole source).
     old = manifest.get("settings", {})
-    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    if not differ:
+    if not (differ := differences(old, settings)):
         check_manifest(out, manifest, min_window)
         return manifest
-    values = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} asked" for k in differ)
-    raise DataError(f"{out} already holds a dataset built with other settings (differing: {values}); prepare "
-                    f"with its settings, choose another directory, or delete {manifest_path} to rebuild")
+    raise DataError(f"{out} already holds a dataset built with other settings ({differ}); prepare with its "
+                    f"settings, choose another directory, or delete {manifest_path} to rebuild")
 
 
 def _dataset_tokenizer(tokenizer: str | Tokenizer, src: Source, out: Path,

@@ -106,8 +106,12 @@ class StopSignals:
 
 
 class DivergenceGuard:
-    def __init__(self, max_bad_steps: int, latest_checkpoint: Callable[[], Path | None]):
-        self.max_bad_steps, self.latest_checkpoint = max_bad_steps, latest_checkpoint
+    """Counts non-finite steps in a row; `latest_checkpoint` finds the newest checkpoint in `checkpoint_dir`."""
+
+    def __init__(self, max_bad_steps: int, checkpoint_dir: Path,
+                 latest_checkpoint: Callable[[Path], Path | None]):
+        self.max_bad_steps, self.checkpoint_dir = max_bad_steps, checkpoint_dir
+        self.latest_checkpoint = latest_checkpoint
         self.in_a_row = 0
 
     def observe(self, record: dict) -> None:
@@ -115,8 +119,9 @@ class DivergenceGuard:
         self.in_a_row = self.in_a_row + 1 if record.get("nonfinite") else 0
         if self.in_a_row < self.max_bad_steps:
             return
-        latest = self.latest_checkpoint()
-        kept = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
+        latest = self.latest_checkpoint(self.checkpoint_dir)
+        kept = (f"the last good checkpoint is {latest}" if latest is not None else
+                f"no checkpoint exists yet in {self.checkpoint_dir}")
         raise TrainingDiverged(
             f"the loss or gradient was not finite for {self.in_a_row} steps in a row (up to step "
             f"{record['step']}); those steps were skipped, so no update reached the weights; {kept}",

@@ -23,7 +23,8 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .config import ConfigError
+from .knobs import ConfigError
+from .errors import one_line
 from .files import atomic_write_json, read_json
 
 if TYPE_CHECKING:
@@ -68,14 +69,10 @@ def wandb_can_log(wandb) -> bool:
         return (wandb.setup().settings.mode in ("offline", "dryrun", "disabled")
                 or wandb.login(prompt=False, verify=False))
     except Exception as exc:  # a WANDB_MODE it does not know, a malformed key
-        raise ConfigError(f"W&B cannot start here ({first_line(exc)}): fix the WANDB_* variables, or run "
+        raise ConfigError(f"W&B cannot start here ({one_line(exc)}): fix the WANDB_* variables, or run "
                           f"`wandb login --relogin`") from None
     finally:
         wandb.teardown()
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def scalars_and_texts(record: dict) -> tuple[dict[str, float], dict[str, str]]:
@@ -188,7 +185,7 @@ class Mirror:
             return action(*args)
         except Exception as exc:  # any failure of a tracker's library, network or disk
             self.tracker = None
-            self.say(f"tracker {self.name} failed ({type(exc).__name__}: {first_line(exc)}); it is off for the "
+            self.say(f"tracker {self.name} failed ({one_line(exc)}); it is off for the "
                      f"rest of this run, which goes on: metrics.jsonl stays the record")
 
     def open(self, config: TrainConfig, out_dir: Path, start_step: int) -> None:

@@ -22,13 +22,13 @@ import torch
 
 from .checkpoint import (check_compatible, latest_checkpoint, load_resumable, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import config_warnings_to
+from .knobs import config_warnings_to
 from .device import autocast, peak_flops, resolve_device
 from .distributed import agreed_max, all_reduce_mean, full_state, is_sharded, load_full_state, shutdown
 from .loader import DataLoader
 from .memory import resolve_micro_batch
 from .metrics import MetricsLog, ProgressLog, progress_bar
-from .model import flops_per_token
+from .model import BigramLM, flops_per_token
 from .optim import build_adamw
 from .run_config import AUTO, TrainConfig
 from .files import RunLock
@@ -97,7 +97,7 @@ class Trainer:
         self.step, self.elapsed, self.last_val_loss = 0, 0.0, None  # elapsed: seconds trained, a resume continues it
         self.max_steps = config.max_steps  # the LR schedule's horizon (fitted to max_seconds when it is set)
         self.clock = Clock()  # fit starts one from the run's elapsed time; this one times a train_step called alone
-        self.divergence = DivergenceGuard(config.max_bad_steps, lambda: latest_checkpoint(self.checkpoint_dir))
+        self.divergence = DivergenceGuard(config.max_bad_steps, self.checkpoint_dir, latest_checkpoint)
         self._hellaswag_examples = None
 
     def _resume(self) -> None:
@@ -267,8 +267,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over total_batch_tokens tokens: accumulate, clip, step; returns its record."""
-        model, scaler, accum = self.train_model, self.scaler, self.grad_accum_steps
-        model.train()
+        train_model, scaler, accum = self.train_model, self.scaler, self.grad_accum_steps
+        train_model.train()
         self.clock.start_step()
         lr = lr_at(self.step, self.config, self.max_steps)
         for optimizer in self.optimizers:
@@ -278,9 +278,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
-            with gradient_sync(self.model, model, sync=micro_step == accum - 1):  # reduce on the last only
+            with gradient_sync(self.model, train_model, sync=micro_step == accum - 1):  # reduce on the last only
                 with autocast(self.device, self.precision):
-                    _, loss = model(x, y)
+                    _, loss = train_model(x, y)
                 loss = loss / accum  # the mean over the whole batch, not a sum of means
                 loss_sum += loss.detach()
                 scaler.scale(loss).backward()  # fp16: scaled up so that small gradients do not underflow
@@ -370,8 +370,8 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
         # DDP's wrapper holds the process group in its reducer: freed while the group lives (collected after the
-        # group was destroyed, it hung rank 0 of gloo runs at exit)
-        self.train_model = getattr(self, "model", None)
+        # group was destroyed, it hung rank 0 of gloo runs at exit); evaluation needs only the model
+        self.train_model = None
         gc.collect()
         shutdown(self.dist)
         if self.dist.enabled:  # a sharded model's handles on the group: freed now, in order, not by the
@@ -409,8 +409,6 @@ def train_bigram(data_dir: str, steps: int = 500, batch_size: int = 32, seq_len:
     """Train the bigram baseline briefly; returns the model and its final train and validation losses.
 
     Vocabularies above `max_table_vocab` (GPT-2's BPE) get a table factorised through `rank` dimensions."""
-    from .model import BigramLM
-
     torch.manual_seed(seed)
     target = resolve_device(device)
     store = TokenStore(data_dir)

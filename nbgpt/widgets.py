@@ -15,6 +15,7 @@ import time
 import ipywidgets as widgets
 import torch
 
+from .knobs import ConfigError
 from .generate import Generator, SamplingConfig, load_generator
 from .tokenizer import Tokenizer
 
@@ -95,7 +96,7 @@ class PromptPanel(widgets.VBox):
         elif text.isdigit():
             seed = int(text)
         else:
-            raise ValueError(f"seed {self.seed.value!r} is not a number: type a whole number, or 'random'")
+            raise ConfigError(f"seed {self.seed.value!r} is not a number: type a whole number, or 'random'")
         return SamplingConfig(max_new_tokens=self.max_tokens.value, temperature=self.temperature.value,
                               top_k=self.top_k.value or None, top_p=self.top_p.value, seed=seed)
 

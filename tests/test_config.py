@@ -10,7 +10,7 @@ import pytest
 
 from nbgpt.checkpoint import resolve_checkpoint
 from nbgpt.cli import build_parser, given
-from nbgpt.config import ConfigWarning
+from nbgpt.knobs import ConfigWarning
 from nbgpt.model import ConfigError, GPTConfig
 from nbgpt.presets import RUN_PRESETS
 from nbgpt.run_config import RECIPES, RunConfig, SampleConfig, TrainConfig
@@ -246,7 +246,7 @@ def test_every_flag_has_its_knobs_one_line_of_help():
             for action in parser._actions if action.option_strings and not action.help
             or (action.help or "").startswith("(default")]
     assert bare == []
-    from nbgpt.config import knob_help
+    from nbgpt.knobs import knob_help
     from nbgpt.run_config import STEPS
 
     classes = [*STEPS.values(), GPTConfig]  # every class a -p name reaches, and so every knob of nbgpt run

@@ -211,7 +211,7 @@ def test_bigram_generates_without_cache(char_tok):
     ("--temperature", "-1", "temperature must be >= 0 (0 means greedy: always the most likely token), got -1.0")])
 def test_bad_sampling_settings_are_one_line_from_the_cli_and_the_dataclass(flag, value, message):
     """SamplingConfig checks them, so `nbgpt sample`, `-p` and the notebooks all get the same line."""
-    from nbgpt.config import ConfigError
+    from nbgpt.knobs import ConfigError
 
     result = subprocess.run([sys.executable, "-m", "nbgpt", "sample", "--checkpoint", "no-such-run", flag, value],
                             capture_output=True, text=True, timeout=300)

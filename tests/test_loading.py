@@ -163,7 +163,7 @@ def test_export_never_overwrites_or_mixes_with_an_exported_model(tmp_path):
 
 def test_a_char_model_is_not_exported_as_hf_gpt2(tmp_path):
     """HF folders are read as GPT-2 BPE models: a char model's ids would load and decode to nonsense."""
-    from nbgpt.config import ConfigError
+    from nbgpt.knobs import ConfigError
     from nbgpt.model_files import export_model
     from nbgpt.model import GPT, GPTConfig
     from nbgpt.tokenizer import CharTokenizer

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import tiny_train_config
 
 from nbgpt.cli import PHASE_NAMES
-from nbgpt.config import ConfigError
+from nbgpt.knobs import ConfigError
 from nbgpt.memory import (CPU_AUTO_MICRO_BATCH, KNOWN_GPUS, MARGIN, NON_TORCH_GIB, CudaAutocast, find_gpu,
                           plan_memory, refuse_unfit, speedup_cell)
 from nbgpt.run_config import RunConfig, TrainConfig

@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from nbgpt.config import ConfigError
+from nbgpt.knobs import ConfigError
 from nbgpt.run_config import PrepareConfig
 from nbgpt.shards import DataError, TokenStore, prepare
 from nbgpt.sources import SourceError, get_source
@@ -238,10 +238,10 @@ def test_a_finished_dataset_with_another_cap_is_refused(corpus, tmp_path):
     out = tmp_path / "d"
     prepare(str(corpus), "gpt2", out, shard_tokens=300, max_tokens=2000)
     assert not prepare(str(corpus), "gpt2", out, shard_tokens=300, max_tokens=2000).built
-    with pytest.raises(DataError, match="other settings \\(differing: max_tokens: 2000 there, 2500 asked\\); "
+    with pytest.raises(DataError, match="other settings \\(max_tokens 2000 there, 2500 here\\); "
                                         "prepare with its settings, choose another directory, or delete"):
         prepare(str(corpus), "gpt2", out, shard_tokens=300, max_tokens=2500)
-    with pytest.raises(DataError, match="max_tokens: 2000 there, None asked"):
+    with pytest.raises(DataError, match="max_tokens 2000 there, None here"):
         prepare(str(corpus), "gpt2", out, shard_tokens=300)
     # A dataset from before the cap existed has no max_tokens in its manifest: it was the whole source.
     old = tmp_path / "old"
@@ -250,7 +250,7 @@ def test_a_finished_dataset_with_another_cap_is_refused(corpus, tmp_path):
     del manifest["settings"]["max_tokens"]
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert not prepare(str(corpus), "gpt2", old, shard_tokens=300).built
-    with pytest.raises(DataError, match="max_tokens: None there, 2000 asked"):
+    with pytest.raises(DataError, match="max_tokens None there, 2000 here"):
         prepare(str(corpus), "gpt2", old, shard_tokens=300, max_tokens=2000)
 
 

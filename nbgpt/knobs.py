@@ -1,4 +1,5 @@
-"""Typed configuration: one value parser and one validator for every knob, wherever its value comes from.
+"""What a knob is: a typed configuration field, with one value parser and one validator wherever its value
+comes from.
 
 A knob is a field of a dataclass (TrainConfig, GPTConfig, the pipeline's step configs). Its annotation says
 how a value is read, so `-p compile false`, `--compile false`, a JSON config and a preset entry all mean the
@@ -196,3 +197,10 @@ def typed_mapping(cls, values: dict, exclude: tuple[str, ...] = ()) -> dict:
     types_ = {k: v for k, v in field_types(cls).items() if k not in exclude}
     check_known(values, types_, f"{cls.__name__} field")
     return {k: coerce(types_[k], v, k) for k, v in values.items()}
+
+
+def differences(saved: dict, current: dict) -> str:
+    """The settings on which what was made (`saved`: a checkpoint's run, a dataset) and what is asked now
+    disagree, in words ('' if none): how every "made with other settings" refusal names them."""
+    return ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} here"
+                     for name in {**saved, **current} if saved.get(name) != current.get(name))
