@@ -161,7 +161,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"final val loss:     {result.final_val_loss:.4f} at step {result.final_eval['step']}"
               f"{eval_scope(result.final_eval)}")
     if result.hellaswag:
-        print(f"hellaswag:          {json.dumps(result.hellaswag)}")
+        skipped = result.hellaswag.get("skipped")
+        print(f"hellaswag:          {'skipped: ' + skipped if skipped else json.dumps(result.hellaswag)}")
     for warning in result.warnings:  # said while training, and worth seeing again at the end
         print(warning)
     return 0

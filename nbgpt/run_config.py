@@ -274,12 +274,13 @@ class TrainConfig:
         return GPTConfig.from_preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size})
 
     def bound_settings(self, model: dict) -> dict:
-        """The settings this run's checkpoints are bound to, with `model` its GPTConfig as a dict: the model, the
-        optimizer, and which windows each step reads (seq_len, total_batch_tokens, shuffle and then its seed,
-        align_documents). A resume that changes one is refused, by the Trainer and by `nbgpt run` alike (a
-        recipe changes some of them); nproc and micro_batch may change, as the data position counts windows of
-        the whole run (nbgpt.loader)."""
-        bound = {"optimizer": self.optimizer, **model, "seq_len": self.seq_len or model["block_size"],
+        """The settings this run's checkpoints are bound to, with `model` its GPTConfig as a dict: the recipe,
+        the model, the optimizer, and which windows each step reads (seq_len, total_batch_tokens, shuffle and
+        then its seed, align_documents). A resume that changes one is refused, by the Trainer and by `nbgpt
+        run` alike; nproc and micro_batch may change, as the data position counts windows of the whole run
+        (nbgpt.loader), and so may a learning rate (a diverged run resumes with a lower one)."""
+        bound = {"recipe": self.recipe, "optimizer": self.optimizer, **model,
+                 "seq_len": self.seq_len or model["block_size"],
                  "total_batch_tokens": self.total_batch_tokens, "shuffle": self.shuffle,
                  "align_documents": self.align_documents}
         return {**bound, "seed": self.seed} if self.shuffle else bound

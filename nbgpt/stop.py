@@ -28,7 +28,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # How a stopped run goes on, unless whoever started it knows better (`nbgpt run` gives its own command): a
 # Trainer, in a notebook or under `nbgpt train`, continues from its newest checkpoint by default.
-RESUME = "run it again with resume=True (the default), which continues from the newest checkpoint"
+RESUME = "run it again (with resume=True, the default, it continues from the newest checkpoint)"
 
 
 class TrainingStopped(NbgptError):
@@ -39,18 +39,18 @@ class TrainingStopped(NbgptError):
 
     def __init__(self, what: str, signum: int | None = None, change: str = "", resume: str = RESUME):
         super().__init__(f"{what}. {change + '. ' if change else ''}To go on: {resume}")
-        self.signum = signum
+        self.what, self.signum = what, signum
 
     @classmethod
     def by_signal(cls, signum: int, checkpoint_dir: Path | str, step: int | None = None) -> "TrainingStopped":
-        after = "" if step is None else f" after step {step}"
-        return cls(f"stopped by {signal_name(signum)}{after} with a checkpoint in {checkpoint_dir}", signum)
+        at = "" if step is None else f" at step {step}"
+        return cls(f"stopped by {signal_name(signum)}{at} with a checkpoint in {checkpoint_dir}", signum)
 
     @staticmethod
     def signal_in(text: str) -> int | None:
         """The signal a by_signal stop names in `text` (a torchrun worker's output, a kernel's error), else None:
         how a process that started the stopped one learns why it stopped."""
-        said = re.search(r"stopped by (SIG[A-Z]+)(?: after step \d+)? with a checkpoint", text)
+        said = re.search(r"stopped by (SIG[A-Z]+)(?: at step \d+)? with a checkpoint", text)
         return signal.Signals[said.group(1)] if said else None
 
     @property

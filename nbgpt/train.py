@@ -107,10 +107,11 @@ class Trainer:
             if self.dist.is_main:
                 self.metrics.truncate_from(0)  # records of an attempt that never checkpointed are void
             return
-        then = TrainConfig.of_checkpoint(payload)
-        check_compatible(payload, then.bound_settings(payload["model_config"]),
-                         self.config.bound_settings(self.model_config.to_dict()), self.tokenizer, self.config.data_dir,
-                         self.checkpoint_dir)
+        then, now = TrainConfig.of_checkpoint(payload), self.bound_settings()
+        # Checkpoints saved without their bound settings named every run that named no recipe 'gpt2': that name
+        # says nothing of them, so it is not compared.
+        saved = payload.get("bound") or {**then.bound_settings(payload["model_config"]), "recipe": now["recipe"]}
+        check_compatible(payload, saved, now, self.tokenizer, self.config.data_dir, self.checkpoint_dir)
         self._restore(payload)
         finished = nothing_to_train(self.step, self.max_steps, self.config)
         if self.dist.is_main:  # the steps after the checkpoint are about to be redone; with none left, the
@@ -123,6 +124,10 @@ class Trainer:
                            f"{self.dist.world_size} x {self.train_loader.B} in {self.grad_accum_steps} micro-step(s): "
                            f"each step reads the same sequences as before"
                            + self._validation_change(then.eval_batches, *saved))
+
+    def bound_settings(self) -> dict:
+        """What this run's checkpoints are bound to (TrainConfig.bound_settings, with the model as built)."""
+        return self.config.bound_settings(self.model_config.to_dict())
 
     def _restore(self, payload: dict) -> None:
         """Put a compatible checkpoint's state back (the keys `save` writes; see nbgpt.checkpoint)."""
@@ -209,7 +214,7 @@ class Trainer:
                         self.save()  # checkpoint
                     if signum:  # stop: asked to
                         stopped = TrainingStopped.by_signal(signum, self.checkpoint_dir, self.step)
-                        self.log_event(str(stopped))  # train.log ends with why it ends
+                        self.log_event(stopped.what)  # train.log ends with why (how to go on: the caller's)
                         raise stopped
         except TrainingStopped:  # a signal, or divergence
             self.close()
@@ -357,7 +362,8 @@ class Trainer:
             path = save_checkpoint(self.checkpoint_dir, self.step, {
                 "model": model_state, "optimizer": optimizer_states, "scaler": self.scaler.state_dict(),
                 "loader": self.train_loader.state_dict(), "rng": rng, "model_config": self.model_config.to_dict(),
-                "train_config": asdict(self.config), "tokenizer": tokenizer_spec(self.tokenizer),
+                "train_config": asdict(self.config), "bound": self.bound_settings(),
+                "tokenizer": tokenizer_spec(self.tokenizer),
                 "max_steps": self.max_steps, "elapsed": self.elapsed, "val_loss": self.last_val_loss,
                 "precision": self.precision}, keep=self.config.keep_checkpoints)
         if self.dist.enabled:

@@ -94,7 +94,7 @@ def test_preset_journey_signal_then_resume_is_bit_exact(preset, precision, signu
     stopped_at = load_latest(runs / "victim" / "checkpoints")["step"]
     assert 8 < stopped_at < 40, "the run finished before the signal"
     assert (runs / "victim" / "train.log").read_text().splitlines()[-1].startswith(
-        f"stopped by {signal.Signals(signum).name} after step {stopped_at} with a checkpoint in ")
+        f"stopped by {signal.Signals(signum).name} at step {stopped_at} with a checkpoint in ")
     assert not (runs / "victim" / ".lock").exists()
 
     # Exactly the command the last line gave: run.json holds the preset and -p values of the interrupted run.

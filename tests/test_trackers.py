@@ -238,7 +238,7 @@ def test_wandb_through_nbgpt_run_keeps_every_step_up_to_a_sigterm_and_the_resume
     stopped_at = [r["step"] for r in read_metrics(run, "train")][-1] + 1
     assert stopped_at < 150, "the run finished before the signal"
     log = (run / "train.log").read_text()
-    assert f"stopped by SIGTERM after step {stopped_at} with a checkpoint" in log and "tracker" not in log, log
+    assert f"stopped by SIGTERM at step {stopped_at} with a checkpoint" in log and "tracker" not in log, log
 
     resumed = subprocess.run([*command, "--notebooks", "03_train.ipynb", "--resume"], env=env, capture_output=True,
                              text=True, timeout=120)

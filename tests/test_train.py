@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from nbgpt.checkpoint import CheckpointError, load_latest, saved_cuda_state
+from nbgpt.checkpoint import CheckpointError, load_latest, save_checkpoint, saved_cuda_state
 from nbgpt.device import DTYPES, GPU_PEAK_FLOPS, cpu_matmul_speedup, gpu_peak_flops, peak_flops
 from nbgpt.metrics import read_metrics
 from nbgpt.model import ConfigError, GPT
@@ -380,8 +380,9 @@ def test_hellaswag_that_cannot_be_scored_is_said_once_and_training_goes_on(char_
 @pytest.mark.parametrize("change, message", [
     (dict(n_layer=1), r"other settings \(n_layer 2 there, 1 here\); resume with the checkpoint's settings \(nproc "
                       r"and micro_batch may change\), or use another out_dir"),
-    (dict(recipe="speedrun"), r"other settings \(optimizer 'adamw' there, 'muon' here, .*position 'absolute' there, "
-                              r"'rope' here.*\)"),
+    (dict(recipe="speedrun"), r"other settings \(recipe None there, 'speedrun' here, optimizer 'adamw' there, 'muon' "
+                              r"here, .*position 'absolute' there, 'rope' here.*\)"),
+    (dict(recipe="gpt2"), r"other settings \(recipe None there, 'gpt2' here\)"),  # same model: still another run
     # the same test as `nbgpt run --resume` makes (TrainConfig.bound_settings): another batch reads other windows
     (dict(total_batch_tokens=16 * 32), r"other settings \(total_batch_tokens 256 there, 512 here\)"),
 ])
@@ -395,6 +396,24 @@ def test_resuming_with_another_model_or_recipe_is_refused(char_data, tmp_path, c
     resumed = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4))  # the same settings continue
     assert resumed.step == 2
     resumed.close()
+
+
+def test_a_checkpoint_saved_before_its_bound_settings_resumes_whatever_its_recipe_label(char_data, tmp_path):
+    """Checkpoints written before "bound" was saved labelled a run that named no recipe 'gpt2'; such a run resumes
+    with recipe=None (the label is not compared), and its model and optimizer still are."""
+    trainer = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=2, checkpoint_interval=2))
+    trainer.fit()
+    trainer.close()
+    payload = load_latest(tmp_path / "run" / "checkpoints")
+    assert payload["bound"]["recipe"] is None
+    del payload["bound"]
+    payload["train_config"]["recipe"] = "gpt2"
+    save_checkpoint(tmp_path / "run" / "checkpoints", payload["step"], payload)
+    resumed = Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4))
+    assert resumed.step == 2
+    resumed.close()
+    with pytest.raises(CheckpointError, match=r"other settings \(optimizer 'adamw' there, 'muon' here\)"):
+        Trainer(tiny_train_config(char_data, tmp_path / "run", max_steps=4, optimizer="muon"))
 
 
 def test_speedrun_recipe_trains_and_its_checkpoint_decodes_with_the_kv_cache(char_data, tmp_path):
