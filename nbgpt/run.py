@@ -72,7 +72,7 @@ class RunResult:
     final_val_loss: float | None
     hellaswag: dict | None
     final_eval: dict | None = None  # the record of final_val_loss (its step, and what it averaged)
-    warnings: list[str] = field(default_factory=list)  # what training warned of (a budget that ended it early)
+    warnings: list[str] = field(default_factory=list)  # what training warned of in train.log (a short budget)
 
 
 def run_pipeline(preset: str | None, overrides: dict | None = None, name: str | None = None, runs_dir: str = "runs",
@@ -300,6 +300,8 @@ def summarize(run_dir: Path, executed: list[Path]) -> RunResult:
     evals = read_metrics(run_dir, "eval")
     hellaswag = read_json(run_dir / "hellaswag.json") if (run_dir / "hellaswag.json").is_file() else None
     samples = run_dir / "samples.txt"
-    warned = [r["message"] for r in read_metrics(run_dir, "event") if r["message"].startswith("warning:")]
+    log = run_dir / "train.log"  # what the trainer said, warnings included, one line each
+    lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+    warned = list(dict.fromkeys(line for line in lines if line.startswith("warning:")))
     return RunResult(run_dir, executed, sorted(run_dir.glob("*.png")), samples if samples.is_file() else None,
                      evals[-1]["val_loss"] if evals else None, hellaswag, evals[-1] if evals else None, warned)
