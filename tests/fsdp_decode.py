@@ -1,4 +1,4 @@
-"""Run by torchrun (tests/test_sharding.py): a tiny GPT sharded over the ranks samples and scores HellaSwag
+"""Run by torchrun (tests/test_distributed.py): a tiny GPT sharded over the ranks samples and scores HellaSwag
 through its shards; rank 0 writes what every rank got to the JSON file named first, with the forward passes
 each rank's first block ran and the real HellaSwag batches it had (FILLER batches make up the difference)."""
 

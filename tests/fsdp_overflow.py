@@ -1,4 +1,4 @@
-"""Run by torchrun from tests/test_sharding.py: for each TrainConfig JSON file (fp16, parallel="fsdp"), two
+"""Run by torchrun from tests/test_distributed.py: for each TrainConfig JSON file (fp16, parallel="fsdp"), two
 steps, then one in which rank 0 alone finds an inf in its shard of one gradient (a hook FSDP calls once the
 reduce-scatter has written the shard). Writes, per config, whether that step was skipped, whether any rank's
 parameters moved, and every rank's loss scale before and after, to the JSON file named last."""

@@ -1,5 +1,5 @@
 """Train each TrainConfig JSON file named on the command line (FILE@N: only up to step N), one after another,
-in this process: run by torchrun, several small runs share one start-up of its workers (tests/test_sharding.py).
+in this process: run by torchrun, several small runs share one start-up of its workers (tests/test_distributed.py).
 
 A Trainer leaves the process group when it closes, and torchrun's rendezvous serves one group per worker:
 here the group is left once, after the last run."""
