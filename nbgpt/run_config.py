@@ -409,9 +409,9 @@ class RunConfig:
         """A named run of nbgpt.presets (None: the dataclasses' defaults) with some knobs changed by flat name
         (typed values or text): a recipe named by either one sets its knobs over the preset's values, under the
         overrides. run_dir sets where training reads and writes."""
-        low, given = {} if preset is None else get_preset(preset), dict(overrides or {})
-        check_known({**low, **given}, knobs(), "parameter")
-        low, given = _by_step(low), _by_step(given)
+        low, given, table = {} if preset is None else get_preset(preset), dict(overrides or {}), knobs()
+        check_known({**low, **given}, table, "parameter")
+        low, given = _by_step(low, table), _by_step(given, table)
         if run_dir is not None:
             given["train"].update(data_dir=str(Path(run_dir) / "data"), out_dir=str(run_dir))
         steps = {step: cls_(**{**low[step], **given[step]}) if step != "train" else
@@ -419,10 +419,10 @@ class RunConfig:
         return cls(**{**low[None], **given[None]}, **steps)
 
 
-def _by_step(values: dict) -> dict[str | None, dict]:
-    """Flat knob values sorted by the step that reads each (None: RunConfig's own); a shared knob goes to all."""
+def _by_step(values: dict, table: dict) -> dict[str | None, dict]:
+    """Flat knob values sorted by the step that reads each (None: RunConfig's own; `table` is knobs()); a shared
+    knob goes to all."""
     parts: dict[str | None, dict] = {None: {}, **{step: {} for step in STEPS}}
-    table = knobs()
     for name, value in values.items():
         for step, _ in table[name]:
             parts[step][name] = value
